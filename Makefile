@@ -1,0 +1,30 @@
+# The whole set-up on a fresh machine (Python 3.11, CPU only, package registries only):
+#   make demo   installs relaydiff and runs the main job
+#   make test   installs relaydiff with its test tools and runs the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.relaydiff-installed
+
+.PHONY: install demo test clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: the CPU build of 2.13.0 (an unpinned torch would pull a multi-GB CUDA build)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[export,test]'
+	$(BIN)/pip check
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/relaydiff relay --prompt "a large red circle left of a small blue square" --steps 25 --relay-step 8 --out out/relay.png
+	$(BIN)/relaydiff diagnose --prompt "a large red circle left of a small blue square" --steps 25 --relay-step 8 --out-dir out/diagnostic
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,1 @@
+"""relaydiff.export: exporters of the device model to ONNX, CoreML and ExecuTorch bundles (not yet implemented; see the bundle issue)."""

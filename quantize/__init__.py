@@ -1,0 +1,1 @@
+"""relaydiff.quantize: INT8 quantization, relay-aware calibration and step distillation (not yet implemented)."""

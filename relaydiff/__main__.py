@@ -1,0 +1,3 @@
+from relaydiff.cli import main
+
+raise SystemExit(main())

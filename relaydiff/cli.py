@@ -1,0 +1,257 @@
+"""The ``relaydiff`` command line. ``main(argv) -> int`` parses, builds a config and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from relaydiff.core.errors import RelaydiffError
+
+
+def _quiet_libraries() -> None:
+    """Silence diffusers/transformers info chatter so that output is ours (and --json stays one object)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _add_pair_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", help="family folder with host and device variants (default: the embedded family)")
+    p.add_argument("--host", help="host model folder (pipeline or family folder); overrides --family for the host")
+    p.add_argument("--device", help="device model folder (pipeline or family folder); overrides --family for the device")
+    p.add_argument("--host-variant", help="family variant to use as host (default: the family's default_host)")
+    p.add_argument("--device-variant", help="family variant to use as device (default: the family's default_device)")
+
+
+def _add_request_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--negative-prompt", default="", help="negative prompt for classifier-free guidance")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps N (default 25)")
+    p.add_argument("--relay-step", type=int, default=None, help="hand-off step k in [0, N]; default 30%% of N")
+    p.add_argument("--scheduler", default="ddim", help="sampler: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_sde")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (<= 1: off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--json", action="store_true", help="print one JSON object and no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relaydiff", description="Relay text-to-image diffusion from a host model to a device model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("relay", help="run one relayed generation and write the image")
+    _add_pair_args(p)
+    _add_request_args(p)
+    p.add_argument("--out", default="relay.png", help="output PNG path (default relay.png)")
+    p.add_argument("--state-out", help="also write the relay state handed over at step k (safetensors bytes)")
+
+    p = sub.add_parser("resume", help="device half only: finish a saved relay state and decode it")
+    p.add_argument("--state", required=True, help="relay state file written by `relaydiff relay --state-out`")
+    p.add_argument("--device", help="device model folder (default: the embedded family's device variant)")
+    p.add_argument("--device-variant", help="family variant to use as device")
+    p.add_argument("--out", default="resume.png", help="output PNG path")
+    p.add_argument("--json", action="store_true", help="print one JSON object and no progress bars")
+
+    p = sub.add_parser("diagnose", help="latent diagnostic: ||x_t|| per step for host-only, relay and device-only")
+    _add_pair_args(p)
+    _add_request_args(p)
+    p.add_argument("--out-dir", default="diagnostic", help="folder for diagnostic.json/.csv/.png")
+
+    p = sub.add_parser("preset", help="build a random-weight architecture preset as a family folder")
+    p.add_argument("name", help="preset name: tiny, sd15-bksdm")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("check", help="check that a host and a device model can relay")
+    _add_pair_args(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("family", help="the embedded model family (train it from scratch)")
+    p.add_argument("action", choices=("train",), help="train: reproduce the embedded family's weights")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the action (see `relaydiff family train --help`)")
+    return parser
+
+
+def _resolve_pair(args: argparse.Namespace) -> tuple[Any, Any]:
+    from relaydiff.core import family
+
+    fam = args.family
+    if fam is None and (args.host is None or args.device is None):
+        fam = str(family.default_family_dir())
+    host = family.resolve(args.host or fam, args.host_variant, role="host")
+    device = family.resolve(args.device or fam, args.device_variant, role="device")
+    family.check_pair(host, device)
+    return host, device
+
+
+def _request(args: argparse.Namespace) -> Any:
+    from relaydiff.core.relay import RelayRequest
+
+    k = args.relay_step if args.relay_step is not None else round(0.3 * args.steps)
+    return RelayRequest(
+        prompt=args.prompt, relay_step=k, steps=args.steps, sampler=args.scheduler, guidance_scale=args.guidance,
+        seed=args.seed, negative_prompt=args.negative_prompt,
+    )
+
+
+def _load_pair(host_ref: Any, device_ref: Any) -> tuple[Any, Any]:
+    from relaydiff.core import family
+
+    host = family.load(host_ref)
+    device = family.load(device_ref, share_with=host)
+    return host, device
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], lines: list[str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(payload))
+    else:
+        print("\n".join(lines))
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from relaydiff.core.relay import relay
+
+    req = _request(args)
+    host_ref, device_ref = _resolve_pair(args)
+    t0 = time.perf_counter()
+    host, device = _load_pair(host_ref, device_ref)
+    load_s = time.perf_counter() - t0
+    res = relay(host, device, req, progress=not args.json)
+    if args.state_out:
+        Path(args.state_out).write_bytes(res.handoff)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(res.images[0]).save(out)
+    payload = {
+        "image": str(out),
+        "host": host_ref.label,
+        "device": device_ref.label,
+        "family_id": host.family_id,
+        "prompt": req.prompt,
+        "steps": req.steps,
+        "relay_step": req.relay_step,
+        "scheduler": req.sampler,
+        "guidance": req.guidance_scale,
+        "seed": req.seed,
+        "host_seconds": round(res.host_seconds, 4),
+        "device_seconds": round(res.device_seconds, 4),
+        "relay_state_bytes": res.state_bytes,
+        "load_seconds": round(load_s, 3),
+    }
+    _emit(args, payload, [
+        f"wrote {out}  ({req.prompt!r}, {req.sampler}, k={req.relay_step}/{req.steps}, seed {req.seed})",
+        f"host   {res.host_seconds:8.3f} s   ({host_ref.label})",
+        f"device {res.device_seconds:8.3f} s   ({device_ref.label})",
+        f"relay state {res.state_bytes} bytes",
+    ])
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from relaydiff.core import family
+    from relaydiff.core.relay import decode, resume
+    from relaydiff.core.state import MAX_STATE_BYTES, RelayState
+
+    path = Path(args.state)
+    if not path.is_file():
+        raise RelaydiffError(f"relay state file not found: '{path}'")
+    if path.stat().st_size > MAX_STATE_BYTES:
+        raise RelaydiffError(f"relay state file '{path}' is {path.stat().st_size} bytes; the cap is {MAX_STATE_BYTES}")
+    state = RelayState.from_bytes(path.read_bytes())
+    ref = family.resolve(args.device or family.default_family_dir(), args.device_variant, role="device")
+    model = family.load(ref)
+    t0 = time.perf_counter()
+    final = resume(model, state, progress=not args.json)
+    image = decode(model, final.latents)[0]
+    secs = time.perf_counter() - t0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(out)
+    payload = {"image": str(out), "device": ref.label, "relay_step": state.step_index, "steps": state.num_inference_steps,
+               "device_seconds": round(secs, 4), "prompt": state.prompt}
+    _emit(args, payload, [f"wrote {out}  (resumed at step {state.step_index}/{state.num_inference_steps} on {ref.label}, {secs:.3f} s)"])
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from relaydiff.core.diagnose import run_diagnostic, write_outputs
+
+    req = _request(args)
+    host_ref, device_ref = _resolve_pair(args)
+    host, device = _load_pair(host_ref, device_ref)
+    diag = run_diagnostic(host, device, req, progress=not args.json)
+    paths = write_outputs(diag, Path(args.out_dir))
+    payload = {**diag.to_json(), "files": paths}
+    _emit(args, payload, [
+        f"max relative deviation of ||x_t|| after the hand-off: {100 * diag.max_deviation_after_handoff:.2f}%",
+        f"final latent relative L2 distance relay vs host-only: {diag.final_latent_rel_l2:.4f}",
+        "wrote " + ", ".join(paths.values()),
+    ])
+    return 0
+
+
+def cmd_preset(args: argparse.Namespace) -> int:
+    from relaydiff.presets import build_preset
+
+    t0 = time.perf_counter()
+    out = build_preset(args.name, args.out, seed=args.seed, dtype=args.dtype, overwrite=args.overwrite)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    payload = {"preset": args.name, "out": str(out), "bytes": size, "seconds": round(time.perf_counter() - t0, 2)}
+    _emit(args, payload, [f"wrote preset {args.name!r} to {out} ({size / 1e6:.1f} MB)"])
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from relaydiff.core import family
+
+    host, device = _resolve_pair(args)
+    payload = {"ok": True, "host": host.label, "device": device.label, "family_id": family.family_id(host)}
+    _emit(args, payload, [f"ok: {host.label} can relay to {device.label} (family {payload['family_id']})"])
+    return 0
+
+
+def cmd_family(args: argparse.Namespace) -> int:
+    try:
+        from relaydiff.embedded.train import main as train_main
+    except ImportError as exc:
+        raise RelaydiffError(f"family training is not available: {exc}") from None
+    return int(train_main(list(args.rest)))
+
+
+COMMANDS = {"relay": cmd_relay, "resume": cmd_resume, "diagnose": cmd_diagnose, "preset": cmd_preset, "check": cmd_check, "family": cmd_family}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``relaydiff`` console script. Returns the exit status."""
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return COMMANDS[args.command](args)
+    except RelaydiffError as exc:
+        print(f"relaydiff: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("relaydiff: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,300 @@
+"""The relay: the host runs denoising steps [0, k) and returns a RelayState; the device resumes [k, N) and decodes.
+
+We write the denoising loop ourselves rather than call ``StableDiffusionPipeline.__call__``,
+because the pipeline cannot stop after step k and export, or start from, a mid-trajectory state.
+Each step is the standard one (Ho et al. 2020, with the scheduler's update rule):
+
+1. scale the model input for timestep t (``scheduler.scale_model_input``);
+2. predict noise for the conditional and, with CFG, the unconditional embeddings in one batch;
+3. combine: eps = eps_uncond + g * (eps_cond - eps_uncond) (Ho & Salimans 2022, eq. 6);
+4. take the sampler's update x_t -> x_{t-1} (``scheduler.step``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from relaydiff.core.errors import CompatibilityError, RelaydiffError, RelayStateError
+from relaydiff.core.family import LoadedModel
+from relaydiff.core.schedulers import (
+    NOISE_SCHEDULE_KEYS,
+    build_scheduler,
+    export_history,
+    import_history,
+    sampler_spec,
+    scheduler_config,
+)
+from relaydiff.core.state import RelayState
+
+StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, timestep, latents after the step)
+
+
+@dataclass(frozen=True)
+class RelayRequest:
+    """One text-to-image request and where to split it."""
+
+    prompt: str  # the text prompt
+    relay_step: int  # k: the host runs steps [0, k), the device [k, steps); 0 = device-only, steps = host-only
+    steps: int = 25  # N: number of denoising steps in the whole trajectory
+    sampler: str = "ddim"  # see relaydiff.core.schedulers.SAMPLERS
+    guidance_scale: float = 5.0  # classifier-free guidance; <= 1 disables CFG
+    seed: int = 0  # seed of the initial noise (and of a stochastic sampler's noise)
+    negative_prompt: str = ""  # the unconditional prompt for CFG
+    height: int | None = None  # image height in pixels; default: the UNet's sample size x VAE factor
+    width: int | None = None  # image width in pixels
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise RelaydiffError(f"steps must be a positive integer, got {self.steps!r}")
+        if isinstance(self.relay_step, bool) or not isinstance(self.relay_step, int) or not 0 <= self.relay_step <= self.steps:
+            raise RelaydiffError(f"relay step {self.relay_step!r} is outside [0, {self.steps}] (steps = {self.steps})")
+        sampler_spec(self.sampler)
+        if not np.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise RelaydiffError(f"guidance scale must be a finite number >= 0, got {self.guidance_scale!r}")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v <= 0):
+                raise RelaydiffError(f"{name} must be a positive integer, got {v!r}")
+
+
+@dataclass
+class RelayResult:
+    """What a whole relay produced, with its costs."""
+
+    images: np.ndarray  # (B, H, W, 3) uint8
+    latents: torch.Tensor  # final latent before decoding
+    host_seconds: float  # host compute: prompt encoding + steps [0, k)
+    device_seconds: float  # device compute: steps [k, N) + VAE decode
+    state_bytes: int  # size of the serialized relay state handed over
+    norms: list[float] = field(default_factory=list)  # ||x_t||_2 after each step (the latent diagnostic)
+    handoff: bytes = b""  # the serialized relay state that crossed from host to device
+
+
+def _cfg(guidance_scale: float) -> bool:
+    return guidance_scale > 1.0
+
+
+@torch.no_grad()
+def encode_prompt(model: LoadedModel, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Text embeddings (cond, uncond), each (1, L, D), from the model's own tokenizer and text encoder."""
+    tok = model.tokenizer
+    out = []
+    for text in (prompt, negative_prompt):
+        ids = tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        out.append(model.text_encoder(ids.input_ids)[0].float())
+    return out[0], out[1]
+
+
+def _latent_shape(model: LoadedModel, req: RelayRequest) -> tuple[int, int, int, int]:
+    f = model.vae_scale_factor
+    size = int(model.unet.config.sample_size) * f
+    h, w = req.height or size, req.width or size
+    if h % f or w % f:
+        raise RelaydiffError(f"image size {h}x{w} must be a multiple of the VAE factor {f}")
+    return (1, int(model.unet.config.in_channels), h // f, w // f)
+
+
+@torch.no_grad()
+def denoise(
+    model: LoadedModel,
+    scheduler: Any,
+    latents: torch.Tensor,
+    state_embeds: tuple[torch.Tensor, torch.Tensor | None],
+    guidance_scale: float,
+    start: int,
+    end: int,
+    generator: torch.Generator | None,
+    *,
+    on_step: StepCallback | None = None,
+    progress: bool = False,
+    desc: str = "denoise",
+) -> torch.Tensor:
+    """Run steps [start, end) of ``scheduler.timesteps`` with ``model.unet``."""
+    from tqdm.auto import tqdm
+
+    cond, uncond = state_embeds
+    embeds = torch.cat([uncond, cond]) if _cfg(guidance_scale) and uncond is not None else cond
+    for i in tqdm(range(start, end), desc=desc, disable=not progress or end <= start, leave=False):
+        t = scheduler.timesteps[i]
+        x = torch.cat([latents, latents]) if embeds.shape[0] != latents.shape[0] else latents
+        x = scheduler.scale_model_input(x, t)  # step 1
+        eps = model.unet(x, t, encoder_hidden_states=embeds).sample  # step 2
+        if eps.shape[0] != latents.shape[0]:
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # step 3
+        latents = scheduler.step(eps, t, latents, generator=generator).prev_sample  # step 4
+        if on_step is not None:
+            on_step(i, int(t), latents)
+    return latents
+
+
+def start(
+    model: LoadedModel,
+    req: RelayRequest,
+    *,
+    on_step: StepCallback | None = None,
+    progress: bool = False,
+) -> RelayState:
+    """Host half: encode the prompt, draw the initial noise, run steps [0, k), return the relay state."""
+    scheduler = build_scheduler(req.sampler, model.scheduler_config)
+    scheduler.set_timesteps(req.steps)
+    cond, uncond = encode_prompt(model, req.prompt, req.negative_prompt)
+    generator = torch.Generator("cpu").manual_seed(req.seed)
+    from diffusers.utils.torch_utils import randn_tensor
+
+    latents = randn_tensor(_latent_shape(model, req), generator=generator, dtype=torch.float32)
+    latents = latents * scheduler.init_noise_sigma
+    latents = denoise(
+        model, scheduler, latents, (cond, uncond), req.guidance_scale, 0, req.relay_step, generator,
+        on_step=on_step, progress=progress, desc="host steps",
+    )
+    hist, hist_ints = export_history(scheduler)
+    sigmas = getattr(scheduler, "sigmas", None)
+    return RelayState(
+        latents=latents.contiguous(),
+        step_index=req.relay_step,
+        timesteps=scheduler.timesteps.clone(),
+        sampler=req.sampler,
+        scheduler_config=scheduler_config(scheduler),
+        guidance_scale=float(req.guidance_scale),
+        prompt_embeds=cond,
+        negative_prompt_embeds=uncond if _cfg(req.guidance_scale) else None,
+        history=hist,
+        history_ints=hist_ints,
+        sigmas=sigmas.clone().float() if isinstance(sigmas, torch.Tensor) else None,
+        generator_state=generator.get_state() if sampler_spec(req.sampler).stochastic else None,
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        seed=req.seed,
+        family_id=model.family_id,
+    )
+
+
+def check_state_for(model: LoadedModel, state: RelayState) -> None:
+    """Check that ``model`` can continue ``state``: same noise schedule and latent channels."""
+    for key in NOISE_SCHEDULE_KEYS:
+        mine = model.scheduler_config.get(key, "epsilon" if key == "prediction_type" else None)
+        theirs = state.scheduler_config.get(key, "epsilon" if key == "prediction_type" else None)
+        if isinstance(mine, tuple):
+            mine = list(mine)
+        if mine != theirs:
+            raise CompatibilityError(f"scheduler.{key}", theirs, mine)
+    channels = int(model.unet.config.in_channels)
+    if state.latents.shape[1] != channels:
+        raise RelayStateError(f"relay latent has {state.latents.shape[1]} channels; the device UNet expects {channels}")
+    dim = int(model.unet.config.cross_attention_dim)
+    if state.prompt_embeds.shape[-1] != dim:
+        raise RelayStateError(
+            f"relay text embeddings have width {state.prompt_embeds.shape[-1]}; the device UNet expects {dim}"
+        )
+
+
+def resume(
+    model: LoadedModel,
+    state: RelayState,
+    *,
+    end: int | None = None,
+    on_step: StepCallback | None = None,
+    progress: bool = False,
+) -> RelayState:
+    """Device half: rebuild the sampler from the state, run steps [k, end) (default: to N), return the new state."""
+    check_state_for(model, state)
+    n = state.num_inference_steps
+    end = n if end is None else end
+    if not state.step_index <= end <= n:
+        raise RelaydiffError(f"end step {end!r} is outside [{state.step_index}, {n}]")
+    import diffusers
+
+    cls = getattr(diffusers, sampler_spec(state.sampler).class_name)
+    scheduler = cls.from_config(state.scheduler_config)
+    scheduler.set_timesteps(n)
+    if not torch.equal(scheduler.timesteps.to(state.timesteps.dtype), state.timesteps):
+        raise RelayStateError(
+            f"the timestep grid in the relay state {state.timesteps.tolist()} differs from the one its "
+            f"scheduler config gives for {n} steps {scheduler.timesteps.tolist()}"
+        )
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(state.step_index)
+    import_history(scheduler, dict(state.history), dict(state.history_ints))
+    generator = None
+    if state.generator_state is not None:
+        generator = torch.Generator("cpu")
+        generator.set_state(state.generator_state)
+    latents = denoise(
+        model, scheduler, state.latents.float(), (state.prompt_embeds.float(), _opt_float(state.negative_prompt_embeds)),
+        state.guidance_scale, state.step_index, end, generator, on_step=on_step, progress=progress, desc="device steps",
+    )
+    hist, hist_ints = export_history(scheduler)
+    sigmas = getattr(scheduler, "sigmas", None)
+    return RelayState(
+        latents=latents.contiguous(),
+        step_index=end,
+        timesteps=state.timesteps,
+        sampler=state.sampler,
+        scheduler_config=state.scheduler_config,
+        guidance_scale=state.guidance_scale,
+        prompt_embeds=state.prompt_embeds,
+        negative_prompt_embeds=state.negative_prompt_embeds,
+        history=hist,
+        history_ints=hist_ints,
+        sigmas=sigmas.clone().float() if isinstance(sigmas, torch.Tensor) else state.sigmas,
+        generator_state=generator.get_state() if generator is not None else None,
+        prompt=state.prompt,
+        negative_prompt=state.negative_prompt,
+        seed=state.seed,
+        family_id=state.family_id,
+    )
+
+
+def _opt_float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
+
+
+@torch.no_grad()
+def decode(model: LoadedModel, latents: torch.Tensor) -> np.ndarray:
+    """Decode latents with the model's VAE to (B, H, W, 3) uint8 images."""
+    cfg = model.vae.config
+    z = latents / cfg.scaling_factor
+    if getattr(cfg, "shift_factor", None) is not None:
+        z = z + cfg.shift_factor
+    image = model.vae.decode(z).sample
+    image = (image / 2 + 0.5).clamp(0, 1)
+    return (image.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def relay(
+    host: LoadedModel,
+    device: LoadedModel,
+    req: RelayRequest,
+    *,
+    progress: bool = False,
+) -> RelayResult:
+    """Run a whole relay in one process, passing the state through its byte form as a link would.
+
+    k = 0 is device-only (the device encodes the prompt itself); k = N is host-only (the device
+    only decodes).
+    """
+    norms: list[float] = []
+
+    def record(_i: int, _t: int, x: torch.Tensor) -> None:
+        norms.append(float(x.float().norm()))
+
+    t0 = time.perf_counter()
+    first = host if req.relay_step > 0 else device
+    state = start(first, req, on_step=record, progress=progress)
+    t1 = time.perf_counter()
+    payload = state.to_bytes()
+    received = RelayState.from_bytes(payload)
+    t2 = time.perf_counter()
+    final = resume(device, received, on_step=record, progress=progress)
+    images = decode(device, final.latents)
+    t3 = time.perf_counter()
+    host_s = t1 - t0 if req.relay_step > 0 else 0.0
+    device_s = (t3 - t2) + (t1 - t0 if req.relay_step == 0 else 0.0)
+    return RelayResult(images, final.latents, host_s, device_s, len(payload), norms, payload)

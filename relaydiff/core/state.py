@@ -1,0 +1,214 @@
+"""The relay state: everything a device needs to resume a trajectory the host started.
+
+Serialized as a safetensors buffer (raw little-endian tensors with dtype and shape, plus one
+JSON metadata entry): no pickle, no eval, bounded size, checked on load. Nothing is hidden:
+the latent, the relay step, the whole timestep grid, the sampler and its config, the
+multistep solver history, guidance, text embeddings and, for stochastic samplers, the
+generator state all travel explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from relaydiff.core.errors import RelayStateError
+
+FORMAT = "relaydiff-relay-state"
+VERSION = 1
+MAX_STATE_BYTES = 64 * 1024 * 1024  # 64 MiB: an SD-size state (4x64x64 latent + 2x77x768 embeddings) is ~0.5 MiB
+_META_KEY = "relaydiff"
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class RelayState:
+    """A trajectory paused after ``step_index`` of ``len(timesteps)`` steps."""
+
+    latents: torch.Tensor  # (B, C, H, W) latent after the host's last step
+    step_index: int  # k: the number of steps already taken; the device runs [k, N)
+    timesteps: torch.Tensor  # (N,) the whole timestep grid of the trajectory
+    sampler: str  # relaydiff sampler name (see relaydiff.core.schedulers.SAMPLERS)
+    scheduler_config: dict[str, Any]  # the full diffusers config the trajectory was run with
+    guidance_scale: float  # classifier-free guidance scale (<= 1 means no CFG)
+    prompt_embeds: torch.Tensor  # (B, L, D) conditional text embeddings
+    negative_prompt_embeds: torch.Tensor | None = None  # (B, L, D) unconditional embeddings when CFG is on
+    history: dict[str, torch.Tensor] = field(default_factory=dict)  # multistep solver tensors
+    history_ints: dict[str, int] = field(default_factory=dict)  # multistep solver counters
+    sigmas: torch.Tensor | None = None  # (N+1,) sigma grid for samplers that have one
+    generator_state: torch.Tensor | None = None  # uint8 CPU torch.Generator state (stochastic samplers)
+    prompt: str = ""  # the prompt, for logs and device-only fallbacks
+    negative_prompt: str = ""
+    seed: int | None = None  # the seed the initial noise was drawn with
+    family_id: str = ""  # identifies the model family the latent belongs to
+
+    @property
+    def num_inference_steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_bytes(self) -> bytes:
+        """Serialize to a safetensors buffer; identical states give identical bytes."""
+        from safetensors.torch import save
+
+        tensors: dict[str, torch.Tensor] = {
+            "latents": self.latents,
+            "timesteps": self.timesteps,
+            "prompt_embeds": self.prompt_embeds,
+        }
+        if self.negative_prompt_embeds is not None:
+            tensors["negative_prompt_embeds"] = self.negative_prompt_embeds
+        if self.sigmas is not None:
+            tensors["sigmas"] = self.sigmas
+        if self.generator_state is not None:
+            tensors["generator_state"] = self.generator_state
+        for key, value in self.history.items():
+            tensors[f"history.{key}"] = value
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "step_index": self.step_index,
+            "sampler": self.sampler,
+            "scheduler_config": self.scheduler_config,
+            "guidance_scale": self.guidance_scale,
+            "history_ints": self.history_ints,
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "seed": self.seed,
+            "family_id": self.family_id,
+        }
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        return save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, max_bytes: int = MAX_STATE_BYTES) -> "RelayState":
+        """Parse and validate a buffer written by :meth:`to_bytes`.
+
+        Raises:
+            RelayStateError: oversized, not a relay state, wrong version, missing fields,
+                wrong dtypes or shapes, non-finite tensors.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise RelayStateError(f"relay state must be bytes, got {type(data).__name__}")
+        if len(data) > max_bytes:
+            raise RelayStateError(f"relay state is {len(data)} bytes; the cap is {max_bytes}")
+        try:
+            tensors = load(bytes(data))
+            meta_raw = _read_metadata(bytes(data))
+        except (SafetensorError, ValueError, OSError) as exc:
+            raise RelayStateError(f"relay state is not a valid safetensors buffer: {exc}") from None
+        if meta_raw is None:
+            raise RelayStateError("relay state has no 'relaydiff' metadata entry")
+        try:
+            meta = json.loads(meta_raw)
+        except json.JSONDecodeError as exc:
+            raise RelayStateError(f"relay state metadata is not JSON: {exc}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise RelayStateError(f"not a relay state (format {meta.get('format') if isinstance(meta, dict) else meta!r})")
+        if meta.get("version") != VERSION:
+            raise RelayStateError(f"relay state version {meta.get('version')!r} is not supported; expected {VERSION}")
+        for key in ("latents", "timesteps", "prompt_embeds"):
+            if key not in tensors:
+                raise RelayStateError(f"relay state lacks tensor {key!r}")
+        known = {"latents", "timesteps", "prompt_embeds", "negative_prompt_embeds", "sigmas", "generator_state"}
+        extra = [k for k in tensors if k not in known and not k.startswith("history.")]
+        if extra:
+            raise RelayStateError(f"relay state has unexpected tensors {sorted(extra)}")
+        try:
+            return cls(
+                latents=tensors["latents"],
+                step_index=_typed(meta, "step_index", int),
+                timesteps=tensors["timesteps"],
+                sampler=_typed(meta, "sampler", str),
+                scheduler_config=_typed(meta, "scheduler_config", dict),
+                guidance_scale=float(_typed(meta, "guidance_scale", (int, float))),
+                prompt_embeds=tensors["prompt_embeds"],
+                negative_prompt_embeds=tensors.get("negative_prompt_embeds"),
+                history={k[len("history."):]: v for k, v in tensors.items() if k.startswith("history.")},
+                history_ints={str(k): int(v) for k, v in _typed(meta, "history_ints", dict).items()},
+                sigmas=tensors.get("sigmas"),
+                generator_state=tensors.get("generator_state"),
+                prompt=_typed(meta, "prompt", str),
+                negative_prompt=_typed(meta, "negative_prompt", str),
+                seed=meta.get("seed"),
+                family_id=_typed(meta, "family_id", str),
+            )
+        except (TypeError, ValueError) as exc:
+            raise RelayStateError(f"relay state metadata is malformed: {exc}") from None
+
+
+def _read_metadata(data: bytes) -> str | None:
+    """Read the safetensors header's ``__metadata__`` entry (the header is JSON by the format's spec)."""
+    if len(data) < 8:
+        raise ValueError("buffer shorter than the 8-byte header length")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise ValueError(f"header length {n} exceeds the buffer")
+    header = json.loads(data[8 : 8 + n])
+    meta = header.get("__metadata__") or {}
+    value = meta.get(_META_KEY)
+    return value if isinstance(value, str) else None
+
+
+def _typed(meta: dict[str, Any], key: str, types: type | tuple[type, ...]) -> Any:
+    if key not in meta:
+        raise RelayStateError(f"relay state metadata lacks {key!r}")
+    value = meta[key]
+    if not isinstance(value, types) or isinstance(value, bool):
+        raise RelayStateError(f"relay state metadata {key!r} has value {value!r}; expected {types}")
+    return value
+
+
+def validate(state: RelayState) -> None:
+    """Check shapes, dtypes, ranges and finiteness of a relay state; raises RelayStateError."""
+    from relaydiff.core.schedulers import SAMPLERS
+
+    lat = state.latents
+    if not isinstance(lat, torch.Tensor) or lat.ndim != 4:
+        raise RelayStateError(f"latents must be a 4-D tensor (B, C, H, W), got shape {tuple(getattr(lat, 'shape', ()))}")
+    if lat.dtype not in _FLOAT_DTYPES:
+        raise RelayStateError(f"latents dtype {lat.dtype} is not a float dtype")
+    if not torch.isfinite(lat).all():
+        raise RelayStateError("latents contain NaN or Inf values")
+    ts = state.timesteps
+    if not isinstance(ts, torch.Tensor) or ts.ndim != 1 or ts.shape[0] < 1:
+        raise RelayStateError(f"timesteps must be a non-empty 1-D tensor, got shape {tuple(getattr(ts, 'shape', ()))}")
+    n = int(ts.shape[0])
+    if isinstance(state.step_index, bool) or not isinstance(state.step_index, int) or not 0 <= state.step_index <= n:
+        raise RelayStateError(f"relay step {state.step_index!r} is outside [0, {n}]")
+    if state.sampler not in SAMPLERS:
+        raise RelayStateError(f"unknown sampler {state.sampler!r}; expected one of {sorted(SAMPLERS)}")
+    for name in ("prompt_embeds", "negative_prompt_embeds"):
+        emb = getattr(state, name)
+        if emb is None:
+            continue
+        if not isinstance(emb, torch.Tensor) or emb.ndim != 3 or emb.shape[0] != lat.shape[0]:
+            raise RelayStateError(
+                f"{name} must be (B, L, D) with B = {lat.shape[0]}, got shape {tuple(getattr(emb, 'shape', ()))}"
+            )
+        if emb.dtype not in _FLOAT_DTYPES or not torch.isfinite(emb).all():
+            raise RelayStateError(f"{name} must be finite floats (dtype {emb.dtype})")
+    if state.guidance_scale > 1.0 and state.negative_prompt_embeds is None:
+        raise RelayStateError(f"guidance scale {state.guidance_scale} needs negative_prompt_embeds")
+    if state.negative_prompt_embeds is not None and state.negative_prompt_embeds.shape != state.prompt_embeds.shape:
+        raise RelayStateError(
+            f"negative_prompt_embeds shape {tuple(state.negative_prompt_embeds.shape)} differs from "
+            f"prompt_embeds shape {tuple(state.prompt_embeds.shape)}"
+        )
+    if state.sigmas is not None and (state.sigmas.ndim != 1 or state.sigmas.shape[0] != n + 1):
+        raise RelayStateError(f"sigmas must have shape ({n + 1},), got {tuple(state.sigmas.shape)}")
+    for key, value in state.history.items():
+        if value.shape != lat.shape or not torch.isfinite(value).all():
+            raise RelayStateError(
+                f"solver history {key!r} must be finite with the latent shape {tuple(lat.shape)}, got {tuple(value.shape)}"
+            )
+    if state.generator_state is not None and state.generator_state.dtype != torch.uint8:
+        raise RelayStateError(f"generator_state must be uint8, got {state.generator_state.dtype}")

@@ -1,0 +1,82 @@
+"""The relay invariants: relaying a model to itself is exact; host and device halves compose."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from relaydiff.core.relay import RelayRequest, decode, relay, resume, start
+from relaydiff.core.schedulers import SAMPLERS
+from relaydiff.core.state import RelayState
+
+N = 6
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_self_relay_equals_no_relay_at_every_k(tiny_pair, sampler: str) -> None:
+    host, _ = tiny_pair
+    base = RelayRequest("a red circle left of a blue square", relay_step=N, steps=N, sampler=sampler, seed=7)
+    reference = relay(host, host, base)
+    for k in range(N + 1):
+        got = relay(host, host, replace(base, relay_step=k))
+        assert torch.allclose(got.latents, reference.latents, atol=1e-5, rtol=0), (sampler, k)
+        assert abs(got.images.astype(int) - reference.images.astype(int)).max() <= 1, (sampler, k)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_a"])
+def test_relay_state_carries_what_the_sampler_needs(tiny_pair, sampler: str) -> None:
+    host, _ = tiny_pair
+    state = start(host, RelayRequest("a green square", relay_step=3, steps=N, sampler=sampler, seed=1))
+    if sampler == "dpmpp_2m":
+        assert state.history_ints["lower_order_nums"] == 2
+        assert set(state.history) == {"model_outputs.0", "model_outputs.1"}
+        # Dropping the history changes the continuation: the history is really used.
+        stripped = replace(state, history={}, history_ints={"solver_order": 2, "lower_order_nums": 0})
+        a, b = resume(host, state), resume(host, stripped)
+        assert not torch.allclose(a.latents, b.latents, atol=1e-4)
+    else:
+        assert state.generator_state is not None and state.history == {}
+        other = torch.Generator().manual_seed(123).get_state()
+        a, b = resume(host, state), resume(host, replace(state, generator_state=other))
+        assert not torch.allclose(a.latents, b.latents, atol=1e-4)
+
+
+def test_relay_to_smaller_device_differs_but_stays_close_in_norm(tiny_pair) -> None:
+    host, device = tiny_pair
+    req = RelayRequest("a yellow triangle", relay_step=N, steps=N, seed=3)
+    host_only = relay(host, device, req)
+    relayed = relay(host, device, replace(req, relay_step=2))
+    device_only = relay(host, device, replace(req, relay_step=0))
+    assert relayed.host_seconds > 0 and relayed.device_seconds > 0
+    assert device_only.host_seconds == 0.0
+    assert not torch.allclose(relayed.latents, host_only.latents)
+    assert relayed.images.shape == (1, 16, 16, 3) and relayed.images.dtype.name == "uint8"
+    assert len(relayed.norms) == N
+
+
+def test_state_round_trip_through_bytes_is_identical(tiny_pair) -> None:
+    host, _ = tiny_pair
+    for sampler in sorted(SAMPLERS):
+        state = start(host, RelayRequest("a purple circle", relay_step=2, steps=N, sampler=sampler, guidance_scale=4.0))
+        data = state.to_bytes()
+        again = RelayState.from_bytes(data)
+        assert again.to_bytes() == data
+        assert torch.equal(again.latents, state.latents) and again.step_index == 2
+        assert again.scheduler_config == state.scheduler_config
+
+
+def test_resume_partial_then_rest_equals_resume_all(tiny_pair) -> None:
+    host, device = tiny_pair
+    state = start(host, RelayRequest("a red square", relay_step=1, steps=N, sampler="dpmpp_2m"))
+    mid = RelayState.from_bytes(resume(device, state, end=4).to_bytes())
+    assert torch.allclose(resume(device, mid).latents, resume(device, state).latents, atol=1e-5)
+    assert decode(device, resume(device, mid).latents).shape == (1, 16, 16, 3)
+
+
+def test_no_cfg_needs_no_negative_embeddings(tiny_pair) -> None:
+    host, _ = tiny_pair
+    state = start(host, RelayRequest("a red square", relay_step=2, steps=4, guidance_scale=1.0))
+    assert state.negative_prompt_embeds is None
+    assert resume(host, state).step_index == 4
