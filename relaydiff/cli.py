@@ -79,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pair_args(p)
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("eval", help="evaluations: `eval relay` sweeps the relay step (RISE Fig. 5)")
+    p.add_argument("what", choices=("relay",), help="relay: accuracy, PSNR/SSIM and cost vs relay step")
+    _add_pair_args(p)
+    p.add_argument("--prompts", type=int, default=200, help="number of prompts (split over 1/2/3 objects)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps N")
+    p.add_argument("--scheduler", default="ddim")
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="out/eval-relay", help="folder for report.json, rows.csv, grid.png, accuracy.png")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object and no progress bars")
+
     p = sub.add_parser("family", help="the embedded model family (train it from scratch)")
     p.add_argument("action", choices=("train",), help="train: reproduce the embedded family's weights")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the action (see `relaydiff family train --help`)")
@@ -228,6 +239,44 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from relaydiff.core.diagnose import run_diagnostic
+    from relaydiff.core.diagnose import write_outputs as write_diag
+    from relaydiff.core.relay import RelayRequest
+    from relaydiff.evaluate import EvalConfig, eval_prompts, run_eval, write_outputs
+
+    cfg = EvalConfig(prompts=args.prompts, steps=args.steps, sampler=args.scheduler, guidance_scale=args.guidance, seed=args.seed)
+    RelayRequest("x", relay_step=0, steps=cfg.steps, sampler=cfg.sampler, guidance_scale=cfg.guidance_scale)  # validate early
+    host_ref, device_ref = _resolve_pair(args)
+    host, device = _load_pair(host_ref, device_ref)
+    report = run_eval(host, device, cfg, progress=not args.json)
+    out_dir = Path(args.out_dir)
+    paths = write_outputs(report, out_dir)
+    prompt = next((p for p in eval_prompts(cfg.prompts, cfg.seed) if " of " in p or " above " in p or " below " in p),
+                  eval_prompts(1, cfg.seed)[0])
+    k = round(0.3 * cfg.steps)
+    diag = run_diagnostic(host, device, RelayRequest(prompt, relay_step=k, steps=cfg.steps, sampler=cfg.sampler,
+                                                     guidance_scale=cfg.guidance_scale, seed=cfg.seed))
+    paths.update({f"diagnostic.{k_}": v for k_, v in write_diag(diag, out_dir / "diagnostic").items()})
+    payload = {"host": host_ref.label, "device": device_ref.label, "config": report["config"],
+               "summary": report["summary"], "diagnostic": {"prompt": prompt, "relay_step": k,
+               "max_deviation_after_handoff": diag.max_deviation_after_handoff,
+               "final_latent_rel_l2": diag.final_latent_rel_l2}, "files": paths}
+    lines = [f"{'k':>3} {'k/N':>5} {'acc':>6} {'1obj':>6} {'2obj':>6} {'3obj':>6} {'PSNR':>7} {'SSIM':>6} {'host s':>7} {'dev s':>7}"]
+    for s in report["summary"]:
+        lines.append(
+            f"{s['k']:>3} {s['fraction']:>5.2f} {100 * s['accuracy']:>5.1f}% "
+            + " ".join(f"{100 * s.get(f'accuracy_{m}obj', float('nan')):>5.1f}%" for m in (1, 2, 3))
+            + (f" {s['psnr_vs_host_db']:>7.2f}" if s["psnr_vs_host_db"] is not None else f" {'same':>7}")
+            + f" {s['ssim_vs_host']:>6.3f} {s['host_seconds']:>7.3f} {s['device_seconds']:>7.3f}"
+        )
+    lines.append(f"latent diagnostic ({prompt!r}, k={k}): max ||x_t|| deviation after hand-off "
+                 f"{100 * diag.max_deviation_after_handoff:.2f}%")
+    lines.append("wrote " + ", ".join(paths.values()))
+    _emit(args, payload, lines)
+    return 0
+
+
 def cmd_family(args: argparse.Namespace) -> int:
     try:
         from relaydiff.embedded.train import main as train_main
@@ -236,7 +285,7 @@ def cmd_family(args: argparse.Namespace) -> int:
     return int(train_main(list(args.rest)))
 
 
-COMMANDS = {"relay": cmd_relay, "resume": cmd_resume, "diagnose": cmd_diagnose, "preset": cmd_preset, "check": cmd_check, "family": cmd_family}
+COMMANDS = {"relay": cmd_relay, "resume": cmd_resume, "diagnose": cmd_diagnose, "preset": cmd_preset, "check": cmd_check, "eval": cmd_eval, "family": cmd_family}
 
 
 def main(argv: list[str] | None = None) -> int:

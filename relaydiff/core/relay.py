@@ -142,6 +142,28 @@ def start(
     progress: bool = False,
 ) -> RelayState:
     """Host half: encode the prompt, draw the initial noise, run steps [0, k), return the relay state."""
+    state, _ = next(iter(snapshots(model, req, [req.relay_step], on_step=on_step, progress=progress).values()))
+    return state
+
+
+def snapshots(
+    model: LoadedModel,
+    req: RelayRequest,
+    at: list[int] | tuple[int, ...],
+    *,
+    on_step: StepCallback | None = None,
+    progress: bool = False,
+) -> dict[int, tuple[RelayState, float]]:
+    """Run one host trajectory up to max(at) and return the relay state at each step k in ``at``.
+
+    Also returns the host compute seconds spent to reach each k (prompt encoding included),
+    so that evaluating many relay steps costs one host trajectory instead of one per k.
+    """
+    ks = sorted(set(at))
+    for k in ks:
+        if not 0 <= k <= req.steps:
+            raise RelaydiffError(f"relay step {k!r} is outside [0, {req.steps}]")
+    t0 = time.perf_counter()
     scheduler = build_scheduler(req.sampler, model.scheduler_config)
     scheduler.set_timesteps(req.steps)
     cond, uncond = encode_prompt(model, req.prompt, req.negative_prompt)
@@ -150,15 +172,34 @@ def start(
 
     latents = randn_tensor(_latent_shape(model, req), generator=generator, dtype=torch.float32)
     latents = latents * scheduler.init_noise_sigma
-    latents = denoise(
-        model, scheduler, latents, (cond, uncond), req.guidance_scale, 0, req.relay_step, generator,
-        on_step=on_step, progress=progress, desc="host steps",
-    )
+    out: dict[int, tuple[RelayState, float]] = {}
+    done = 0
+    for k in ks:
+        latents = denoise(
+            model, scheduler, latents, (cond, uncond), req.guidance_scale, done, k, generator,
+            on_step=on_step, progress=progress, desc="host steps",
+        )
+        done = k
+        elapsed = time.perf_counter() - t0
+        out[k] = (_make_state(model, req, scheduler, latents, k, cond, uncond, generator), elapsed)
+    return out
+
+
+def _make_state(
+    model: LoadedModel,
+    req: RelayRequest,
+    scheduler: Any,
+    latents: torch.Tensor,
+    k: int,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    generator: torch.Generator,
+) -> RelayState:
     hist, hist_ints = export_history(scheduler)
     sigmas = getattr(scheduler, "sigmas", None)
     return RelayState(
         latents=latents.contiguous(),
-        step_index=req.relay_step,
+        step_index=k,
         timesteps=scheduler.timesteps.clone(),
         sampler=req.sampler,
         scheduler_config=scheduler_config(scheduler),

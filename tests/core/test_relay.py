@@ -80,3 +80,16 @@ def test_no_cfg_needs_no_negative_embeddings(tiny_pair) -> None:
     state = start(host, RelayRequest("a red square", relay_step=2, steps=4, guidance_scale=1.0))
     assert state.negative_prompt_embeds is None
     assert resume(host, state).step_index == 4
+
+
+def test_snapshots_of_one_trajectory_equal_separate_starts(tiny_pair) -> None:
+    from relaydiff.core.relay import snapshots
+
+    host, _ = tiny_pair
+    req = RelayRequest("a red square", relay_step=0, steps=N, sampler="dpmpp_2m", seed=5)
+    snaps = snapshots(host, req, [0, 2, 5])
+    assert sorted(snaps) == [0, 2, 5]
+    for k, (state, seconds) in snaps.items():
+        alone = start(host, replace(req, relay_step=k))
+        assert state.to_bytes() == alone.to_bytes()
+        assert seconds > 0
