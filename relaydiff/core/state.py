@@ -22,6 +22,7 @@ VERSION = 1
 MAX_STATE_BYTES = 64 * 1024 * 1024  # 64 MiB: an SD-size state (4x64x64 latent + 2x77x768 embeddings) is ~0.5 MiB
 _META_KEY = "relaydiff"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TIMESTEP_DTYPES = (torch.int64, torch.int32, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -175,12 +176,16 @@ def validate(state: RelayState) -> None:
     if not isinstance(lat, torch.Tensor) or lat.ndim != 4:
         raise RelayStateError(f"latents must be a 4-D tensor (B, C, H, W), got shape {tuple(getattr(lat, 'shape', ()))}")
     if lat.dtype not in _FLOAT_DTYPES:
-        raise RelayStateError(f"latents dtype {lat.dtype} is not a float dtype")
+        raise RelayStateError(f"latents dtype {lat.dtype} is not float32/float16/bfloat16")
     if not torch.isfinite(lat).all():
         raise RelayStateError("latents contain NaN or Inf values")
     ts = state.timesteps
     if not isinstance(ts, torch.Tensor) or ts.ndim != 1 or ts.shape[0] < 1:
         raise RelayStateError(f"timesteps must be a non-empty 1-D tensor, got shape {tuple(getattr(ts, 'shape', ()))}")
+    if ts.dtype not in _TIMESTEP_DTYPES or (ts.dtype.is_floating_point and not torch.isfinite(ts).all()):
+        raise RelayStateError(f"timesteps must be finite int64/int32/float32/float64, got dtype {ts.dtype}")
+    if state.seed is not None and (isinstance(state.seed, bool) or not isinstance(state.seed, int)):
+        raise RelayStateError(f"seed must be an integer or null, got {state.seed!r}")
     n = int(ts.shape[0])
     if isinstance(state.step_index, bool) or not isinstance(state.step_index, int) or not 0 <= state.step_index <= n:
         raise RelayStateError(f"relay step {state.step_index!r} is outside [0, {n}]")
@@ -203,12 +208,18 @@ def validate(state: RelayState) -> None:
             f"negative_prompt_embeds shape {tuple(state.negative_prompt_embeds.shape)} differs from "
             f"prompt_embeds shape {tuple(state.prompt_embeds.shape)}"
         )
-    if state.sigmas is not None and (state.sigmas.ndim != 1 or state.sigmas.shape[0] != n + 1):
-        raise RelayStateError(f"sigmas must have shape ({n + 1},), got {tuple(state.sigmas.shape)}")
+    if state.sigmas is not None:
+        if state.sigmas.ndim != 1 or state.sigmas.shape[0] != n + 1:
+            raise RelayStateError(f"sigmas must have shape ({n + 1},), got {tuple(state.sigmas.shape)}")
+        if state.sigmas.dtype not in _FLOAT_DTYPES or not torch.isfinite(state.sigmas).all():
+            raise RelayStateError(f"sigmas must be finite floats, got dtype {state.sigmas.dtype}")
     for key, value in state.history.items():
+        if value.dtype not in _FLOAT_DTYPES:
+            raise RelayStateError(f"solver history {key!r} must be a float tensor, got dtype {value.dtype}")
         if value.shape != lat.shape or not torch.isfinite(value).all():
             raise RelayStateError(
                 f"solver history {key!r} must be finite with the latent shape {tuple(lat.shape)}, got {tuple(value.shape)}"
             )
-    if state.generator_state is not None and state.generator_state.dtype != torch.uint8:
-        raise RelayStateError(f"generator_state must be uint8, got {state.generator_state.dtype}")
+    gen = state.generator_state
+    if gen is not None and (gen.dtype != torch.uint8 or gen.ndim != 1 or gen.numel() > 1 << 16):
+        raise RelayStateError(f"generator_state must be a 1-D uint8 tensor, got {gen.dtype} of shape {tuple(gen.shape)}")

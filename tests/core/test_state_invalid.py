@@ -61,6 +61,7 @@ def test_not_bytes(state: RelayState) -> None:
         ({"step_index": "2"}, "step_index"),
         ({"sampler": "plms"}, "unknown sampler"),
         ({"guidance_scale": "high"}, "guidance_scale"),
+        ({"seed": "x"}, "seed"),
     ],
 )
 def test_bad_metadata(state: RelayState, meta: dict, match: str) -> None:
@@ -84,6 +85,11 @@ def test_missing_metadata(state: RelayState) -> None:
         ({"history.model_outputs.0": torch.zeros(1, 4, 4, 4)}, "history"),
         ({"pickle": torch.zeros(1)}, "unexpected"),
         ({"timesteps": torch.zeros(0, dtype=torch.int64)}, "timesteps"),
+        ({"timesteps": torch.zeros(5, dtype=torch.float8_e4m3fn)}, "timesteps must be finite"),
+        ({"history.model_outputs.0": torch.zeros(1, 4, 8, 8, dtype=torch.float8_e4m3fn)}, "float tensor"),
+        ({"history.model_outputs.0": torch.zeros(1, 4, 8, 8, dtype=torch.bool)}, "float tensor"),
+        ({"prompt_embeds": torch.zeros(1, 16, 32, dtype=torch.float8_e4m3fn)}, "prompt_embeds"),
+        ({"generator_state": torch.zeros(2, 2, dtype=torch.uint8)}, "generator_state"),
     ],
 )
 def test_bad_tensors(state: RelayState, tensors: dict, match: str) -> None:
