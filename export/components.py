@@ -1,0 +1,326 @@
+"""The device-side components that ship to phones, each declared once: inputs, outputs, tolerances, example inputs.
+
+A component is a small frozen dataclass registered by name with :func:`register_component`.
+Shapes are fixed per family: named dimensions (``"C"``, ``"h"``, ``"L"``...) are filled from the
+family's configs by :func:`family_dims`. Example inputs are realistic (a real prompt through the
+family's own tokenizer and text encoder; a VAE-encoded picture noised by the family's schedule),
+because parity on random inputs can hide errors that only show on the distributions the model
+sees. Nothing heavy is imported at module import time.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+from relaydiff.export.base import Registry, Signature, TensorSpec, Tolerance, UnknownNameError, torch_reference
+
+if TYPE_CHECKING:
+    import torch
+
+    from relaydiff.core.family import LoadedModel
+
+FP32 = Tolerance(max_abs=1e-3)  # the fp32 bar: the denoiser output within 1e-3 of torch
+FP16 = Tolerance(min_psnr_db=35.0)  # fp16 (CoreML): apple/ml-stable-diffusion's PSNR floor
+
+
+@dataclass(frozen=True)
+class OptimumSource:
+    """Says a component is a plain submodule that optimum's ONNX exporter knows (it is then preferred)."""
+
+    submodel: str  # attribute of LoadedModel holding the module, e.g. "text_encoder"
+    task: str  # optimum task, e.g. "feature-extraction"
+    library: str  # optimum library name the config is registered under, e.g. "diffusers"
+    shapes: Mapping[str, int | str]  # optimum dummy-input shape name -> int or a family dimension name
+
+
+@dataclass(frozen=True)
+class Component(abc.ABC):
+    """One exportable function of the device model."""
+
+    name: str  # registry name, e.g. "unet_step"
+    description: str  # one line, written into artifact metadata
+    inputs: tuple[TensorSpec, ...]  # in call order; named dimensions come from family_dims
+    outputs: tuple[TensorSpec, ...]
+    tolerances: Mapping[str, Tolerance]  # compute precision ("fp32", "fp16", ...) -> validation bar
+    optimum: OptimumSource | None  # set when optimum.exporters.onnx can export the component as is
+
+    @abc.abstractmethod
+    def module(self, model: LoadedModel) -> torch.nn.Module:
+        """The torch module to export (eval mode), whose forward takes the declared inputs in order."""
+
+    @abc.abstractmethod
+    def example_inputs(self, model: LoadedModel) -> dict[str, np.ndarray]:
+        """Realistic inputs, by declared name, matching the declared dtypes and shapes."""
+
+    def dims(self, model: LoadedModel) -> dict[str, int]:
+        """Values of the named dimensions for ``model``'s family."""
+        return family_dims(model)
+
+    def signature(self, model: LoadedModel) -> Signature:
+        """The declared inputs/outputs with every dimension fixed for ``model``'s family."""
+        d = self.dims(model)
+        return Signature(tuple(s.resolve(d) for s in self.inputs), tuple(s.resolve(d) for s in self.outputs))
+
+    def tolerance(self, precision: str) -> Tolerance:
+        """The validation bar at ``precision``.
+
+        Raises:
+            UnknownNameError: no tolerance is declared for ``precision`` (lists the declared ones).
+        """
+        if precision not in self.tolerances:
+            raise UnknownNameError(
+                f"component {self.name!r} declares no tolerance for precision {precision!r}; "
+                f"expected one of: {', '.join(sorted(self.tolerances))}"
+            )
+        return self.tolerances[precision]
+
+    def reference(self, model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The torch fp32 outputs on ``inputs``, by declared name."""
+        return torch_reference(self.module(model), inputs, self.signature(model))
+
+
+COMPONENTS: Registry[Component] = Registry("component")
+
+C = TypeVar("C", bound=type[Component])
+
+
+def register_component(cls: C) -> C:
+    """Class decorator: register the component with its default declaration under its ``name``."""
+    instance = cls()  # type: ignore[call-arg]
+    COMPONENTS.add(instance.name, instance)
+    return cls
+
+
+def get_component(name: str) -> Component:
+    """The registered component ``name``.
+
+    Raises:
+        UnknownNameError: ``name`` is not registered (lists the known ones).
+    """
+    return COMPONENTS.get(name)
+
+
+def list_components() -> list[str]:
+    return COMPONENTS.names()
+
+
+def family_dims(model: LoadedModel) -> dict[str, int]:
+    """The named dimensions of a family: latent C/h/w, image H/W, text length L and width D."""
+    size = model.unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    f = model.vae_scale_factor
+    return {
+        "C": int(model.unet.config.in_channels),
+        "h": h,
+        "w": w,
+        "H": h * f,
+        "W": w * f,
+        "L": int(model.tokenizer.model_max_length),
+        "D": int(model.text_encoder.config.hidden_size),
+        "B": 2,  # the batch of a CFG-as-batch UNet call: [uncond, cond]
+    }
+
+
+# ------------------------------------------------------------------------------------- realistic inputs
+
+EXAMPLE_PROMPT = "a large red circle left of a small blue square"
+
+
+def example_token_ids(model: LoadedModel, prompt: str = EXAMPLE_PROMPT) -> np.ndarray:
+    """Token ids (1, L) int32 of ``prompt``, padded as the relay pads them."""
+    tok = model.tokenizer
+    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="np")
+    return ids["input_ids"].astype(np.int32)
+
+
+def example_text_embeds(model: LoadedModel, prompt: str = EXAMPLE_PROMPT, negative_prompt: str = "") -> np.ndarray:
+    """[uncond, cond] text embeddings (2, L, D) from the family's own tokenizer and text encoder."""
+    from relaydiff.core.relay import encode_prompt
+
+    cond, uncond = encode_prompt(model, prompt, negative_prompt)
+    return np.concatenate([uncond.numpy(), cond.numpy()]).astype(np.float32)
+
+
+def example_clean_latent(model: LoadedModel) -> np.ndarray:
+    """A clean latent (1, C, h, w): a drawn picture (red disc, blue square) encoded by the family's VAE, scaled."""
+    import torch
+
+    d = family_dims(model)
+    H, W = d["H"], d["W"]
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32) / np.float32(max(H, W))
+    img = np.full((3, H, W), 0.8, np.float32)  # light grey background in [0, 1]
+    disc = (xx - 0.3) ** 2 + (yy - 0.5) ** 2 < 0.2**2
+    square = (np.abs(xx - 0.75) < 0.1) & (np.abs(yy - 0.5) < 0.1)
+    img[:, disc] = np.array([0.9, 0.1, 0.1], np.float32)[:, None]
+    img[:, square] = np.array([0.1, 0.2, 0.9], np.float32)[:, None]
+    cfg = model.vae.config
+    with torch.no_grad():
+        z = model.vae.encode(torch.from_numpy(img * 2 - 1)[None]).latent_dist.mean
+    if getattr(cfg, "shift_factor", None) is not None:
+        z = z - cfg.shift_factor
+    return (z * cfg.scaling_factor).numpy().astype(np.float32)
+
+
+def example_noised_latent(model: LoadedModel, timestep: int, seed: int = 0) -> np.ndarray:
+    """The clean example latent noised to ``timestep`` by the family's noise schedule (seeded noise)."""
+    import torch
+
+    from relaydiff.core.schedulers import build_scheduler
+
+    x0 = torch.from_numpy(example_clean_latent(model))
+    noise = torch.randn(x0.shape, generator=torch.Generator("cpu").manual_seed(seed))
+    scheduler = build_scheduler("ddim", model.scheduler_config)
+    return scheduler.add_noise(x0, noise, torch.tensor([timestep])).numpy().astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- components
+
+_UNET_TOLERANCES = {"fp32": FP32, "fp16": FP16}
+
+
+@register_component
+@dataclass(frozen=True)
+class UNetStep(Component):
+    """The device UNet as one denoising step, classifier-free guidance computed inside the graph."""
+
+    name: str = "unet_step"
+    description: str = "device UNet, one denoising step with CFG inside: eps_u + g * (eps_c - eps_u)"
+    inputs: tuple[TensorSpec, ...] = (
+        TensorSpec("sample", "float32", (1, "C", "h", "w"), "the latent x_t, scaled for the timestep"),
+        TensorSpec("timestep", "float32", (1,), "the timestep t (float, so every runtime takes it)"),
+        TensorSpec("text_embeds", "float32", (2, "L", "D"), "text embeddings [uncond, cond]"),
+        TensorSpec("guidance_scale", "float32", (1,), "classifier-free guidance scale g"),
+    )
+    outputs: tuple[TensorSpec, ...] = (
+        TensorSpec("noise_pred", "float32", (1, "C", "h", "w"), "guided noise prediction"),
+    )
+    tolerances: Mapping[str, Tolerance] = field(default_factory=lambda: dict(_UNET_TOLERANCES))
+    optimum: OptimumSource | None = None  # CFG in the graph is ours: optimum's UNet config exports the bare UNet
+    example_timestep: int = 501  # timestep of the example input (mid-trajectory, where a relay hands over)
+    example_guidance: float = 5.0  # guidance scale of the example input (the relay's default)
+    example_seed: int = 0  # seed of the example noise
+
+    def module(self, model: LoadedModel) -> torch.nn.Module:
+        from relaydiff.export.modules import UNetStep as Wrapper
+
+        return Wrapper(model.unet).eval()
+
+    def example_inputs(self, model: LoadedModel) -> dict[str, np.ndarray]:
+        return {
+            "sample": example_noised_latent(model, self.example_timestep, self.example_seed),
+            "timestep": np.array([self.example_timestep], np.float32),
+            "text_embeds": example_text_embeds(model),
+            "guidance_scale": np.array([self.example_guidance], np.float32),
+        }
+
+
+@register_component
+@dataclass(frozen=True)
+class UNetBatch(Component):
+    """The device UNet as the plain call on a batch of two (CFG as batch; guidance combined by the caller)."""
+
+    name: str = "unet"
+    description: str = "device UNet, plain call on a [uncond, cond] batch; the caller combines the guidance"
+    inputs: tuple[TensorSpec, ...] = (
+        TensorSpec("sample", "float32", ("B", "C", "h", "w"), "the latent x_t twice, scaled for the timestep"),
+        TensorSpec("timestep", "float32", ("B",), "the timestep t per batch row"),
+        TensorSpec("text_embeds", "float32", ("B", "L", "D"), "text embeddings [uncond, cond]"),
+    )
+    outputs: tuple[TensorSpec, ...] = (
+        TensorSpec("noise_pred", "float32", ("B", "C", "h", "w"), "noise prediction per batch row"),
+    )
+    tolerances: Mapping[str, Tolerance] = field(default_factory=lambda: dict(_UNET_TOLERANCES))
+    optimum: OptimumSource | None = None  # optimum's UNet config has dynamic shapes and a scalar timestep
+    example_timestep: int = 501  # timestep of the example input
+    example_seed: int = 0  # seed of the example noise
+
+    def module(self, model: LoadedModel) -> torch.nn.Module:
+        from relaydiff.export.modules import UNetBatch as Wrapper
+
+        return Wrapper(model.unet).eval()
+
+    def example_inputs(self, model: LoadedModel) -> dict[str, np.ndarray]:
+        x = example_noised_latent(model, self.example_timestep, self.example_seed)
+        return {
+            "sample": np.concatenate([x, x]),
+            "timestep": np.array([self.example_timestep] * 2, np.float32),
+            "text_embeds": example_text_embeds(model),
+        }
+
+
+@register_component
+@dataclass(frozen=True)
+class VaeDecoderComponent(Component):
+    """The VAE decoder with the latent scaling/shift and the [-1, 1] -> [0, 1] post-processing baked in."""
+
+    name: str = "vae_decoder"
+    description: str = "VAE decoder: latent / scaling_factor (+ shift_factor) -> decode -> (x / 2 + 0.5).clamp(0, 1)"
+    inputs: tuple[TensorSpec, ...] = (
+        TensorSpec("latent", "float32", (1, "C", "h", "w"), "the final latent x_0, as the UNet sees it (scaled)"),
+    )
+    outputs: tuple[TensorSpec, ...] = (
+        TensorSpec("image", "float32", (1, 3, "H", "W"), "RGB image in [0, 1], channels first"),
+    )
+    tolerances: Mapping[str, Tolerance] = field(default_factory=lambda: {"fp32": FP32, "fp16": FP16})
+    optimum: OptimumSource | None = None  # the scaling and post-processing are ours; optimum exports vae.decode only
+
+    def module(self, model: LoadedModel) -> torch.nn.Module:
+        from relaydiff.export.modules import VaeDecoder
+
+        return VaeDecoder(model.vae).eval()
+
+    def example_inputs(self, model: LoadedModel) -> dict[str, np.ndarray]:
+        return {"latent": example_clean_latent(model)}
+
+
+@register_component
+@dataclass(frozen=True)
+class TextEncoderComponent(Component):
+    """The text encoder: token ids -> last hidden state (pooled output left out: the UNet does not use it)."""
+
+    name: str = "text_encoder"
+    description: str = "text encoder: input_ids -> last_hidden_state"
+    inputs: tuple[TensorSpec, ...] = (
+        TensorSpec("input_ids", "int32", (1, "L"), "token ids, padded to L (int32: CoreML has no int64 inputs)"),
+    )
+    outputs: tuple[TensorSpec, ...] = (
+        TensorSpec("last_hidden_state", "float32", (1, "L", "D"), "per-token embeddings for cross-attention"),
+    )
+    tolerances: Mapping[str, Tolerance] = field(default_factory=lambda: {"fp32": FP32, "fp16": FP16})
+    optimum: OptimumSource | None = field(
+        default_factory=lambda: OptimumSource(
+            submodel="text_encoder", task="feature-extraction", library="diffusers",
+            shapes={"batch_size": 1, "sequence_length": "L"},
+        )
+    )
+    example_prompt: str = EXAMPLE_PROMPT  # the prompt tokenized for the example input
+
+    def module(self, model: LoadedModel) -> torch.nn.Module:
+        from relaydiff.export.modules import TextEncoder
+
+        return TextEncoder(model.text_encoder).eval()
+
+    def example_inputs(self, model: LoadedModel) -> dict[str, np.ndarray]:
+        return {"input_ids": example_token_ids(model, self.example_prompt)}
+
+
+def all_components() -> dict[str, Component]:
+    """Every registered component by name."""
+    return {name: COMPONENTS.get(name) for name in COMPONENTS.names()}
+
+
+def describe(name: str) -> dict[str, Any]:
+    """A JSON-able description of a component's declaration (for docs and manifests)."""
+    c = get_component(name)
+    return {
+        "name": c.name,
+        "description": c.description,
+        "inputs": [s.to_json() for s in c.inputs],
+        "outputs": [s.to_json() for s in c.outputs],
+        "tolerances": {k: v.to_json() for k, v in c.tolerances.items()},
+    }
