@@ -1,2 +1,10 @@
-"""relaydiff.runtime: the device runtime that accepts relayed latents and finishes them (not yet implemented; the
-in-process device half of the relay is :func:`relaydiff.core.relay.resume`)."""
+"""relaydiff.runtime: the device runtime that accepts relayed latents and finishes them.
+
+- ``backends``: the :class:`Backend` protocol and its registry (``torch`` is the reference backend;
+  ONNX Runtime / ExecuTorch backends for exported bundles register the same way);
+- ``device``: :class:`DeviceRuntime` (finish a relayed state, or generate alone, and describe the device);
+- ``client``: :class:`DeviceClient`, the device's side of the link (falls back to device-only generation);
+- ``settings``: :class:`GenerationSettings`, the fixed part of a request (steps, sampler, guidance, seed).
+
+Import the submodules directly; nothing heavy is imported here.
+"""

@@ -1,0 +1,310 @@
+"""The edge controller: serve many devices at once, run the host half of each relay, hand over, make sure it ends.
+
+Per ``GenerateRequest`` (docs/protocol.md, sections 4 and 7):
+
+1. record it in the :class:`~relaydiff.host.ledger.Ledger` (accepted);
+2. choose the relay step k with the :class:`~relaydiff.host.policy.Policy`;
+3. run the host steps [0, k) in a worker thread (torch work stays off the event loop), then send
+   ``Progress(k, N)``;
+4. k = N: send ``Result`` (the final latent; the device decodes it) and record it (source ``host``);
+   k < N: send ``RelayHandoff`` and wait for the device's ``Result``, recording it (source ``device``);
+5. exactly once: when the hand-off cannot be sent, the link drops, or no ``Result`` arrives in time,
+   the host finishes steps [k, N) itself with its copy of the device model and records that
+   (source ``host-fallback``). A result arriving after that is ignored, never recorded twice.
+
+Host steps of concurrent requests are not batched yet: each request runs its own host
+trajectory on a small thread pool (``HostConfig.workers``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from relaydiff.core.errors import RelaydiffError
+from relaydiff.core.family import LoadedModel
+from relaydiff.core.state import RelayState
+from relaydiff.host.ledger import Ledger, Source
+from relaydiff.host.policy import FixedPolicy, Policy
+from relaydiff.link.config import LinkConfig
+from relaydiff.link.errors import ErrorCode, ProtocolError
+from relaydiff.link.events import Close, Error, Feedback, GenerateRequest, Hello, Ping, Progress, RelayHandoff, Result
+from relaydiff.link.transport import Link, LinkClosed, LinkServer, serve
+from relaydiff.runtime.settings import GenerationSettings
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """How the host serves: what it generates, where it listens, how long it waits."""
+
+    settings: GenerationSettings = field(default_factory=GenerationSettings)  # steps, sampler, guidance, seed
+    listen_host: str = "127.0.0.1"  # interface to bind; loopback unless told otherwise
+    port: int = 0  # 0 picks a free port (see HostServer.url)
+    result_timeout_s: float = 120.0  # longest wait for a device's Result after a hand-off
+    result_grace_s: float = 1.0  # extra wait beyond the request's own deadline before the host finishes it
+    workers: int = 1  # threads running torch work (host steps and fallbacks)
+    link: LinkConfig = field(default_factory=LinkConfig)  # caps and timeouts of every link
+
+    def __post_init__(self) -> None:
+        for name in ("result_timeout_s", "result_grace_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise RelaydiffError(f"HostConfig.{name} must be a number of seconds >= 0, got {value!r}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise RelaydiffError(f"HostConfig.workers must be a positive integer, got {self.workers!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise RelaydiffError(f"HostConfig.port must be in [0, 65535], got {self.port!r}")
+
+
+@dataclass
+class _Session:
+    """One device link: its requests waiting for a Result, and whether the link is gone."""
+
+    id: str
+    link: Link
+    requests: dict[str, GenerateRequest] = field(default_factory=dict)  # by request id
+    relay_steps: dict[str, int] = field(default_factory=dict)
+    waiting: dict[str, asyncio.Future[Result]] = field(default_factory=dict)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    closed: bool = False
+
+    def key(self, request_id: str) -> str:
+        return f"{self.id}/{request_id}"
+
+
+class _NoResult(Exception):
+    """The device's Result will not come (link gone, request aborted, or time out)."""
+
+
+class HostServer:
+    """Serves devices over the link; each accepted request ends with exactly one ledger result."""
+
+    def __init__(
+        self,
+        host_model: LoadedModel,
+        fallback_model: LoadedModel,
+        *,
+        auth_token: str,
+        policy: Policy | None = None,
+        config: HostConfig | None = None,
+    ) -> None:
+        """
+        Args:
+            host_model: the large model that runs steps [0, k).
+            fallback_model: the model that finishes steps [k, N) when a device does not (the device variant,
+                so the image is the one the device would have made; the host model works too).
+            auth_token: the token every device's Hello must carry.
+            policy: chooses k; default :class:`FixedPolicy` (k from the request's quality preference).
+            config: see :class:`HostConfig`.
+        """
+        self.host_model = host_model
+        self.fallback_model = fallback_model
+        self.policy: Policy = policy if policy is not None else FixedPolicy()
+        if not isinstance(self.policy, Policy):
+            raise TypeError(f"policy must implement choose() and observe(), got {type(self.policy).__name__}")
+        self.config = config if config is not None else HostConfig()
+        if not isinstance(self.config, HostConfig):
+            raise TypeError(f"config must be a HostConfig, got {type(self.config).__name__}")
+        self.ledger = Ledger()
+        self.ignored_results = 0  # Results that arrived when nobody waited (after a fallback, or unsolicited)
+        self._auth_token = auth_token
+        self._sessions = itertools.count(1)
+        self._server: LinkServer | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def from_family(
+        cls,
+        family_dir: str | Path | None = None,
+        *,
+        auth_token: str,
+        host_variant: str | None = None,
+        device_variant: str | None = None,
+        policy: Policy | None = None,
+        config: HostConfig | None = None,
+    ) -> "HostServer":
+        """Load the host variant and (for fallbacks) the device variant of a family folder.
+
+        Raises:
+            FamilyNotFoundError / CompatibilityError / RelaydiffError: missing folder or variant, or a pair that cannot relay.
+        """
+        from relaydiff.core import family
+
+        root = family_dir if family_dir is not None else family.default_family_dir()
+        host_ref = family.resolve(root, host_variant, role="host")
+        device_ref = family.resolve(root, device_variant, role="device")
+        family.check_pair(host_ref, device_ref)
+        host = family.load(host_ref)
+        device = family.load(device_ref, share_with=host)
+        return cls(host, device, auth_token=auth_token, policy=policy, config=config)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RelaydiffError("the host server is not started")
+        return self._server.url
+
+    async def start(self) -> str:
+        """Start listening; returns the URL devices connect to."""
+        if self._server is not None:
+            raise RelaydiffError("the host server is already started")
+        self._executor = ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="relaydiff-host")
+        self._server = await serve(
+            self._serve_link, self.config.listen_host, self.config.port, auth_token=self._auth_token, config=self.config.link,
+        )
+        return self._server.url
+
+    async def close(self) -> None:
+        """Stop accepting, close every link, and wait until every accepted request has its result."""
+        if self._server is not None:
+            await self._server.close()
+            self._server = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    async def __aenter__(self) -> "HostServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    # -- one link ----------------------------------------------------------------------------
+
+    async def _serve_link(self, link: Link) -> None:
+        hello = link.peer_hello
+        session = _Session(f"s{next(self._sessions)}", link)
+        capabilities = hello.capabilities if isinstance(hello, Hello) else None
+        try:
+            while True:
+                try:
+                    event = await link.recv()
+                except TimeoutError:
+                    continue  # an idle device; keepalives notice a dead socket
+                except (LinkClosed, ProtocolError):
+                    break  # the peer went away or broke the protocol (recv told it and closed the socket)
+                if isinstance(event, GenerateRequest):
+                    task = asyncio.create_task(self._serve_request(session, event, capabilities))
+                    session.tasks.add(task)
+                    task.add_done_callback(session.tasks.discard)
+                elif isinstance(event, Result):
+                    future = session.waiting.pop(event.request_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(event)
+                    else:
+                        self.ignored_results += 1
+                elif isinstance(event, Feedback):
+                    self._feedback(session, event)
+                elif isinstance(event, Error) and event.request_id is not None:
+                    self._abort(session, event.request_id, f"device aborted: {event.code}: {event.message}")
+                elif isinstance(event, Ping):
+                    await self._send(session, event.pong())
+                elif isinstance(event, (Close, Error)):
+                    break
+        finally:
+            session.closed = True
+            for request_id in list(session.waiting):
+                self._abort(session, request_id, "the link closed")
+            while session.tasks:  # finish (or fall back on) every request this device started
+                await asyncio.gather(*list(session.tasks), return_exceptions=True)
+
+    def _abort(self, session: _Session, request_id: str, why: str) -> None:
+        future = session.waiting.pop(request_id, None)
+        if future is not None and not future.done():
+            future.set_exception(_NoResult(why))
+
+    def _feedback(self, session: _Session, feedback: Feedback) -> None:
+        key = session.key(feedback.request_id)
+        request = session.requests.get(feedback.request_id)
+        if request is None:
+            return
+        self.ledger.get(key).feedback = feedback
+        self.policy.observe(request, session.relay_steps[feedback.request_id], feedback)
+
+    async def _send(self, session: _Session, event: Any) -> bool:
+        """Send if the link is alive; False when it is not (the caller falls back)."""
+        if session.closed:
+            return False
+        try:
+            await session.link.send(event)
+        except (LinkClosed, TimeoutError, ProtocolError):
+            return False
+        return True
+
+    async def _work(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            raise RelaydiffError("the host server is not started")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- one request -------------------------------------------------------------------------
+
+    async def _serve_request(self, session: _Session, request: GenerateRequest, capabilities: Any) -> None:
+        key = session.key(request.request_id)
+        t0 = time.monotonic()
+        entry = self.ledger.accept(key, request.prompt)
+        session.requests[request.request_id] = request
+        try:
+            steps = self.config.settings.steps
+            k = int(self.policy.choose(request, capabilities, steps))
+            relay_request = self.config.settings.request(request.prompt, k)  # checks k in [0, N]
+            entry.relay_step, entry.steps = k, steps
+            session.relay_steps[request.request_id] = k
+            state, host_s = await self._work(_host_steps, self.host_model, relay_request)
+            await self._send(session, Progress(request.request_id, k, steps))  # tells the device N, also for k = N
+            if k == steps:
+                self.ledger.complete(key, Source.HOST, latents=state.latents, timings={"host_s": host_s})
+                await self._send(session, Result.from_latents(request.request_id, state.latents, {"host_s": host_s}))
+                return
+            result = await self._await_device(session, request, state, t0)
+            if result is not None:
+                self.ledger.complete(key, Source.DEVICE, png=result.data, timings={"host_s": host_s, **result.timings})
+                return
+            latents, fallback_s = await self._work(_device_steps, self.fallback_model, state)
+            self.ledger.complete(key, Source.HOST_FALLBACK, latents=latents, timings={"host_s": host_s, "fallback_s": fallback_s})
+        except Exception as exc:  # one request's failure must not end the link or leave the ledger open
+            self.ledger.complete(key, Source.FAILED, error=f"{type(exc).__name__}: {exc}")
+            message = f"request failed: {type(exc).__name__}: {exc}"[:1000]
+            await self._send(session, Error(ErrorCode.REQUEST_FAILED.value, message, request.request_id))
+
+    async def _await_device(self, session: _Session, request: GenerateRequest, state: RelayState, t0: float) -> Result | None:
+        """Hand the state over and wait for the device's Result; None when it will not come."""
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        session.waiting[request.request_id] = future  # registered before sending: a fast Result finds it
+        if session.closed or not await self._send(session, RelayHandoff.from_state(request.request_id, state)):
+            session.waiting.pop(request.request_id, None)
+            return None
+        remaining = request.deadline_s - (time.monotonic() - t0)
+        wait = min(self.config.result_timeout_s, max(remaining, 0.0) + self.config.result_grace_s)
+        try:
+            return await asyncio.wait_for(future, wait)
+        except (_NoResult, TimeoutError):
+            session.waiting.pop(request.request_id, None)
+            return None
+
+
+def _host_steps(model: LoadedModel, request: Any) -> tuple[RelayState, float]:
+    from relaydiff.core.relay import start
+
+    t0 = time.perf_counter()
+    state = start(model, request)
+    return state, time.perf_counter() - t0
+
+
+def _device_steps(model: LoadedModel, state: RelayState) -> tuple[Any, float]:
+    from relaydiff.core.relay import resume
+
+    t0 = time.perf_counter()
+    latents = resume(model, state).latents
+    return latents, time.perf_counter() - t0

@@ -1,0 +1,119 @@
+"""The device runtime: finish relayed states (or generate alone) with a backend, and describe the device.
+
+    runtime = DeviceRuntime(create_backend("torch", family_dir=folder))
+    image = runtime.finish(handoff.state)            # relayed: steps [k, N) + decode
+    image = runtime.generate(settings.request(p, 0)) # device-only
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from relaydiff.core.errors import RelaydiffError
+from relaydiff.core.relay import RelayRequest
+from relaydiff.core.state import RelayState
+from relaydiff.link.events import DeviceCapabilities
+from relaydiff.runtime.backends import Backend
+
+MAX_STEPS_PER_SECOND = 10_000.0  # the protocol's cap on DeviceCapabilities.steps_per_second
+
+
+@dataclass(frozen=True)
+class DeviceImage:
+    """One finished image and what it cost on the device."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    steps: int  # denoising steps the device ran
+    timings: dict[str, float] = field(default_factory=dict)  # "device_s" (steps), "decode_s" (VAE), seconds
+
+    def png(self) -> bytes:
+        """The image as PNG bytes (lossless, so the receiver sees exactly these pixels)."""
+        return encode_png(self.image)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of an (H, W, 3) uint8 image."""
+    from PIL import Image
+
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise RelaydiffError(f"expected an (H, W, 3) uint8 image, got {image.dtype} of shape {image.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """The (H, W, 3) uint8 pixels of PNG bytes."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+class DeviceRuntime:
+    """A device model behind a :class:`~relaydiff.runtime.backends.Backend`."""
+
+    def __init__(self, backend: Backend) -> None:
+        """
+        Raises:
+            TypeError: ``backend`` does not implement the Backend protocol.
+        """
+        if not isinstance(backend, Backend):
+            raise TypeError(
+                f"backend must implement name, family_id, bundle_id, bundle_sha256, encode_prompt, begin, finish "
+                f"and decode; got {type(backend).__name__}"
+            )
+        self.backend = backend
+        self._steps_per_second: float | None = None
+
+    def finish(self, state: RelayState) -> DeviceImage:
+        """Run steps [k, N) of a relayed state and decode it.
+
+        Raises:
+            RelaydiffError: the state belongs to another model family, or does not fit the device model.
+        """
+        if state.family_id and state.family_id != self.backend.family_id:
+            raise RelaydiffError(
+                f"relay state is from family {state.family_id!r}; this device runs {self.backend.family_id!r}"
+            )
+        return self._finish(state)
+
+    def _finish(self, state: RelayState) -> DeviceImage:
+        t0 = time.perf_counter()
+        latents = self.backend.finish(state)
+        t1 = time.perf_counter()
+        image = self.backend.decode(latents)[0]
+        t2 = time.perf_counter()
+        return DeviceImage(image, state.num_inference_steps - state.step_index, {"device_s": t1 - t0, "decode_s": t2 - t1})
+
+    def generate(self, request: RelayRequest) -> DeviceImage:
+        """Device-only generation: every step of ``request`` on the device (its relay step is ignored)."""
+        t0 = time.perf_counter()
+        state = self.backend.begin(request)
+        t1 = time.perf_counter()
+        out = self._finish(state)  # our own state: no family check needed
+        return DeviceImage(out.image, out.steps, {"encode_s": t1 - t0, **out.timings})
+
+    def steps_per_second(self, *, steps: int = 2) -> float:
+        """The device model's denoising speed, measured once on a short trajectory and then remembered."""
+        if self._steps_per_second is None:
+            request = RelayRequest("a speed probe", relay_step=0, steps=steps, guidance_scale=5.0)
+            state = self.backend.begin(request)
+            t0 = time.perf_counter()
+            self.backend.finish(state)
+            seconds = time.perf_counter() - t0
+            self._steps_per_second = min(steps / max(seconds, 1e-6), MAX_STEPS_PER_SECOND)
+        return self._steps_per_second
+
+    def capabilities(self) -> DeviceCapabilities:
+        """What this device announces in its Hello (measures the step speed on first use)."""
+        return DeviceCapabilities(
+            runtimes=(self.backend.name,),
+            bundle_id=self.backend.bundle_id,
+            bundle_sha256=self.backend.bundle_sha256,
+            steps_per_second=self.steps_per_second(),
+        )

@@ -1,0 +1,151 @@
+"""HostServer on 127.0.0.1: exactly one result per accepted request, through faults, bad peers and load."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+
+import numpy as np
+import pytest
+import torch
+from websockets.asyncio.client import connect as ws_connect
+
+from relaydiff.core.relay import relay
+from relaydiff.host.ledger import Source
+from relaydiff.link import wire
+from relaydiff.link.errors import PeerError
+from relaydiff.link.events import DeviceCapabilities, Error, GenerateRequest, Progress, RelayHandoff, Result, ResultKind
+from relaydiff.link.transport import connect
+from relaydiff.runtime.client import RELAY
+from relaydiff.runtime.device import decode_png
+from relaydiff.runtime.settings import GenerationSettings
+
+SETTINGS = GenerationSettings(steps=4)
+CAPS = DeviceCapabilities(("torch",), "raw-test-device", "cd" * 32, 100.0)
+
+
+def run(coro, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def expected_latents(tiny_pair, prompt: str, k: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    return relay(*tiny_pair, SETTINGS.request(prompt, k)).latents
+
+
+async def recv_handoff(link) -> RelayHandoff:  # type: ignore[no-untyped-def]
+    progress = await link.recv()
+    assert isinstance(progress, Progress) and progress.total == 4  # the host says k and N first
+    handoff = await link.recv()
+    assert isinstance(handoff, RelayHandoff) and handoff.state.step_index == progress.step
+    return handoff
+
+
+def assert_exactly_once(host) -> None:  # type: ignore[no-untyped-def]
+    assert host.ledger.pending() == [] and host.ledger.refused == []
+    assert all(e.completed_at is not None for e in host.ledger.entries())
+
+
+def test_device_vanishing_after_the_hand_off_is_finished_by_the_host(tiny_pair, make_host, token, link_config) -> None:  # type: ignore[no-untyped-def]
+    host = make_host(fraction=0.5)
+
+    async def main() -> None:
+        async with host:
+            link = await connect(host.url, auth_token=token, capabilities=CAPS, config=link_config)
+            await link.send(GenerateRequest("r1", "a red circle", 0.5, 30.0))
+            handoff = await recv_handoff(link)
+            assert handoff.state.step_index == 2
+            await link.websocket.close()  # gone, without a Result or a Close event
+
+    run(main())  # closing the server waits for the host to finish what the device dropped
+    (entry,) = host.ledger.entries()
+    assert entry.source is Source.HOST_FALLBACK and (entry.relay_step, entry.steps) == (2, 4)
+    assert torch.equal(entry.latents, expected_latents(tiny_pair, "a red circle", 2))
+    assert_exactly_once(host)
+
+
+def test_a_silent_device_times_out_and_its_late_result_is_not_recorded_twice(tiny_pair, make_host, token, link_config) -> None:  # type: ignore[no-untyped-def]
+    host = make_host(fraction=0.5, result_grace_s=0.0)
+
+    async def main() -> None:
+        async with host:
+            link = await connect(host.url, auth_token=token, capabilities=CAPS, config=link_config)
+            await link.send(GenerateRequest("r1", "a blue square", 0.5, 0.5))  # wants the image within 0.5 s
+            await recv_handoff(link)
+            deadline = time.monotonic() + 10
+            while host.ledger.pending() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert host.ledger.get("s1/r1").source is Source.HOST_FALLBACK
+            png = b"\x89PNG\r\n\x1a\n" + b"late"
+            await link.send(Result("r1", ResultKind.PNG, png, {}))  # the device was just slow
+            await link.close()
+
+    run(main())
+    assert host.ignored_results == 1 and len(host.ledger) == 1
+    assert torch.equal(host.ledger.get("s1/r1").latents, expected_latents(tiny_pair, "a blue square", 2))
+    assert_exactly_once(host)
+
+
+def test_bad_peers_do_not_stop_the_host_serving_a_good_device(tiny_pair, make_host, make_client, token, link_config) -> None:  # type: ignore[no-untyped-def]
+    host = make_host(fraction=0.5)
+
+    async def bad_token() -> None:
+        with pytest.raises(PeerError, match="auth_failed"):
+            await connect(host.url, auth_token="wrong", capabilities=CAPS, config=link_config)
+
+    async def garbage() -> None:
+        async with ws_connect(host.url, proxy=None) as ws:
+            await ws.send(b"RDLK" + struct.pack("<HHII", 1, 3, 9999, 0))  # truncated GenerateRequest
+            reply = wire.decode(await ws.recv(), max_message_bytes=1 << 20, max_json_bytes=1 << 16)
+            assert isinstance(reply, Error) and reply.code == "bad_header"
+
+    async def breaks_protocol_mid_request() -> None:
+        """Accepted request, then nonsense: the link dies, the request is still finished (by the host)."""
+        link = await connect(host.url, auth_token=token, capabilities=CAPS, config=link_config)
+        await link.send(GenerateRequest("r9", "a broken device", 0.5, 30.0))
+        await link.websocket.send(b"RDLK\x01\x00\x63\x00" + b"\x00" * 8)  # unknown event type 99
+        try:
+            while True:
+                await link.recv()
+        except Exception:
+            pass  # the host's Error, then the socket closes
+
+    async def main():  # type: ignore[no-untyped-def]
+        async with host:
+            results = await asyncio.gather(
+                bad_token(), garbage(), breaks_protocol_mid_request(),
+                make_client(host.url).generate("a good device"),
+            )
+            return results[-1]
+
+    good = run(main())
+    assert good.mode == RELAY and good.fallback_reason is None
+    assert np.array_equal(good.image, relay(*tiny_pair, SETTINGS.request("a good device", 2)).images[0])
+    sources = sorted((e.prompt, e.source.value) for e in host.ledger.entries())
+    assert sources == [("a broken device", "host-fallback"), ("a good device", "device")]
+    assert_exactly_once(host)
+
+
+def test_many_devices_at_once_every_request_answered_exactly_once(make_host, make_client) -> None:  # type: ignore[no-untyped-def]
+    devices = 32
+    host = make_host(fraction=None, workers=2)  # k from each device's quality preference
+    prompts = [f"shape {i}" for i in range(devices)]
+
+    async def main():  # type: ignore[no-untyped-def]
+        async with host:
+            clients = [make_client(host.url, quality_preference=(i % 3) / 2) for i in range(devices)]
+            return await asyncio.gather(*(c.generate(p) for c, p in zip(clients, prompts)))
+
+    t0 = time.monotonic()
+    outcomes = run(main(), timeout=60.0)
+    seconds = time.monotonic() - t0
+    assert [o.mode for o in outcomes] == [RELAY] * devices
+    assert sorted(o.relay_step for o in outcomes) == sorted(round((0.2 + 0.3 * (i % 3)) * 4) for i in range(devices))
+    entries = host.ledger.entries()
+    assert len(entries) == devices and len({e.key for e in entries}) == devices
+    assert all(e.source is Source.DEVICE for e in entries)
+    by_prompt = {e.prompt: e for e in entries}
+    for o in outcomes:
+        assert np.array_equal(decode_png(by_prompt[o.prompt].png), o.image)
+    assert_exactly_once(host)
+    assert seconds < 30, f"{devices} devices took {seconds:.1f} s"

@@ -1,0 +1,68 @@
+"""`relaydiff host` and `relaydiff device` end to end on 127.0.0.1 (the CLI functions, as relaydiff.cli calls them)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from relaydiff.core.relay import relay
+from relaydiff.runtime.settings import GenerationSettings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+
+
+def test_host_and_device_commands_relay_one_image(tiny_family, tiny_pair, service_main, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    host_argv = ["host", "--family", str(tiny_family), "--listen", f"127.0.0.1:{port}", "--token", "cli-token",
+                 "--fraction", "0.5", "--steps", "4", "--duration", "8", "--json"]
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(service_main(host_argv)), daemon=True)
+    thread.start()
+    wait_for_port(port, timeout=60)
+    out = tmp_path / "relayed.png"
+    code = service_main(["device", "--connect", f"ws://127.0.0.1:{port}/", "--prompt", "a red circle",
+                         "--family", str(tiny_family), "--token", "cli-token", "--steps", "4", "--out", str(out), "--json"])
+    thread.join(timeout=30)
+    assert code == 0 and codes == [0]
+    device_json, host_json = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert (device_json["mode"], device_json["relay_step"], device_json["steps"]) == ("relay", 2, 4)
+    assert host_json["requests"] == 1 and host_json["by_source"] == {"device": 1}
+    expected = relay(*tiny_pair, GenerationSettings(steps=4).request("a red circle", 2)).images[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), expected)
+
+
+def test_device_command_falls_back_when_the_host_is_unreachable(tiny_family, service_main, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "alone.png"
+    code = service_main(["device", "--connect", f"ws://127.0.0.1:{free_port()}/", "--prompt", "a blue square",
+                         "--family", str(tiny_family), "--token", "t", "--steps", "2", "--connect-timeout", "1",
+                         "--out", str(out), "--json"])
+    payload = json.loads(capsys.readouterr().out)
+    assert code == 0 and payload["mode"] == "device-only" and "unreachable" in payload["fallback_reason"]
+    assert Image.open(out).size == (16, 16)
+
+
+def test_device_command_without_a_token_is_a_clear_error(tiny_family, service_main, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("RELAYDIFF_TOKEN", raising=False)
+    code = service_main(["device", "--connect", "ws://127.0.0.1:1/", "--prompt", "x", "--family", str(tiny_family)])
+    assert code == 2 and "no link token" in capsys.readouterr().out
