@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from relaydiff import service_cli
+from relaydiff import bundle_cli, service_cli
 from relaydiff.core.errors import RelaydiffError
 
 
@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("train",), help="train: reproduce the embedded family's weights")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the action (see `relaydiff family train --help`)")
     service_cli.add_parsers(sub)  # relaydiff host, relaydiff device
+    bundle_cli.add_parsers(sub)  # relaydiff bundle build|verify
     return parser
 
 
@@ -287,7 +288,7 @@ def cmd_family(args: argparse.Namespace) -> int:
     return int(train_main(list(args.rest)))
 
 
-COMMANDS = {"relay": cmd_relay, "resume": cmd_resume, "diagnose": cmd_diagnose, "preset": cmd_preset, "check": cmd_check, "eval": cmd_eval, "family": cmd_family, **service_cli.COMMANDS}
+COMMANDS = {"relay": cmd_relay, "resume": cmd_resume, "diagnose": cmd_diagnose, "preset": cmd_preset, "check": cmd_check, "eval": cmd_eval, "family": cmd_family, **service_cli.COMMANDS, "bundle": bundle_cli.cmd_bundle}
 
 
 def main(argv: list[str] | None = None) -> int:
