@@ -1,0 +1,647 @@
+"""Train the embedded ``tinyshapes`` family on a CPU: VAE, then text encoder + host UNet, then device UNet.
+
+Data come from :func:`relaydiff.world.make_batch` on the fly (a fresh seed every step, nothing on
+disk). Every stage has a wall-clock budget and a step cap, whichever comes first; checkpoints
+(safetensors + a JSON of the step) make every stage resumable. The output is a standard
+diffusers folder (``StableDiffusionPipeline.from_pretrained`` loads the host model) plus
+``unet_device/`` and ``family.json``.
+
+CLI: ``relaydiff family train --out DIR [--resume] [--minutes-budget M] [--micro] [--seed S]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from relaydiff.embedded.models import FamilyArch, TextArch, UNetArch, VAEArch
+
+if TYPE_CHECKING:
+    import torch
+
+FAMILY_FORMAT = "relaydiff-family/1"
+STAGES = ("vae", "host", "device")
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass
+class StageConfig:
+    """Optimisation settings of one training stage."""
+
+    minutes: float  # wall-clock budget; the stage stops at this or max_steps, whichever first
+    max_steps: int  # step cap
+    batch_size: int  # images per step
+    lr: float  # peak AdamW learning rate
+    warmup_steps: int = 100  # linear warm-up steps
+    final_lr_fraction: float = 0.1  # cosine decay (over the budget) ends at lr * this
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float = 1.0  # max global gradient norm
+    ema_decay: float = 0.999  # EMA decay cap (with warm-up); 0 disables EMA
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; saved in family.json."""
+
+    name: str = "tinyshapes"  # family name
+    seed: int = 0  # seeds weights, noise and data (make_batch seeds derive from it)
+    arch: FamilyArch = field(default_factory=FamilyArch)  # model shapes
+    vae: StageConfig = field(
+        default_factory=lambda: StageConfig(minutes=18.0, max_steps=20_000, batch_size=16, lr=1.5e-3,
+                                            warmup_steps=50, ema_decay=0.0)
+    )  # stage (a): autoencoder
+    host: StageConfig = field(
+        default_factory=lambda: StageConfig(minutes=78.0, max_steps=100_000, batch_size=32, lr=6e-4,
+                                            warmup_steps=200)
+    )  # stage (b): text encoder + host UNet
+    device: StageConfig = field(
+        default_factory=lambda: StageConfig(minutes=13.0, max_steps=100_000, batch_size=32, lr=6e-4,
+                                            warmup_steps=200)
+    )  # stage (c): device UNet, text encoder frozen
+    kl_weight: float = 1e-5  # VAE KL weight (KL and reconstruction both summed per image)
+    cfg_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
+    snr_gamma: float = 5.0  # Min-SNR loss weighting gamma; 0 disables
+    n_objects_weights: tuple[float, float, float] = (0.3, 0.45, 0.25)  # P(1, 2, 3 objects) per step
+    threads: int = 2  # most torch threads; each stage times 1..threads and keeps the fastest
+    checkpoint_every_s: float = 120.0  # seconds between checkpoints
+    keep_checkpoints: bool = False  # keep out_dir/checkpoints after a finished run
+    log_every: int = 10  # steps between progress-bar updates
+    fp16_folders: tuple[str, ...] = ("unet",)  # folders saved as float16 (keeps the family under 40 MB)
+
+    @classmethod
+    def micro(cls, seed: int = 0) -> "TrainConfig":
+        """A seconds-long smoke run with tiny models."""
+        arch = FamilyArch(
+            vae=VAEArch(block_out_channels=(8, 16, 16), norm_num_groups=4),
+            text=TextArch(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2),
+            host=UNetArch(block_out_channels=(16, 32), layers_per_block=1, attention_heads=2,
+                          norm_num_groups=8),
+            device=UNetArch(block_out_channels=(8, 16), layers_per_block=1, attention_heads=1,
+                            norm_num_groups=4),
+        )
+        stage = StageConfig(minutes=1.0, max_steps=25, batch_size=8, lr=3e-3, warmup_steps=2,
+                            ema_decay=0.9)
+        return cls(seed=seed, arch=arch, vae=replace(stage, ema_decay=0.0), host=stage,
+                   device=stage, checkpoint_every_s=1e9, log_every=5)
+
+    def stage(self, name: str) -> StageConfig:
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")
+        return getattr(self, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def scaled(self, minutes_budget: float) -> "TrainConfig":
+        """The same config with the stage budgets rescaled to sum to ``minutes_budget``."""
+        if not minutes_budget > 0:
+            raise ValueError(f"minutes_budget must be > 0, got {minutes_budget!r}")
+        total = sum(self.stage(s).minutes for s in STAGES)
+        k = minutes_budget / total
+        return replace(self, **{s: replace(self.stage(s), minutes=self.stage(s).minutes * k)
+                                for s in STAGES})
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _data_seed(cfg: TrainConfig, stage: str, step: int) -> int:
+    """A make_batch seed unique to (run seed, stage, step), far from small evaluation seeds."""
+    return (1 + cfg.seed) * 2**40 + (1 + STAGES.index(stage)) * 2**32 + step
+
+
+def _batch(cfg: TrainConfig, stage: str, step: int, n: int) -> tuple["torch.Tensor", list[str]]:
+    """Images in [-1, 1] (n, 3, H, W) and their captions for one step."""
+    import numpy as np
+    import torch
+    from relaydiff.world import make_batch
+
+    seed = _data_seed(cfg, stage, step)
+    rng = np.random.default_rng(seed)
+    w = np.asarray(cfg.n_objects_weights, dtype=float)
+    k = int(rng.choice(len(w), p=w / w.sum())) + 1
+    images, captions, _ = make_batch(seed, n, size=cfg.arch.resolution, n_objects=k)
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x, list(captions)
+
+
+# ----------------------------------------------------------------------------- stage loop
+
+
+@dataclass
+class _StageResult:
+    steps: int  # optimizer steps taken in total
+    samples: int  # images seen in total
+    wall_s: float  # training seconds, summed over resumes
+    stop_reason: str  # "max_steps" or "time_budget"
+    losses: list[float]  # per-step training loss of this process's steps (for the report)
+    curve: list[float]  # loss averaged over up to 20 equal chunks of all steps (kept across resumes)
+    extra: dict[str, float]  # stage-specific figures
+
+
+class _ThreadTuner:
+    """Pick 1..max torch threads by timing probes, since other jobs share this CPU.
+
+    With a busy neighbour, a 2-thread step can be 5x slower than a 1-thread one (each
+    parallel region waits for a descheduled thread); idle, 2 threads are ~2x faster. Every
+    ``period`` steps each thread count is timed on ``probe`` steps and the faster one is kept.
+    """
+
+    def __init__(self, max_threads: int, period: int = 100, probe: int = 4) -> None:
+        self.options = list(range(1, max_threads + 1)) if max_threads > 1 else [1]
+        self.period, self.probe = period, probe
+        self.times: dict[int, list[float]] = {}
+        self.best = max_threads
+
+    def threads_for(self, step: int) -> int:
+        phase = step % self.period
+        if len(self.options) > 1 and phase < self.probe * len(self.options):
+            return self.options[phase // self.probe]
+        return self.best
+
+    def record(self, step: int, threads: int, seconds: float) -> None:
+        phase = step % self.period
+        if len(self.options) < 2 or phase >= self.probe * len(self.options):
+            return
+        if phase == 0:
+            self.times = {}
+        self.times.setdefault(threads, []).append(seconds)
+        if phase == self.probe * len(self.options) - 1:  # skip each probe's first (warm-up) step
+            self.best = min(self.times, key=lambda k: sorted(self.times[k][1:])[len(self.times[k][1:]) // 2])
+
+
+def _lr_factor(sc: StageConfig, step: int, progress: float) -> float:
+    warm = min(1.0, (step + 1) / max(1, sc.warmup_steps))
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return warm * (sc.final_lr_fraction + (1 - sc.final_lr_fraction) * cos)
+
+
+def _save_tensors(path: Path, tensors: dict[str, "torch.Tensor"]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(path))
+
+
+def _run_stage(
+    cfg: TrainConfig,
+    stage: str,
+    modules: dict[str, "torch.nn.Module"],
+    loss_fn: Callable[[int], tuple["torch.Tensor", dict[str, float]]],
+    ckpt_dir: Path,
+    resume: bool,
+) -> tuple[_StageResult, Any]:
+    """Optimise ``modules`` with ``loss_fn(step)`` until the stage's budget; return result and EMA.
+
+    Checkpoints hold module weights, EMA shadows (safetensors), the optimizer state
+    (``torch.save``, read back with ``weights_only=True``) and ``state.json``.
+    """
+    import torch
+    from diffusers.training_utils import EMAModel
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+
+    sc = cfg.stage(stage)
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=sc.lr, weight_decay=sc.weight_decay, betas=(0.9, 0.99))
+    ema = EMAModel(params, decay=sc.ema_decay, use_ema_warmup=True, power=0.75) if sc.ema_decay else None
+    state: dict[str, Any] = {"step": 0, "samples": 0, "wall_s": 0.0, "chunks": [], "seed": cfg.seed}
+    d = ckpt_dir / stage
+    if resume and (d / "state.json").is_file():
+        state = json.loads((d / "state.json").read_text())
+        weights = load_file(str(d / "weights.safetensors"))
+        for name, m in modules.items():
+            m.load_state_dict({k[len(name) + 1 :]: v for k, v in weights.items()
+                               if k.startswith(name + ".")})
+        opt.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
+        if ema is not None:
+            shadow = load_file(str(d / "ema.safetensors"))
+            ema.shadow_params = [shadow[str(i)] for i in range(len(params))]
+            ema.optimization_step = state["step"]
+
+    def save() -> None:
+        d.mkdir(parents=True, exist_ok=True)
+        _save_tensors(d / "weights.safetensors",
+                      {f"{n}.{k}": v for n, m in modules.items() for k, v in m.state_dict().items()})
+        torch.save(opt.state_dict(), d / "optimizer.pt")
+        if ema is not None:
+            _save_tensors(d / "ema.safetensors", {str(i): p for i, p in enumerate(ema.shadow_params)})
+        (d / "state.json").write_text(json.dumps(state, indent=1))
+
+    step0, wall0 = state["step"], state["wall_s"]
+    budget_s = sc.minutes * 60.0
+    losses: list[float] = []
+    extras: dict[str, list[float]] = {}
+    t_start = last_ckpt = time.monotonic()
+    stop = "max_steps"
+    for m in modules.values():
+        m.train()
+    bar = tqdm(total=sc.max_steps, initial=step0, desc=f"{cfg.name}:{stage}", mininterval=5.0,
+               dynamic_ncols=True)
+    step = step0
+    tuner = _ThreadTuner(cfg.threads)
+    while step < sc.max_steps:
+        n_threads = tuner.threads_for(step)
+        torch.set_num_threads(n_threads)
+        t_step = time.monotonic()
+        wall = wall0 + time.monotonic() - t_start
+        if wall >= budget_s:
+            stop = "time_budget"
+            break
+        torch.manual_seed(_data_seed(cfg, stage, step))
+        for g in opt.param_groups:
+            g["lr"] = sc.lr * _lr_factor(sc, step, max(wall / budget_s, step / sc.max_steps))
+        loss, extra = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, sc.grad_clip)
+        opt.step()
+        if ema is not None:
+            ema.step(params)
+        tuner.record(step, n_threads, time.monotonic() - t_step)
+        step += 1
+        losses.append(loss.item())
+        for k, v in extra.items():
+            extras.setdefault(k, []).append(v)
+        state["chunks"].append(float(loss))
+        if step % cfg.log_every == 0:
+            recent = losses[-cfg.log_every * 5 :]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{opt.param_groups[0]['lr']:.1e}",
+                            threads=tuner.best, refresh=False)
+            bar.update(step - bar.n)
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"stage {stage!r}: loss became {losses[-1]!r} at step {step}")
+        state.update(step=step, samples=state["samples"] + sc.batch_size,
+                     wall_s=wall0 + time.monotonic() - t_start)
+        if time.monotonic() - last_ckpt > cfg.checkpoint_every_s:
+            _compress_chunks(state)
+            save()
+            last_ckpt = time.monotonic()
+    bar.update(step - bar.n)
+    bar.close()
+    state["wall_s"] = wall0 + time.monotonic() - t_start
+    _compress_chunks(state)
+    state["stop_reason"] = stop
+    save()
+    tail = losses[-max(1, len(losses) // 10) :] if losses else [float("nan")]
+    extra_means = {k: sum(v[-len(tail):]) / len(v[-len(tail):]) for k, v in extras.items()}
+    extra_means["loss_final"] = sum(tail) / len(tail)
+    res = _StageResult(steps=step, samples=state["samples"], wall_s=state["wall_s"], stop_reason=stop,
+                       losses=losses, curve=_curve(state["chunks"]), extra=extra_means)
+    return res, ema
+
+
+def _compress_chunks(state: dict[str, Any]) -> None:
+    """Keep the per-step loss list bounded (pairs averaged once it exceeds 4000 entries)."""
+    c = state["chunks"]
+    while len(c) > 4000:
+        c = [(a + b) / 2 for a, b in zip(c[::2], c[1::2])]
+    state["chunks"] = c
+
+
+def _curve(values: Sequence[float], n: int = 20) -> list[float]:
+    if not values:
+        return []
+    k = max(1, math.ceil(len(values) / n))
+    return [round(sum(values[i : i + k]) / len(values[i : i + k]), 5) for i in range(0, len(values), k)]
+
+
+def _stage_done(ckpt_dir: Path, stage: str, sc: StageConfig) -> bool:
+    """True when the stage's checkpoint finished and already covers ``sc``'s budget."""
+    p = ckpt_dir / stage / "state.json"
+    if not p.is_file():
+        return False
+    state = json.loads(p.read_text())
+    if "stop_reason" not in state:
+        return False
+    return state["step"] >= sc.max_steps or state["wall_s"] >= sc.minutes * 60.0 - 1.0
+
+
+def _reopen_stage(ckpt_dir: Path, stage: str) -> None:
+    """Mark a finished stage's checkpoint as unfinished so a larger budget continues it."""
+    p = ckpt_dir / stage / "state.json"
+    if p.is_file():
+        state = json.loads(p.read_text())
+        state.pop("stop_reason", None)
+        p.write_text(json.dumps(state, indent=1))
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _train_vae(cfg: TrainConfig, out: Path, ckpt: Path, resume: bool) -> dict[str, Any]:
+    import torch
+    from relaydiff.embedded.models import build_vae
+
+    vae = build_vae(cfg.arch)
+
+    def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x, _ = _batch(cfg, "vae", step, cfg.vae.batch_size)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        mse = (rec - x).pow(2).mean()
+        kl = post.kl().mean() / x[0].numel()  # per-image KL sum, normalised like the mean MSE
+        return mse + cfg.kl_weight * kl, {"mse": mse.item(), "kl": kl.item() * x[0].numel()}
+
+    res, _ = _run_stage(cfg, "vae", {"vae": vae}, loss_fn, ckpt, resume)
+    vae.eval()
+    with torch.no_grad():  # scaling_factor = 1 / std of the posterior samples (as in SD)
+        lat = torch.cat([vae.encode(_batch(cfg, "vae", 10**6 + i, 64)[0]).latent_dist.sample()
+                         for i in range(4)])
+        x, _ = _batch(cfg, "vae", 10**6 + 99, 64)
+        rec_mse = float((vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1) - x).pow(2).mean())
+    std, mean = float(lat.std()), float(lat.mean())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+    return {**_report(res), "latent_std": std, "latent_mean": mean, "scaling_factor": 1.0 / std,
+            "eval_recon_mse": rec_mse}
+
+
+def _report(res: _StageResult) -> dict[str, Any]:
+    return {"steps": res.steps, "samples_seen": res.samples, "wall_s": round(res.wall_s, 1),
+            "stop_reason": res.stop_reason, "loss_curve": res.curve,
+            **{k: round(v, 6) for k, v in res.extra.items()}}
+
+
+def _diffusion_loss_fn(
+    cfg: TrainConfig, stage: str, unet: "torch.nn.Module", text_encoder: "torch.nn.Module",
+    tokenizer: Any, vae: Any, train_text: bool,
+) -> Callable[[int], tuple["torch.Tensor", dict[str, float]]]:
+    """Epsilon-prediction loss (Ho et al. eq. 14) with Min-SNR-gamma weighting (Hang et al. 2023)."""
+    import torch
+    from relaydiff.embedded.models import build_scheduler
+
+    sched = build_scheduler()
+    ac = sched.alphas_cumprod
+    snr_all = ac / (1 - ac)
+    sf = vae.config.scaling_factor
+    n_train = sched.config.num_train_timesteps
+    bs = cfg.stage(stage).batch_size
+
+    def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x, captions = _batch(cfg, stage, step, bs)
+        drop = torch.rand(bs) < cfg.cfg_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            z0 = vae.encode(x).latent_dist.sample() * sf
+        with torch.set_grad_enabled(train_text):
+            ctx = text_encoder(ids)[0]
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, n_train, (bs,))
+        zt = sched.add_noise(z0, noise, t)  # 1. forward process q(z_t | z_0)
+        eps = unet(zt, t, encoder_hidden_states=ctx).sample  # 2. predict the noise
+        per = (eps - noise).pow(2).mean(dim=(1, 2, 3))  # 3. ||eps - eps_theta||^2
+        if cfg.snr_gamma > 0:  # 4. Min-SNR weights min(SNR, gamma) / SNR
+            snr = snr_all[t]
+            w = torch.clamp(snr, max=cfg.snr_gamma) / snr
+            loss = (w * per).mean()
+        else:
+            loss = per.mean()
+        return loss, {"mse": per.mean().item()}
+
+    return loss_fn
+
+
+def _load_tokenizer_and_text(cfg: TrainConfig, out: Path) -> tuple[Any, Any]:
+    from transformers import CLIPTokenizer
+
+    from relaydiff.embedded.models import build_text_encoder
+
+    tok = CLIPTokenizer.from_pretrained(str(out / "tokenizer"), local_files_only=True)
+    return tok, build_text_encoder(cfg.arch, tok)
+
+
+def _train_host(cfg: TrainConfig, out: Path, ckpt: Path, resume: bool) -> dict[str, Any]:
+    from diffusers import AutoencoderKL
+
+    from relaydiff.embedded.models import build_unet
+
+    vae = AutoencoderKL.from_pretrained(str(out / "vae")).eval().requires_grad_(False)
+    tok, text = _load_tokenizer_and_text(cfg, out)
+    unet = build_unet(cfg.arch, cfg.arch.host)
+    loss_fn = _diffusion_loss_fn(cfg, "host", unet, text, tok, vae, train_text=True)
+    res, ema = _run_stage(cfg, "host", {"unet": unet, "text_encoder": text}, loss_fn, ckpt, resume)
+    if ema is not None:
+        ema.copy_to([p for m in (unet, text) for p in m.parameters() if p.requires_grad])
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    text.save_pretrained(out / "text_encoder", safe_serialization=True)
+    return _report(res)
+
+
+def _train_device(cfg: TrainConfig, out: Path, ckpt: Path, resume: bool) -> dict[str, Any]:
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from relaydiff.embedded.models import build_unet
+
+    vae = AutoencoderKL.from_pretrained(str(out / "vae")).eval().requires_grad_(False)
+    tok = CLIPTokenizer.from_pretrained(str(out / "tokenizer"), local_files_only=True)
+    text = CLIPTextModel.from_pretrained(str(out / "text_encoder")).eval().requires_grad_(False)
+    unet = build_unet(cfg.arch, cfg.arch.device)
+    loss_fn = _diffusion_loss_fn(cfg, "device", unet, text, tok, vae, train_text=False)
+    res, ema = _run_stage(cfg, "device", {"unet": unet}, loss_fn, ckpt, resume)
+    if ema is not None:
+        ema.copy_to(list(unet.parameters()))
+    unet.save_pretrained(out / "unet_device", safe_serialization=True)
+    return _report(res)
+
+
+# ----------------------------------------------------------------------------- family folder
+
+
+def _write_index(out: Path) -> None:
+    import diffusers
+
+    from relaydiff.embedded.models import build_scheduler
+
+    from diffusers import DDIMScheduler
+
+    DDIMScheduler.from_config(
+        build_scheduler().config, set_alpha_to_one=False, steps_offset=1, clip_sample=False
+    ).save_pretrained(out / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _store_fp16(out: Path, folders: Sequence[str]) -> None:
+    """Re-save the diffusers model in each of ``folders`` with float16 weights (loads back as fp32)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    for name in folders:
+        if name not in ("unet", "unet_device"):
+            raise ValueError(f"fp16 storage supports 'unet' and 'unet_device', got {name!r}")
+        model = UNet2DConditionModel.from_pretrained(str(out / name))
+        model.to(torch.float16).save_pretrained(out / name, safe_serialization=True)
+
+
+def _weight_bytes(out: Path) -> int:
+    return sum(p.stat().st_size for p in out.glob("*/*.safetensors") if p.parent.name != CHECKPOINT_DIR)
+
+
+def _measure(cfg: TrainConfig, out: Path) -> dict[str, Any]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from relaydiff.embedded.models import count_params, unet_flops
+
+    host = UNet2DConditionModel.from_pretrained(str(out / "unet"))
+    dev = UNet2DConditionModel.from_pretrained(str(out / "unet_device"))
+    fh, fd = unet_flops(cfg.arch, host), unet_flops(cfg.arch, dev)
+    return {
+        "params": {
+            "unet": count_params(host),
+            "unet_device": count_params(dev),
+            "vae": count_params(AutoencoderKL.from_pretrained(str(out / "vae"))),
+            "text_encoder": count_params(CLIPTextModel.from_pretrained(str(out / "text_encoder"))),
+        },
+        "flops_per_step": {"unet": fh, "unet_device": fd},
+        "flops_ratio_device_over_host": round(fd / fh, 4),
+    }
+
+
+def _check_captions_fit(cfg: TrainConfig, tok: Any) -> int:
+    """Longest tokenised caption over a sample of 3-object captions; raise if it would be cut."""
+    from relaydiff.world import make_batch
+
+    _, caps, _ = make_batch(12345, 256, size=cfg.arch.resolution, n_objects=3)
+    longest = max(len(tok(c).input_ids) for c in caps)
+    if longest > tok.model_max_length:
+        raise ValueError(
+            f"captions need {longest} tokens but max_position_embeddings is {tok.model_max_length!r}"
+        )
+    return longest
+
+
+def train_family(cfg: TrainConfig, out_dir: str | Path, resume: bool = True) -> Path:
+    """Train every stage (or resume them) and write the family folder ``out_dir``.
+
+    Args:
+        cfg: the run's configuration.
+        out_dir: output folder; gets model_index.json, vae/, text_encoder/, tokenizer/,
+            scheduler/, unet/, unet_device/ and family.json (checkpoints under checkpoints/).
+        resume: continue from checkpoints found in ``out_dir``; False restarts every stage.
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    import torch
+
+    from relaydiff.embedded.tokenizer import build_tokenizer
+    from relaydiff.world import vocabulary
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / CHECKPOINT_DIR
+    if not resume and ckpt.exists():
+        shutil.rmtree(ckpt)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t0 = time.monotonic()
+    tok = build_tokenizer(vocabulary(), out / "tokenizer", cfg.arch.text.max_position_embeddings)
+    longest = _check_captions_fit(cfg, tok)
+    reports_path = ckpt / "reports.json"
+    reports: dict[str, Any] = json.loads(reports_path.read_text()) if resume and reports_path.is_file() else {}
+    trainers = {"vae": _train_vae, "host": _train_host, "device": _train_device}
+    rerun = False  # once a stage (re)trains, every later stage depends on new weights
+    for stage in STAGES:
+        if resume and not rerun and stage in reports and _stage_done(ckpt, stage, cfg.stage(stage)):
+            continue
+        if rerun:
+            shutil.rmtree(ckpt / stage, ignore_errors=True)
+        else:
+            _reopen_stage(ckpt, stage)  # a larger budget than the finished run's continues it
+        rerun = True
+        torch.manual_seed(cfg.seed + STAGES.index(stage))
+        reports[stage] = trainers[stage](cfg, out, ckpt, resume)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        reports_path.write_text(json.dumps(reports, indent=1))
+    _write_index(out)
+    _store_fp16(out, cfg.fp16_folders)
+    measured = _measure(cfg, out)
+    measured["weights_bytes"] = _weight_bytes(out)
+    family = {
+        "format": FAMILY_FORMAT,
+        "name": cfg.name,
+        "variants": {"host": "unet", "device": "unet_device"},
+        "default_host": "host",
+        "default_device": "device",
+        "resolution": cfg.arch.resolution,
+        "training": {
+            "config": cfg.to_dict(),
+            **measured,
+            "longest_caption_tokens": longest,
+            "stages": reports,
+            "total_wall_s": round(sum(r["wall_s"] for r in reports.values()), 1),
+            "this_process_wall_s": round(time.monotonic() - t0, 1),
+            "torch_version": torch.__version__,
+        },
+    }
+    (out / "family.json").write_text(json.dumps(family, indent=1) + "\n")
+    print(f"host UNet {measured['params']['unet']:,} params, {measured['flops_per_step']['unet']:,} FLOPs/step; "
+          f"device UNet {measured['params']['unet_device']:,} params, "
+          f"{measured['flops_per_step']['unet_device']:,} FLOPs/step "
+          f"(ratio {measured['flops_ratio_device_over_host']})")
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI for ``relaydiff family train`` (``argv`` are the arguments after ``family train``)."""
+    p = argparse.ArgumentParser(prog="relaydiff family train", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, type=Path, help="family folder to write")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from checkpoints in --out (default: on)")
+    p.add_argument("--minutes-budget", type=float, default=None,
+                   help="total wall-clock minutes, split over the stages in the default proportions")
+    for stage in STAGES:
+        p.add_argument(f"--{stage}-minutes", type=float, default=None,
+                       help=f"wall-clock minutes of stage {stage!r} (after --minutes-budget); a larger "
+                       "value than a finished run's continues that stage on --resume")
+    p.add_argument("--micro", action="store_true", help="seconds-long smoke run with tiny models")
+    p.add_argument("--seed", type=int, default=0, help="run seed")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoints/ after the run")
+    args = p.parse_args(argv)
+    # Threads that sleep instead of spinning at barriers: the CPU is shared with other jobs.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # silence the per-load "install accelerate" notice
+    cfg = TrainConfig.micro(seed=args.seed) if args.micro else TrainConfig(seed=args.seed)
+    if args.minutes_budget is not None:
+        cfg = cfg.scaled(args.minutes_budget)
+    for stage in STAGES:
+        minutes = getattr(args, f"{stage}_minutes")
+        if minutes is not None:
+            if not minutes > 0:
+                p.error(f"--{stage}-minutes must be > 0, got {minutes!r}")
+            cfg = replace(cfg, **{stage: replace(cfg.stage(stage), minutes=minutes)})
+    cfg = replace(cfg, keep_checkpoints=args.keep_checkpoints)
+    out = train_family(cfg, args.out, resume=args.resume)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""Tests of the embedded family: tokenizer, architecture FLOP budget, and a micro training run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from relaydiff.embedded.models import FamilyArch, build_unet, unet_flops  # noqa: E402
+from relaydiff.embedded.tokenizer import build_tokenizer, learn_merges  # noqa: E402
+from relaydiff.embedded.train import TrainConfig, main, train_family  # noqa: E402
+from relaydiff.world import sample_prompts, vocabulary  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    from transformers import CLIPTokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    build_tokenizer(vocabulary(), d, max_length=32)
+    return CLIPTokenizer.from_pretrained(str(d), local_files_only=True)
+
+
+def test_every_grammar_word_is_one_token(tokenizer) -> None:
+    for word in vocabulary():
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        assert len(ids) == 1, (word, tokenizer.convert_ids_to_tokens(ids))
+        assert tokenizer.convert_ids_to_tokens(ids) == [word + "</w>"]
+
+
+def test_prompts_round_trip_with_special_tokens(tokenizer) -> None:
+    for prompt in sample_prompts(3, 20):
+        ids = tokenizer(prompt).input_ids
+        assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+        assert len(ids) == len(prompt.split()) + 2
+        assert tokenizer.decode(ids, skip_special_tokens=True).strip() == prompt
+    assert tokenizer.model_max_length == 32
+
+
+def test_unknown_text_is_not_lost(tokenizer) -> None:
+    ids = tokenizer("zebra 42!", add_special_tokens=False).input_ids
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids).replace(" ", "") == "zebra42!"
+
+
+def test_learn_merges_rejects_whitespace() -> None:
+    with pytest.raises(ValueError, match="'a b'"):
+        learn_merges(["a b"])
+
+
+def test_default_device_unet_flops_at_most_quarter_of_host() -> None:
+    arch = FamilyArch()
+    torch.manual_seed(0)
+    host = build_unet(arch, arch.host)
+    dev = build_unet(arch, arch.device)
+    ratio = unet_flops(arch, dev) / unet_flops(arch, host)
+    assert ratio <= 0.25, ratio
+    assert sum(p.numel() for p in host.parameters()) > 4 * sum(p.numel() for p in dev.parameters())
+
+
+def test_scaled_budget_rejects_nonpositive() -> None:
+    with pytest.raises(ValueError, match="-1"):
+        TrainConfig().scaled(-1)
+
+
+def test_micro_training_run_writes_a_loadable_family(tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    out = train_family(TrainConfig.micro(seed=0), tmp_path / "fam", resume=False)
+    family = json.loads((out / "family.json").read_text())
+    assert family["format"] == "relaydiff-family/1"
+    assert family["variants"] == {"host": "unet", "device": "unet_device"}
+    assert family["resolution"] == 32
+    stages = family["training"]["stages"]
+    for name in ("vae", "host", "device"):
+        curve = stages[name]["loss_curve"]
+        first, last = sum(curve[:3]) / 3, sum(curve[-3:]) / 3
+        assert last < 0.9 * first, (name, curve)
+    assert not (out / "checkpoints").exists()
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
+    assert pipe.unet.config.sample_size == 8
+    assert pipe.vae.config.latent_channels == 4
+    assert pipe.vae.config.scaling_factor == pytest.approx(stages["vae"]["scaling_factor"])
+    assert pipe.tokenizer.model_max_length == pipe.text_encoder.config.max_position_embeddings
+    assert pipe.text_encoder.config.eos_token_id == pipe.tokenizer.eos_token_id
+    dev = UNet2DConditionModel.from_pretrained(str(out / "unet_device"), local_files_only=True)
+    assert dev.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    image = pipe("a small red circle on the left", num_inference_steps=2, height=32, width=32,
+                 output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+
+
+def test_cli_resume_is_a_no_op_for_finished_stages(tmp_path: Path) -> None:
+    out = tmp_path / "fam"
+    args = ["--out", str(out), "--micro", "--keep-checkpoints"]
+    assert main(args) == 0
+    before = json.loads((out / "family.json").read_text())["training"]["stages"]
+    assert main(args + ["--resume"]) == 0
+    after = json.loads((out / "family.json").read_text())["training"]["stages"]
+    assert after == before
+
+
+def test_resume_with_larger_budget_continues_and_redoes_later_stages(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    cfg = replace(TrainConfig.micro(seed=1), keep_checkpoints=True)
+    cfg = replace(cfg, vae=replace(cfg.vae, max_steps=6), host=replace(cfg.host, max_steps=6),
+                  device=replace(cfg.device, max_steps=6))
+    out = train_family(cfg, tmp_path / "fam")
+    device_file = out / "unet_device" / "diffusion_pytorch_model.safetensors"
+    before = device_file.read_bytes()
+    longer = replace(cfg, host=replace(cfg.host, max_steps=9))
+    train_family(longer, out, resume=True)
+    stages = json.loads((out / "family.json").read_text())["training"]["stages"]
+    assert (stages["vae"]["steps"], stages["host"]["steps"], stages["device"]["steps"]) == (6, 9, 6)
+    assert device_file.read_bytes() != before  # retrained on the new text encoder
