@@ -185,6 +185,80 @@ def snapshots(
     return out
 
 
+@torch.no_grad()
+def start_batch(
+    model: LoadedModel,
+    requests: list[RelayRequest] | tuple[RelayRequest, ...],
+) -> list[tuple[RelayState, float]]:
+    """Host half of several requests at once: one UNet call per step for every request still running.
+
+    The requests must share the step count, sampler and latent size (so they share the timestep
+    grid); prompts, seeds, guidance scales and relay steps may differ. Each request keeps its own
+    scheduler and generator, so its state is the one :func:`start` returns, up to float rounding of
+    the batched UNet (tests bound the difference). Returns ``(state, seconds)`` per request in
+    order, where seconds is the wall time until that request's state was ready.
+
+    We batch by hand because diffusers pipelines batch prompts but cannot stop requests at
+    different steps or export a mid-trajectory state.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    if not requests:
+        return []
+    first = requests[0]
+    for r in requests[1:]:
+        if (r.steps, r.sampler, _latent_shape(model, r)) != (first.steps, first.sampler, _latent_shape(model, first)):
+            raise RelaydiffError(
+                "batched host requests must share steps, sampler and size; got "
+                f"{(r.steps, r.sampler, r.height, r.width)!r} and {(first.steps, first.sampler, first.height, first.width)!r}"
+            )
+    t0 = time.perf_counter()
+    n = len(requests)
+    schedulers, generators, conds, unconds, latents = [], [], [], [], []
+    for r in requests:
+        sch = build_scheduler(r.sampler, model.scheduler_config)
+        sch.set_timesteps(r.steps)
+        cond, uncond = encode_prompt(model, r.prompt, r.negative_prompt)
+        gen = torch.Generator("cpu").manual_seed(r.seed)
+        lat = randn_tensor(_latent_shape(model, r), generator=gen, dtype=torch.float32) * sch.init_noise_sigma
+        schedulers.append(sch), generators.append(gen), conds.append(cond), unconds.append(uncond), latents.append(lat)
+    out: list[tuple[RelayState, float] | None] = [None] * n
+
+    def finish(j: int) -> None:
+        r = requests[j]
+        state = _make_state(model, r, schedulers[j], latents[j], r.relay_step, conds[j], unconds[j], generators[j])
+        out[j] = (state, time.perf_counter() - t0)
+
+    for j, r in enumerate(requests):
+        if r.relay_step == 0:
+            finish(j)
+    for i in range(max(r.relay_step for r in requests)):
+        active = [j for j, r in enumerate(requests) if r.relay_step > i]
+        t = schedulers[active[0]].timesteps[i]
+        xs, embeds, sizes = [], [], []
+        for j in active:  # 1. per-request input scaling; 2. one batch: [uncond, cond] for CFG requests
+            x = schedulers[j].scale_model_input(latents[j], t)
+            if _cfg(requests[j].guidance_scale):
+                xs += [x, x]
+                embeds += [unconds[j], conds[j]]
+                sizes.append(2)
+            else:
+                xs.append(x)
+                embeds.append(conds[j])
+                sizes.append(1)
+        eps_all = model.unet(torch.cat(xs), t, encoder_hidden_states=torch.cat(embeds)).sample
+        offset = 0
+        for j, size in zip(active, sizes):
+            eps = eps_all[offset : offset + size]
+            offset += size
+            if size == 2:  # 3. guidance, per request
+                eps = eps[:1] + requests[j].guidance_scale * (eps[1:] - eps[:1])
+            latents[j] = schedulers[j].step(eps, t, latents[j], generator=generators[j]).prev_sample  # 4.
+            if requests[j].relay_step == i + 1:
+                finish(j)
+    return [o for o in out if o is not None]
+
+
 def _make_state(
     model: LoadedModel,
     req: RelayRequest,

@@ -7,7 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from relaydiff.core.relay import RelayRequest, decode, relay, resume, start
+from relaydiff.core.errors import RelaydiffError
+from relaydiff.core.relay import RelayRequest, decode, relay, resume, start, start_batch
 from relaydiff.core.schedulers import SAMPLERS
 from relaydiff.core.state import RelayState
 
@@ -93,3 +94,35 @@ def test_snapshots_of_one_trajectory_equal_separate_starts(tiny_pair) -> None:
         alone = start(host, replace(req, relay_step=k))
         assert state.to_bytes() == alone.to_bytes()
         assert seconds > 0
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "euler_a"])
+def test_batched_host_steps_match_one_request_at_a_time(tiny_pair, sampler: str) -> None:
+    host, _ = tiny_pair
+    reqs = [
+        RelayRequest("a red circle", relay_step=4, steps=N, sampler=sampler, seed=1),
+        RelayRequest("a blue square above a green diamond", relay_step=2, steps=N, sampler=sampler, seed=2),
+        RelayRequest("a cyan triangle", relay_step=0, steps=N, sampler=sampler, seed=3),
+        RelayRequest("an orange circle", relay_step=N, steps=N, sampler=sampler, seed=4, guidance_scale=1.0),
+        RelayRequest("a red circle", relay_step=3, steps=N, sampler=sampler, seed=1, guidance_scale=7.5),
+    ]
+    batched = start_batch(host, reqs)
+    assert len(batched) == len(reqs)
+    for req, (state, seconds) in zip(reqs, batched):
+        alone = start(host, req)
+        assert state.step_index == req.relay_step and state.prompt == req.prompt and seconds >= 0
+        assert torch.allclose(state.latents, alone.latents, atol=1e-4, rtol=0), (sampler, req)
+        assert torch.equal(state.timesteps, alone.timesteps)
+        assert set(state.history) == set(alone.history)
+        for key in state.history:
+            assert torch.allclose(state.history[key], alone.history[key], atol=1e-4, rtol=0)
+        # the device finishes a batched state exactly as it finishes the unbatched one
+        assert torch.allclose(resume(host, state).latents, resume(host, alone).latents, atol=1e-3, rtol=0)
+
+
+def test_batched_host_steps_refuse_mixed_step_counts(tiny_pair) -> None:
+    host, _ = tiny_pair
+    reqs = [RelayRequest("a red circle", relay_step=1, steps=N), RelayRequest("a red circle", relay_step=1, steps=N + 1)]
+    with pytest.raises(RelaydiffError, match="share steps"):
+        start_batch(host, reqs)
+    assert start_batch(host, []) == []
