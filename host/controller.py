@@ -3,7 +3,9 @@
 Per ``GenerateRequest`` (docs/protocol.md, sections 4 and 7):
 
 1. record it in the :class:`~relaydiff.host.ledger.Ledger` (accepted);
-2. choose the relay step k with the :class:`~relaydiff.host.policy.Policy`;
+2. choose the relay step k with the :class:`~relaydiff.host.policy.Policy` (a
+   :class:`~relaydiff.host.policy.ContextualPolicy`, such as the bandit, also gets the host's load as
+   :class:`~relaydiff.host.policy.Conditions`);
 3. run the host steps [0, k) in a worker thread (torch work stays off the event loop), then send
    ``Progress(k, N)``;
 4. k = N: send ``Result`` (the final latent; the device decodes it) and record it (source ``host``);
@@ -12,8 +14,9 @@ Per ``GenerateRequest`` (docs/protocol.md, sections 4 and 7):
    the host finishes steps [k, N) itself with its copy of the device model and records that
    (source ``host-fallback``). A result arriving after that is ignored, never recorded twice.
 
-Host steps of concurrent requests are not batched yet: each request runs its own host
-trajectory on a small thread pool (``HostConfig.workers``).
+Host steps of concurrent requests are batched: requests that arrive while the worker is busy
+wait in a queue, and the next host run takes up to ``HostConfig.max_batch`` of them through one
+UNet call per step (:func:`relaydiff.core.relay.start_batch`; each request still stops at its own k).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from relaydiff.core.errors import RelaydiffError
 from relaydiff.core.family import LoadedModel
 from relaydiff.core.state import RelayState
 from relaydiff.host.ledger import Ledger, Source
-from relaydiff.host.policy import FixedPolicy, Policy
+from relaydiff.host.policy import Conditions, ContextualPolicy, FixedPolicy, Policy
 from relaydiff.link.config import LinkConfig
 from relaydiff.link.errors import ErrorCode, ProtocolError
 from relaydiff.link.events import Close, Error, Feedback, GenerateRequest, Hello, Ping, Progress, RelayHandoff, Result
@@ -52,15 +55,19 @@ class HostConfig:
     result_timeout_s: float = 120.0  # longest wait for a device's Result after a hand-off
     result_grace_s: float = 1.0  # extra wait beyond the request's own deadline before the host finishes it
     workers: int = 1  # threads running torch work (host steps and fallbacks)
+    max_batch: int = 8  # most requests whose host steps share one UNet batch; 1 turns batching off
+    batch_window_s: float = 0.0  # extra wait for more requests before a host run (0: take what is queued)
     link: LinkConfig = field(default_factory=LinkConfig)  # caps and timeouts of every link
 
     def __post_init__(self) -> None:
-        for name in ("result_timeout_s", "result_grace_s"):
+        for name in ("result_timeout_s", "result_grace_s", "batch_window_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise RelaydiffError(f"HostConfig.{name} must be a number of seconds >= 0, got {value!r}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise RelaydiffError(f"HostConfig.workers must be a positive integer, got {self.workers!r}")
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise RelaydiffError(f"HostConfig.max_batch must be a positive integer, got {self.max_batch!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise RelaydiffError(f"HostConfig.port must be in [0, 65535], got {self.port!r}")
 
@@ -103,7 +110,9 @@ class HostServer:
             fallback_model: the model that finishes steps [k, N) when a device does not (the device variant,
                 so the image is the one the device would have made; the host model works too).
             auth_token: the token every device's Hello must carry.
-            policy: chooses k; default :class:`FixedPolicy` (k from the request's quality preference).
+            policy: chooses k; default :class:`FixedPolicy` (k from the request's quality preference). A
+                :class:`ContextualPolicy` (e.g. :class:`~relaydiff.host.bandit.BanditPolicy`) also gets the
+                host queue and utilisation; network and device load are not measured by the host yet.
             config: see :class:`HostConfig`.
         """
         self.host_model = host_model
@@ -120,6 +129,16 @@ class HostServer:
         self._sessions = itertools.count(1)
         self._server: LinkServer | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._in_flight = 0  # requests accepted and not yet finished (the host queue the policy sees)
+        self._busy = 0  # worker threads running torch work now
+        self._pending: list[tuple[Any, asyncio.Future[tuple[RelayState, float, int]]]] = []  # host runs waiting for a batch
+        self._batching = False  # a _drain task is running
+        self._drain_task: asyncio.Task[None] | None = None
+        self.batch_sizes: list[int] = []  # requests per host run, in order (batching statistics)
+
+    def conditions(self) -> Conditions:
+        """The serving conditions a contextual policy sees for a request arriving now."""
+        return Conditions(host_queue=max(self._in_flight - 1, 0), host_utilisation=min(self._busy / self.config.workers, 1.0))
 
     @classmethod
     def from_family(
@@ -246,7 +265,11 @@ class HostServer:
     async def _work(self, fn: Callable[..., T], *args: Any) -> T:
         if self._executor is None:
             raise RelaydiffError("the host server is not started")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        self._busy += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self._busy -= 1
 
     # -- one request -------------------------------------------------------------------------
 
@@ -255,28 +278,71 @@ class HostServer:
         t0 = time.monotonic()
         entry = self.ledger.accept(key, request.prompt)
         session.requests[request.request_id] = request
+        self._in_flight += 1
         try:
             steps = self.config.settings.steps
-            k = int(self.policy.choose(request, capabilities, steps))
+            if isinstance(self.policy, ContextualPolicy):
+                k = int(self.policy.choose_in(request, capabilities, steps, self.conditions()))
+            else:
+                k = int(self.policy.choose(request, capabilities, steps))
             relay_request = self.config.settings.request(request.prompt, k)  # checks k in [0, N]
             entry.relay_step, entry.steps = k, steps
             session.relay_steps[request.request_id] = k
-            state, host_s = await self._work(_host_steps, self.host_model, relay_request)
+            state, host_s, batch = await self._host_run(relay_request)
             await self._send(session, Progress(request.request_id, k, steps))  # tells the device N, also for k = N
             if k == steps:
-                self.ledger.complete(key, Source.HOST, latents=state.latents, timings={"host_s": host_s})
+                self.ledger.complete(key, Source.HOST, latents=state.latents, timings={"host_s": host_s, "host_batch": batch})
                 await self._send(session, Result.from_latents(request.request_id, state.latents, {"host_s": host_s}))
                 return
             result = await self._await_device(session, request, state, t0)
             if result is not None:
-                self.ledger.complete(key, Source.DEVICE, png=result.data, timings={"host_s": host_s, **result.timings})
+                self.ledger.complete(key, Source.DEVICE, png=result.data, timings={"host_s": host_s, "host_batch": batch, **result.timings})
                 return
             latents, fallback_s = await self._work(_device_steps, self.fallback_model, state)
-            self.ledger.complete(key, Source.HOST_FALLBACK, latents=latents, timings={"host_s": host_s, "fallback_s": fallback_s})
+            self.ledger.complete(key, Source.HOST_FALLBACK, latents=latents, timings={"host_s": host_s, "host_batch": batch, "fallback_s": fallback_s})
         except Exception as exc:  # one request's failure must not end the link or leave the ledger open
             self.ledger.complete(key, Source.FAILED, error=f"{type(exc).__name__}: {exc}")
             message = f"request failed: {type(exc).__name__}: {exc}"[:1000]
             await self._send(session, Error(ErrorCode.REQUEST_FAILED.value, message, request.request_id))
+        finally:
+            self._in_flight -= 1
+
+    async def _host_run(self, request: Any) -> tuple[RelayState, float, int]:
+        """Queue ``request``'s host steps; returns (state, seconds of its host run, requests in that run)."""
+        future: asyncio.Future[tuple[RelayState, float, int]] = asyncio.get_running_loop().create_future()
+        self._pending.append((request, future))
+        if not self._batching:
+            self._batching = True
+            self._drain_task = asyncio.create_task(self._drain())  # held: the loop keeps only weak references
+        return await future
+
+    async def _drain(self) -> None:
+        """Run queued host steps, up to ``max_batch`` compatible requests per run, until the queue is empty."""
+        try:
+            while self._pending:
+                if self.config.batch_window_s > 0:
+                    await asyncio.sleep(self.config.batch_window_s)
+                first = self._pending[0][0]
+                group = [p for p in self._pending if (p[0].steps, p[0].sampler) == (first.steps, first.sampler)]
+                group = group[: self.config.max_batch]
+                for p in group:
+                    self._pending.remove(p)
+                self.batch_sizes.append(len(group))
+                try:
+                    if len(group) == 1:  # the unbatched path: bit-identical to relaydiff.core.relay.start
+                        results = [await self._work(_host_steps, self.host_model, first)]
+                    else:
+                        results = await self._work(_host_batch, self.host_model, [p[0] for p in group])
+                except Exception as exc:  # every request of the run fails on its own (and is answered)
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), (state, seconds) in zip(group, results):
+                    if not future.done():
+                        future.set_result((state, seconds, len(group)))
+        finally:
+            self._batching = False
 
     async def _await_device(self, session: _Session, request: GenerateRequest, state: RelayState, t0: float) -> Result | None:
         """Hand the state over and wait for the device's Result; None when it will not come."""
@@ -300,6 +366,12 @@ def _host_steps(model: LoadedModel, request: Any) -> tuple[RelayState, float]:
     t0 = time.perf_counter()
     state = start(model, request)
     return state, time.perf_counter() - t0
+
+
+def _host_batch(model: LoadedModel, requests: list[Any]) -> list[tuple[RelayState, float]]:
+    from relaydiff.core.relay import start_batch
+
+    return start_batch(model, requests)
 
 
 def _device_steps(model: LoadedModel, state: RelayState) -> tuple[Any, float]:

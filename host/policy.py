@@ -1,8 +1,9 @@
 """Split policies: how many of a request's N steps the host runs before handing over (the relay step k).
 
 A policy sees the request, the device's announced capabilities and N, and returns k in [0, N];
-it may learn from the device's ``Feedback``. :class:`FixedPolicy` is the first one; a bandit
-policy will implement the same :class:`Policy` protocol.
+it may learn from the device's ``Feedback``. :class:`FixedPolicy` is the first one;
+:class:`~relaydiff.host.bandit.BanditPolicy` (a contextual bandit) implements the same protocol and also
+:class:`ContextualPolicy`, which also sees the serving :class:`Conditions` (host load, network, device load).
 """
 
 from __future__ import annotations
@@ -25,6 +26,26 @@ class Policy(Protocol):
 
     def observe(self, request: GenerateRequest, relay_step: int, feedback: Feedback) -> None:
         """Learn from how a finished request went."""
+        ...
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What the host knows about serving conditions when it chooses k (None: not measured)."""
+
+    host_queue: int = 0  # other requests accepted and not yet finished by the host
+    host_utilisation: float = 0.0  # busy host worker threads / all of them, in [0, 1]
+    rtt_s: float | None = None  # link round-trip time estimate in seconds (None: use the policy's default)
+    bandwidth_mbit_s: float | None = None  # link bandwidth estimate in Mbit/s (None: use the policy's default)
+    device_load: float | None = None  # the device's own load in [0, 1] (None: use the policy's default)
+
+
+@runtime_checkable
+class ContextualPolicy(Policy, Protocol):
+    """A policy that also uses the serving conditions; the controller calls :meth:`choose_in` instead of choose."""
+
+    def choose_in(self, request: GenerateRequest, capabilities: DeviceCapabilities | None, steps: int, conditions: Conditions) -> int:
+        """The relay step k in [0, steps] for ``request`` under ``conditions``."""
         ...
 
 

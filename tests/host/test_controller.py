@@ -149,3 +149,34 @@ def test_many_devices_at_once_every_request_answered_exactly_once(make_host, mak
         assert np.array_equal(decode_png(by_prompt[o.prompt].png), o.image)
     assert_exactly_once(host)
     assert seconds < 30, f"{devices} devices took {seconds:.1f} s"
+
+
+def test_concurrent_host_steps_are_batched_and_match_unbatched_relays(tiny_pair, make_host, make_client) -> None:  # type: ignore[no-untyped-def]
+    devices = 12
+    host = make_host(fraction=0.5, max_batch=4, batch_window_s=0.05)
+    prompts = [f"a red circle {i}" for i in range(devices)]
+
+    async def main():  # type: ignore[no-untyped-def]
+        async with host:
+            clients = [make_client(host.url) for _ in range(devices)]
+            return await asyncio.gather(*(c.generate(p) for c, p in zip(clients, prompts)))
+
+    outcomes = run(main(), timeout=60.0)
+    assert [o.mode for o in outcomes] == [RELAY] * devices
+    assert sum(host.batch_sizes) == devices and max(host.batch_sizes) > 1 and max(host.batch_sizes) <= 4
+    assert_exactly_once(host)
+    batches = {e.prompt: e.timings["host_batch"] for e in host.ledger.entries()}
+    assert sorted(batches.values(), reverse=True)[0] > 1
+    for o in outcomes:
+        alone = relay(*tiny_pair, SETTINGS.request(o.prompt, 2)).images[0]
+        assert np.abs(o.image.astype(int) - alone.astype(int)).max() <= 1, o.prompt
+
+
+def test_bad_batch_settings_are_refused() -> None:
+    from relaydiff.core.errors import RelaydiffError
+    from relaydiff.host.controller import HostConfig
+
+    with pytest.raises(RelaydiffError, match="max_batch must be a positive integer, got 0"):
+        HostConfig(max_batch=0)
+    with pytest.raises(RelaydiffError, match="batch_window_s"):
+        HostConfig(batch_window_s=-1.0)
