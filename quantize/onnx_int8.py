@@ -8,7 +8,8 @@ calibration set. Dynamic (``quantize_dynamic``): int8 weights, activations quant
 no calibration; only MatMul/Gemm/Attention (onnxruntime's ``ConvInteger`` CPU kernel takes uint8
 weights only, so convolutions stay fp32).
 
-Both return an :class:`~relaydiff.export.base.Artifact` run and checked by the ordinary ONNX exporter.
+Both return an :class:`~relaydiff.export.base.Artifact` run and checked by the ordinary ONNX exporter,
+with the ORT Mobile file (``.ort``, onnxruntime's ``convert_onnx_models_to_ort``) beside the ``.onnx``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class OnnxInt8Config:
     weight_type: str = "QInt8"  # weight dtype (symmetric int8)
     calibrate_method: str = "MinMax"  # static: onnxruntime CalibrationMethod name ("MinMax", "Entropy", "Percentile")
     preprocess: bool = False  # run onnxruntime's quant_pre_process first (off: its shape inference breaks the dynamo graphs here)
+    write_ort: bool = True  # also write the ORT Mobile format (.ort) and its required-operators config, as for fp32
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -140,6 +142,11 @@ def quantize_onnx(
         for suffix in ("pre", "src"):
             (out / f"{fp32.component}.int8-{config.method}.{suffix}.onnx").unlink(missing_ok=True)
     _stamp(path, fp32, config)
+    files = {"onnx": path}
+    if config.write_ort:  # ORT's converter takes QDQ and dynamic-INT8 graphs as they are (Fixed style fuses QDQ into QLinear ops)
+        from relaydiff.export.onnx import _convert_to_ort
+
+        files.update(_convert_to_ort(path))
     metadata = {
         **{k: v for k, v in fp32.metadata.items() if k in ("family_id", "family_root", "unet_variant", "description")},
         "quantization": {"tool": "onnxruntime.quantization", **dataclasses.asdict(config)},
@@ -150,7 +157,8 @@ def quantize_onnx(
         "int8_size": int(path.stat().st_size),
     }
     artifact = Artifact(
-        exporter="onnx", component=fp32.component, signature=fp32.signature, files={"onnx": path}, runnable=("onnx",),
+        exporter="onnx", component=fp32.component, signature=fp32.signature, files=files,
+        runnable=tuple(r for r in ("onnx", "ort") if r in files),
         precision="int8", tolerance=INT8_TOLERANCES.get(fp32.component, Tolerance(min_psnr_db=20.0)), metadata=metadata,
     )
     artifact.write_metadata()

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from relaydiff import bundle_cli, service_cli
+from relaydiff import bench_cli, bundle_cli, service_cli
 from relaydiff.core.errors import RelaydiffError
 
 
@@ -80,22 +80,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pair_args(p)
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("eval", help="evaluations: `eval relay` sweeps the relay step (RISE Fig. 5)")
-    p.add_argument("what", choices=("relay",), help="relay: accuracy, PSNR/SSIM and cost vs relay step")
+    p = sub.add_parser("eval", help="evaluations: `eval relay` sweeps the relay step (RISE Fig. 5); `eval scheduler` replays the split scheduler")
+    p.add_argument("what", choices=("relay", "scheduler"),
+                   help="relay: accuracy, PSNR/SSIM and cost vs relay step; scheduler: bandit vs fixed splits on a measured table")
     _add_pair_args(p)
     p.add_argument("--prompts", type=int, default=200, help="number of prompts (split over 1/2/3 objects)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps N")
     p.add_argument("--scheduler", default="ddim")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default="out/eval-relay", help="folder for report.json, rows.csv, grid.png, accuracy.png")
+    p.add_argument("--out-dir", default=None, help="output folder (default out/eval-relay or out/eval-scheduler)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object and no progress bars")
+    p.add_argument("--requests", type=int, default=2000, help="scheduler: requests in the workload")
+    p.add_argument("--table", default=None, help="scheduler: quality/latency table JSON (default relaydiff/assets/scheduler_table.json)")
+    p.add_argument("--from-relay-report", action="append", default=[], metavar="VARIANT=REPORT",
+                   help="scheduler: build --table from `eval relay` report.json files first (repeat per device variant)")
+    p.add_argument("--state-bytes", type=int, default=None, help="scheduler: relay state bytes, with --from-relay-report")
 
     p = sub.add_parser("family", help="the embedded model family (train it from scratch)")
     p.add_argument("action", choices=("train",), help="train: reproduce the embedded family's weights")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the action (see `relaydiff family train --help`)")
     service_cli.add_parsers(sub)  # relaydiff host, relaydiff device
     bundle_cli.add_parsers(sub)  # relaydiff bundle build|verify
+    bench_cli.add_parsers(sub)  # relaydiff bench device
     return parser
 
 
@@ -248,12 +255,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from relaydiff.core.relay import RelayRequest
     from relaydiff.evaluate import EvalConfig, eval_prompts, run_eval, write_outputs
 
+    if args.what == "scheduler":
+        from relaydiff.scheduler_cli import cmd_eval_scheduler
+
+        return cmd_eval_scheduler(args)
     cfg = EvalConfig(prompts=args.prompts, steps=args.steps, sampler=args.scheduler, guidance_scale=args.guidance, seed=args.seed)
     RelayRequest("x", relay_step=0, steps=cfg.steps, sampler=cfg.sampler, guidance_scale=cfg.guidance_scale)  # validate early
     host_ref, device_ref = _resolve_pair(args)
     host, device = _load_pair(host_ref, device_ref)
     report = run_eval(host, device, cfg, progress=not args.json)
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.out_dir or "out/eval-relay")
     paths = write_outputs(report, out_dir)
     prompt = next((p for p in eval_prompts(cfg.prompts, cfg.seed) if " of " in p or " above " in p or " below " in p),
                   eval_prompts(1, cfg.seed)[0])
@@ -288,7 +299,7 @@ def cmd_family(args: argparse.Namespace) -> int:
     return int(train_main(list(args.rest)))
 
 
-COMMANDS = {"relay": cmd_relay, "resume": cmd_resume, "diagnose": cmd_diagnose, "preset": cmd_preset, "check": cmd_check, "eval": cmd_eval, "family": cmd_family, **service_cli.COMMANDS, "bundle": bundle_cli.cmd_bundle}
+COMMANDS = {"relay": cmd_relay, "resume": cmd_resume, "diagnose": cmd_diagnose, "preset": cmd_preset, "check": cmd_check, "eval": cmd_eval, "family": cmd_family, **service_cli.COMMANDS, "bundle": bundle_cli.cmd_bundle, "bench": bench_cli.cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

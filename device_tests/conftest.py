@@ -1,0 +1,193 @@
+"""Fixtures of the bundle conformance suite: the bundle under test, its family, and inputs from real relays.
+
+``RELAYDIFF_BUNDLE=DIR`` tests that bundle; the torch reference is its family, found through
+``RELAYDIFF_FAMILY=DIR`` or the family folder recorded in the artifacts' metadata (either must have the
+manifest's config hash). Unset, a tiny bundle is built once per session from the random-weight ``tiny``
+preset: ONNX (``RELAYDIFF_DEVICE_TESTS_TARGETS`` adds ``executorch``, ``coreml``), fp32 and int8,
+``unet_step`` and ``vae_decoder``, N = 10, k = 3.
+
+Tests that take ``artifact_key`` are parametrized at collection time with the bundle's artifacts
+("target/precision/component"), filtered by their ``@pytest.mark.artifacts(...)`` marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+BUNDLE_ENV = "RELAYDIFF_BUNDLE"  # a bundle folder to test instead of the tiny one
+FAMILY_ENV = "RELAYDIFF_FAMILY"  # the bundle's family folder (torch reference), when its recorded path is gone
+TARGETS_ENV = "RELAYDIFF_DEVICE_TESTS_TARGETS"  # targets of the self-built tiny bundle (default: onnx)
+TINY_PRECISIONS = ("fp32", "int8")
+TINY_COMPONENTS = ("unet_step", "vae_decoder")  # what the checks use; the text encoder runs on the host side of these tests
+TINY_RELAY = {"relay_step": 3, "steps": 10}
+
+
+def tiny_targets() -> tuple[str, ...]:
+    return tuple(t.strip() for t in os.environ.get(TARGETS_ENV, "onnx").split(",") if t.strip())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "artifacts(target=, precision=, component=): which bundle artifacts a test is run on")
+    config.addinivalue_line("markers", "needs_trained_family: skipped when the bundle's family has random weights")
+
+
+def _planned_keys() -> list[tuple[str, str, str]]:
+    """(target, precision, component) of every artifact the bundle under test has (or, for the tiny one, will have)."""
+    folder = os.environ.get(BUNDLE_ENV)
+    if not folder:
+        return [(t, p, c) for t in tiny_targets() for p in TINY_PRECISIONS for c in TINY_COMPONENTS]
+    try:
+        data = json.loads((Path(folder) / "manifest.json").read_text())
+        return [(a["target"], a["precision"], a["component"]) for a in data["artifacts"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # the manifest tests fail with the reason
+
+
+def _wanted(value: str, spec: Any) -> bool:
+    return spec is None or value == spec or (isinstance(spec, (tuple, list, set)) and value in spec)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "artifact_key" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("artifacts")
+    want = dict(marker.kwargs) if marker else {}
+    keys = [k for k in _planned_keys()
+            if _wanted(k[0], want.get("target")) and _wanted(k[1], want.get("precision")) and _wanted(k[2], want.get("component"))]
+    if keys:
+        metafunc.parametrize("artifact_key", keys, ids=["/".join(k) for k in keys])
+    else:
+        what = ", ".join(f"{k}={v}" for k, v in want.items()) or "any"
+        metafunc.parametrize("artifact_key", [pytest.param(None, marks=pytest.mark.skip(reason=f"the bundle has no artifacts with {what}"))],
+                             ids=["none"])
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on shared cores: one thread is far faster than two contending
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> tuple[Path, Path | None]:
+    """(bundle folder, family folder or None): the bundle under test, built here from the tiny preset when none is given."""
+    folder = os.environ.get(BUNDLE_ENV)
+    if folder:
+        return Path(folder).resolve(), (Path(os.environ[FAMILY_ENV]) if os.environ.get(FAMILY_ENV) else None)
+    from relaydiff.export.bundle import BundleConfig, build
+    from relaydiff.presets import build_preset
+
+    root = tmp_path_factory.mktemp("device-tests")
+    family = build_preset("tiny", root / "family", seed=0)
+    config = BundleConfig(family=family, out=root / "bundle", targets=tiny_targets(), precisions=TINY_PRECISIONS,
+                          components=TINY_COMPONENTS, calibration_prompts=2, eval_prompts=1, zip=False, **TINY_RELAY)
+    build(config, progress=False)
+    return config.out, family
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(built: tuple[Path, Path | None]) -> Path:
+    return built[0]
+
+
+@pytest.fixture(scope="session")
+def manifest(bundle_dir: Path) -> dict[str, Any]:
+    from relaydiff.export.bundle import read_manifest
+
+    return read_manifest(bundle_dir)
+
+
+@pytest.fixture(scope="session")
+def family_dir(built: tuple[Path, Path | None], manifest: dict[str, Any]) -> Path:
+    """The bundle's family folder (its config hash is the manifest's), or a skip saying how to give it."""
+    from relaydiff.export.bench import find_family
+
+    folder = find_family(built[0], manifest, built[1])
+    if folder is None:
+        pytest.skip(f"the torch reference needs the bundle's family (id {manifest['family']['id']}); set {FAMILY_ENV}=DIR")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def pair(family_dir: Path, manifest: dict[str, Any]) -> tuple[Any, Any]:
+    """(host, device) loaded through relaydiff.core.family, with the variants the manifest names."""
+    from relaydiff.export.bench import load_pair
+
+    return load_pair(family_dir, manifest)
+
+
+@pytest.fixture(scope="session")
+def relay_config(manifest: dict[str, Any]) -> Any:
+    """Two held-out relays (prompt seed 1000, not the calibration prompts) at the bundle's k and N."""
+    from relaydiff.quantize.parity import eval_config
+
+    return eval_config(manifest["relay"]["relay_step"], manifest["relay"]["steps"], prompts=2)
+
+
+@pytest.fixture(scope="session")
+def recorded(pair: tuple[Any, Any], relay_config: Any) -> Any:
+    """Component inputs recorded along real fp32 relays: unet_step at every device step [k, N), vae_decoder on the final latents."""
+    from relaydiff.quantize.calibration import capture
+
+    return capture(*pair, relay_config)
+
+
+@pytest.fixture(scope="session")
+def samples(recorded: Any) -> dict[str, list[dict[str, Any]]]:
+    """Per component, the inputs the per-call checks use: 4 denoiser steps spread over both relays (first and last
+    device steps included), and every final latent for the decoder."""
+    import numpy as np
+
+    steps = recorded.for_component("unet_step")
+    picks = sorted({int(i) for i in np.linspace(0, len(steps) - 1, min(4, len(steps))).round()})
+    return {"unet_step": [steps[i] for i in picks], "vae_decoder": list(recorded.for_component("vae_decoder"))}
+
+
+@pytest.fixture()
+def entry(artifact_key: tuple[str, str, str], manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest entry of ``artifact_key``; a skip (with the build's reason) when the build skipped it."""
+    target, precision, component = artifact_key
+    for art in manifest["artifacts"]:
+        if (art["target"], art["precision"], art["component"]) == artifact_key:
+            return art
+    for s in manifest.get("skipped", ()):
+        if (s["target"], s["precision"], s.get("component")) == artifact_key:
+            pytest.skip(f"the build skipped {target}/{precision}/{component}: {s['reason']}")
+    pytest.fail(f"the manifest lists no {target}/{precision}/{component} artifact")
+
+
+@pytest.fixture(scope="session")
+def open_file(bundle_dir: Path) -> Callable[..., Any]:
+    """open_file(entry, file=None) -> ArtifactSession, cached per file; a skip naming the reason where the runtime is absent."""
+    from relaydiff.export.base import RuntimeUnavailableError
+    from relaydiff.export.bench import open_session
+
+    cache: dict[str, Any] = {}
+
+    def get(entry: dict[str, Any], file: str | None = None) -> Any:
+        file = file or entry["file"]
+        if file not in cache:
+            try:
+                cache[file] = open_session(bundle_dir, entry, file)
+            except RuntimeUnavailableError as exc:
+                pytest.skip(str(exc))
+        return cache[file]
+
+    return get

@@ -1,0 +1,80 @@
+"""(d) The manifest: verify() passes, every hash matches, and what it declares is what the family and the files are."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def test_verify_passes(bundle_dir: Path) -> None:
+    from relaydiff.export.bundle import verify
+
+    report = verify(bundle_dir)
+    assert report.ok, "\n".join(report.problems)
+    assert report.checked_files >= len(report.parity) > 0
+    failed = [r for r in report.parity if r.get("run") and not r["passed"]]
+    assert not failed, failed
+
+
+def test_every_hash_matches(bundle_dir: Path, manifest: dict[str, Any]) -> None:
+    """Re-hash independently of verify(): manifest.sha256, then every listed file (folders by sorted path + file hash)."""
+    text = (bundle_dir / "manifest.json").read_bytes()
+    assert (bundle_dir / "manifest.sha256").read_text().split()[0] == hashlib.sha256(text).hexdigest()
+
+    def digest(path: Path) -> tuple[str, int]:
+        if path.is_file():
+            data = path.read_bytes()
+            return hashlib.sha256(data).hexdigest(), len(data)
+        h, size = hashlib.sha256(), 0
+        for p in sorted(q for q in path.rglob("*") if q.is_file()):
+            d, n = digest(p)
+            h.update(f"{p.relative_to(path).as_posix()}\0{d}\n".encode())
+            size += n
+        return h.hexdigest(), size
+
+    entries = [*manifest["parity_fixtures"]]
+    for art in manifest["artifacts"]:
+        entries += [art, *art["extra_files"]]
+    wrong = [e["file"] for e in entries if digest(bundle_dir / e["file"]) != (e["sha256"], e["size"])]
+    assert len(entries) > 0 and not wrong, f"hash or size differs for {wrong}"
+
+
+def test_signatures_are_the_family_components(manifest: dict[str, Any], pair: tuple[Any, Any]) -> None:
+    """Every artifact's inputs/outputs (names, dtypes, shapes) are its component's declaration for this family."""
+    from relaydiff.export.components import get_component
+
+    device = pair[1]
+    wrong = []
+    for art in manifest["artifacts"]:
+        sig = get_component(art["component"]).signature(device)
+        want = ([{"name": s.name, "dtype": s.dtype, "shape": list(s.concrete_shape)} for s in sig.inputs],
+                [{"name": s.name, "dtype": s.dtype, "shape": list(s.concrete_shape)} for s in sig.outputs])
+        if (art["inputs"], art["outputs"]) != want:
+            wrong.append(f"{art['file']}: {art['inputs']} -> {art['outputs']}, expected {want}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_schedule_and_latent_are_the_family(manifest: dict[str, Any], pair: tuple[Any, Any]) -> None:
+    from relaydiff.core.schedulers import build_scheduler
+    from relaydiff.export.components import family_dims
+
+    device = pair[1]
+    scheduler = build_scheduler("ddim", device.scheduler_config)
+    scheduler.set_timesteps(manifest["scheduler"]["steps"])
+    assert manifest["scheduler"]["timesteps"] == [int(t) for t in scheduler.timesteps]
+    d = family_dims(device)
+    assert manifest["latent"]["shape"] == [1, d["C"], d["h"], d["w"]]
+    assert manifest["latent"]["vae_scaling_factor"] == pytest.approx(float(device.vae.config.scaling_factor))
+    assert manifest["family"]["id"] == device.family_id
+
+
+@pytest.mark.artifacts(target="onnx")
+def test_onnx_artifacts_have_an_ort_sibling(entry: dict[str, Any], bundle_dir: Path) -> None:
+    """Issue 4: every ONNX artifact, fp32 and INT8, ships the ORT Mobile file and its operator list."""
+    stem = entry["file"][: -len(".onnx")]
+    listed = {e["file"] for e in entry["extra_files"]}
+    assert f"{stem}.ort" in listed and f"{stem}.required_operators.config" in listed, sorted(listed)
+    assert (bundle_dir / f"{stem}.ort").read_bytes()[4:8] == b"ORTM"  # flatbuffers file identifier of the ORT format

@@ -1,0 +1,388 @@
+"""``relaydiff bench device``: size, load time and per-call latency of a bundle's artifacts, torch fp32 beside them.
+
+For every artifact of a bundle's manifest whose runtime exists on this machine (onnxruntime for
+``.onnx`` and its ``.ort`` sibling, ExecuTorch's Python runtime for ``.pte``; CoreML only on macOS) it
+measures the size on disk, the time to load the file into its runtime and the median latency of one
+call (one denoiser step for ``unet_step``) after warm-up, on the bundle's own parity fixture (inputs
+drawn from a held-out relay). The torch fp32 reference (the family's device model) is measured in the
+same run on the same inputs, with the same number of intra-op threads, and each row gets its ratio
+to torch. Per (target, precision) holding both ``unet_step`` and ``vae_decoder`` it also times the
+device side of a relay: steps [k, N) through ``relay.resume`` with the artifact as the UNet, then the
+artifact decoder, against the same with torch.
+
+The sessions (:class:`ArtifactSession`) are shared with the conformance tests in ``device_tests/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from relaydiff.core.errors import RelaydiffError
+from relaydiff.export.bundle import BundleError, family_config_hash, read_manifest, schema_problems
+
+Arrays = Mapping[str, np.ndarray]
+MACOS_ONLY = "skipped: runtime needs macOS"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What :func:`bench_device` measures."""
+
+    bundle: Path  # bundle folder written by `relaydiff bundle build`
+    repeats: int = 20  # timed calls per artifact; the median is reported
+    warmup: int = 2  # untimed calls before timing (first-call allocations, XNNPACK packing)
+    threads: int = 1  # intra-op threads for onnxruntime and torch alike, so that the ratio compares like with like
+    family: Path | None = None  # family folder of the torch reference; default: the one recorded in the artifacts' metadata
+    relay: bool = True  # also time the device half of a relay (steps [k, N) + decode) per target and precision
+
+    def __post_init__(self) -> None:
+        for name, low in (("repeats", 1), ("warmup", 0), ("threads", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise RelaydiffError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+# ------------------------------------------------------------------------------------------------ sessions
+
+
+def runtime_unavailable(target: str) -> str | None:
+    """Why this machine cannot run ``target`` artifacts ("skipped: ..."), or None when it can."""
+    if target == "coreml":
+        if sys.platform != "darwin":
+            return MACOS_ONLY
+        module = "coremltools"
+    else:
+        module = {"onnx": "onnxruntime", "executorch": "executorch.runtime"}.get(target)
+        if module is None:
+            return f"skipped: unknown target {target!r}"
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        return f"skipped: {module} is not installed ({exc})"
+    return None
+
+
+class ArtifactSession:
+    """One artifact file loaded into its runtime; call it with inputs by declared name, get outputs by declared name.
+
+    Raises (on construction):
+        RuntimeUnavailableError: the target's runtime does not exist on this machine.
+    """
+
+    def __init__(self, path: Path, target: str, inputs: Sequence[str], outputs: Sequence[str], *, threads: int = 1) -> None:
+        from relaydiff.export.base import RuntimeUnavailableError
+
+        reason = runtime_unavailable(target)
+        if reason is not None:
+            raise RuntimeUnavailableError(f"{path.name}: {reason}")
+        self.path = path
+        self.target = target
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+        t0 = time.perf_counter()
+        if target == "onnx":
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            self._session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            self._call: Callable[[Arrays], list[Any]] = self._run_onnx
+        elif target == "executorch":
+            from executorch.runtime import Runtime
+
+            self._method = Runtime.get().load_program(path).load_method("forward")
+            self._call = self._run_executorch
+        else:
+            import coremltools as ct
+
+            self._model = ct.models.MLModel(str(path))
+            self._call = self._run_coreml
+        self.load_seconds = time.perf_counter() - t0
+
+    def __call__(self, inputs: Arrays) -> dict[str, np.ndarray]:
+        outs = self._call(inputs)
+        if len(outs) != len(self.outputs):
+            raise RelaydiffError(f"{self.path.name} returned {len(outs)} outputs; the manifest declares {len(self.outputs)}")
+        return dict(zip(self.outputs, outs, strict=True))
+
+    def _run_onnx(self, inputs: Arrays) -> list[Any]:
+        return self._session.run(self.outputs, {n: np.ascontiguousarray(inputs[n]) for n in self.inputs})
+
+    def _run_executorch(self, inputs: Arrays) -> list[Any]:
+        import torch
+
+        outs = self._method.execute([torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in self.inputs])
+        return [o.detach().numpy().copy() for o in outs]
+
+    def _run_coreml(self, inputs: Arrays) -> list[Any]:
+        out = self._model.predict({n: np.ascontiguousarray(inputs[n]) for n in self.inputs})
+        return [np.asarray(out[n]) for n in self.outputs]
+
+
+def runnable_files(entry: Mapping[str, Any]) -> list[str]:
+    """The bundle-relative files of one manifest artifact that run on their own: the primary file, and its .ort sibling."""
+    files = [entry["file"]]
+    if entry["target"] == "onnx":
+        files += [e["file"] for e in entry.get("extra_files", ()) if e["file"].endswith(".ort")]
+    return files
+
+
+def open_session(root: Path, entry: Mapping[str, Any], file: str | None = None, *, threads: int = 1) -> ArtifactSession:
+    """Load one runnable file of a manifest artifact (default: its primary file)."""
+    target = "onnx" if (file or entry["file"]).endswith(".ort") else entry["target"]
+    return ArtifactSession(root / (file or entry["file"]), target, [t["name"] for t in entry["inputs"]],
+                           [t["name"] for t in entry["outputs"]], threads=threads)
+
+
+def load_fixture(root: Path, manifest: Mapping[str, Any], component: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(inputs, torch fp32 reference outputs) of the bundle's parity fixture for ``component``."""
+    from safetensors.numpy import load_file
+
+    for e in manifest["parity_fixtures"]:
+        if e["component"] == component:
+            data = load_file(str(root / e["file"]))
+            inputs = {k[len("input."):]: v for k, v in data.items() if k.startswith("input.")}
+            return inputs, {k[len("reference."):]: v for k, v in data.items() if k.startswith("reference.")}
+    raise BundleError(f"the bundle has no parity fixture for component {component!r}")
+
+
+def find_family(root: Path, manifest: Mapping[str, Any], family: Path | None = None) -> Path | None:
+    """The family folder the bundle was built from: ``family`` if given, else the one its artifacts' metadata records.
+
+    A folder counts only if its config hash is the manifest's (a family folder rebuilt differently is not the reference).
+
+    Raises:
+        BundleError: ``family`` was given but is not the bundle's family.
+    """
+    want = manifest["family"]["config_hash"]
+    if family is not None:
+        if not family.is_dir():
+            raise BundleError(f"family folder '{family}' does not exist")
+        got, _ = family_config_hash(family)
+        if got != want:
+            raise BundleError(f"family '{family}' has config hash {got[:16]}...; the bundle was built from {want[:16]}...")
+        return family
+    for art in manifest["artifacts"]:
+        for e in art.get("extra_files", ()):
+            if not e["file"].endswith(".json"):
+                continue
+            try:
+                recorded = json.loads((root / e["file"]).read_text()).get("metadata", {}).get("family_root")
+            except (OSError, json.JSONDecodeError):
+                continue
+            if recorded and Path(recorded).is_dir() and family_config_hash(Path(recorded))[0] == want:
+                return Path(recorded)
+    return None
+
+
+def load_pair(folder: Path, manifest: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(host, device) of the bundle's family, with the variants the manifest names."""
+    from relaydiff.core import family
+
+    fam = manifest["family"]
+    host_ref = family.resolve(folder, fam.get("host_variant"), role="host")
+    dev_ref = family.resolve(folder, fam.get("device_variant"), role="device")
+    host = family.load(host_ref)
+    return host, family.load(dev_ref, share_with=host)
+
+
+def disk_size(path: Path) -> int:
+    """Bytes of a file, or of every file in a folder (.mlpackage)."""
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _torch_reference(device: Any, component: str, inputs: Arrays, config: BenchConfig) -> dict[str, Any]:
+    import torch
+
+    from relaydiff.export.components import get_component
+
+    comp = get_component(component)
+    t0 = time.perf_counter()
+    module = comp.module(device)
+    build_s = time.perf_counter() - t0
+    args = [torch.from_numpy(np.ascontiguousarray(inputs[s.name])) for s in comp.signature(device).inputs]
+
+    def call() -> Any:
+        with torch.inference_mode():
+            return module(*args)
+
+    return {"build_seconds": build_s, "call_seconds": median_seconds(call, config.repeats, config.warmup)}
+
+
+def _relay_device_half(host: Any, device: Any, manifest: Mapping[str, Any], unet: Callable[[Arrays], dict[str, np.ndarray]] | None,
+                       decoder: Callable[[Arrays], dict[str, np.ndarray]] | None, repeats: int) -> float:
+    """Median seconds of the device half of one held-out relay: resume [k, N) then decode (torch where a runner is None)."""
+    import torch
+
+    from relaydiff.core.relay import decode, resume
+    from relaydiff.quantize.calibration import hand_offs
+    from relaydiff.quantize.parity import _ArtifactUNet, eval_config  # the proxy parity.relay_parity runs the relay with
+
+    relay = manifest["relay"]
+    _prompt, state = next(hand_offs(host, device, eval_config(relay["relay_step"], relay["steps"], prompts=1)))
+    model = device if unet is None else dataclasses.replace(device, unet=_ArtifactUNet(device.unet, unet, state.guidance_scale))
+
+    def run() -> Any:
+        with torch.inference_mode():
+            latents = resume(model, state).latents
+        if decoder is None:
+            return decode(device, latents)
+        return decoder({"latent": latents.float().numpy()})
+
+    return median_seconds(run, repeats, 1)
+
+
+def bench_device(config: BenchConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure every artifact of a bundle beside the torch fp32 reference; return the report (JSON-able).
+
+    Raises:
+        BundleError: the folder does not exist or is not a bundle; ``config.family`` is not the bundle's family.
+    """
+    import torch
+
+    say = log or (lambda _m: None)
+    root = config.bundle
+    if not root.is_dir():
+        raise BundleError(f"bundle folder '{root}' does not exist")
+    manifest = read_manifest(root)
+    problems = schema_problems(manifest)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise BundleError(f"'{root / 'manifest.json'}' is not a relaydiff bundle manifest: {problems[0]}{more}")
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _bench(root, manifest, config, say)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _bench(root: Path, manifest: Mapping[str, Any], config: BenchConfig, say: Callable[[str], None]) -> dict[str, Any]:
+    from relaydiff.core import family as family_mod
+
+    notes: list[str] = []
+    folder = find_family(root, manifest, config.family)
+    host = device = None
+    torch_load_s = None
+    if folder is None:
+        notes.append("no torch reference: the family folder recorded in the bundle is gone or differs; pass --family")
+    else:
+        import diffusers  # noqa: F401  (imported before the clock starts: the load time is the model's, not the libraries')
+        import transformers  # noqa: F401
+
+        t0 = time.perf_counter()
+        device = family_mod.load(family_mod.resolve(folder, manifest["family"].get("device_variant"), role="device"))
+        torch_load_s = time.perf_counter() - t0  # what a torch device would pay: UNet, VAE, text encoder from disk
+        if config.relay:
+            host = family_mod.load(family_mod.resolve(folder, manifest["family"].get("host_variant"), role="host"))
+
+    fixtures: dict[str, dict[str, np.ndarray]] = {}
+    torch_rows: dict[str, dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
+    sessions: dict[tuple[str, str, str], ArtifactSession] = {}
+    for art in manifest["artifacts"]:
+        comp = art["component"]
+        if comp not in fixtures:
+            fixtures[comp] = load_fixture(root, manifest, comp)[0]
+        if device is not None and comp not in torch_rows:
+            say(f"torch fp32 {comp}")
+            ref = _torch_reference(device, comp, fixtures[comp], config)
+            torch_rows[comp] = {"component": comp, "load_seconds": round(torch_load_s + ref["build_seconds"], 6),
+                                "call_seconds": round(ref["call_seconds"], 6)}
+        reason = runtime_unavailable(art["target"])
+        for file in runnable_files(art):
+            row: dict[str, Any] = {"target": art["target"], "precision": art["precision"], "component": comp, "file": file,
+                                   "size": disk_size(root / file), "status": reason or "ok"}
+            rows.append(row)
+            if reason is not None:
+                continue
+            say(f"{file}")
+            session = open_session(root, art, file, threads=config.threads)
+            inputs = fixtures[comp]
+            call_s = median_seconds(lambda s=session, x=inputs: s(x), config.repeats, config.warmup)
+            row.update({"load_seconds": round(session.load_seconds, 6), "call_seconds": round(call_s, 6)})
+            if comp in torch_rows:
+                row["torch_call_seconds"] = torch_rows[comp]["call_seconds"]
+                row["ratio_vs_torch"] = round(call_s / max(torch_rows[comp]["call_seconds"], 1e-12), 4)
+            if file == art["file"]:
+                sessions[(art["target"], art["precision"], comp)] = session
+
+    relay_rows: list[dict[str, Any]] = []
+    if config.relay and host is not None and device is not None:
+        relay = manifest["relay"]
+        reps = max(1, min(3, config.repeats))
+        say("relay device half: torch fp32")
+        torch_s = _relay_device_half(host, device, manifest, None, None, reps)
+        relay_rows.append({"target": "torch", "precision": "fp32", "device_steps": relay["device_steps"], "seconds": round(torch_s, 6),
+                           "ratio_vs_torch": 1.0})
+        for target, precision in sorted({(t, p) for t, p, _c in sessions}):
+            unet, dec = sessions.get((target, precision, "unet_step")), sessions.get((target, precision, "vae_decoder"))
+            if unet is None or dec is None:
+                continue
+            say(f"relay device half: {target} {precision}")
+            s = _relay_device_half(host, device, manifest, unet, dec, reps)
+            relay_rows.append({"target": target, "precision": precision, "device_steps": relay["device_steps"], "seconds": round(s, 6),
+                               "ratio_vs_torch": round(s / max(torch_s, 1e-12), 4)})
+    elif config.relay:
+        notes.append("no relay timing: it needs the family (host half and torch reference)")
+    if any(r["target"] == "executorch" and r["status"] == "ok" for r in rows):
+        notes.append("executorch: the Python runtime runs XNNPACK on its own thread pool; --threads does not reach it")
+    return {
+        "bundle": str(root), "family": str(folder) if folder else None, "family_id": manifest["family"]["id"],
+        "threads": config.threads, "repeats": config.repeats, "warmup": config.warmup,
+        "artifacts": rows, "torch": list(torch_rows.values()), "relay": relay_rows, "notes": notes,
+    }
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """The report as a human-readable table (per-call latencies in ms)."""
+
+    def ms(v: float | None) -> str:
+        return f"{1000 * v:9.3f}" if v is not None else f"{'-':>9}"
+
+    lines = [f"bundle {report['bundle']}  (family {report['family_id']}, {report['threads']} thread(s), median of {report['repeats']})",
+             f"{'artifact':<44} {'bytes':>10} {'load ms':>9} {'call ms':>9} {'torch ms':>9} {'ratio':>7}"]
+    for r in report["artifacts"]:
+        if r["status"] != "ok":
+            lines.append(f"{r['file']:<44} {r['size']:>10} {r['status']}")
+            continue
+        ratio = f"{r['ratio_vs_torch']:6.2f}x" if "ratio_vs_torch" in r else f"{'-':>7}"
+        lines.append(f"{r['file']:<44} {r['size']:>10} {ms(r['load_seconds'])} {ms(r['call_seconds'])} "
+                     f"{ms(r.get('torch_call_seconds'))} {ratio}")
+    for t in report["torch"]:
+        lines.append(f"{'torch fp32 ' + t['component']:<44} {'':>10} {ms(t['load_seconds'])} {ms(t['call_seconds'])}")
+    if report["relay"]:
+        k, n = report["relay"][0]["device_steps"]
+        lines.append(f"device half of a relay (steps [{k}, {n}) + decode):")
+        for r in report["relay"]:
+            lines.append(f"  {r['target'] + '/' + r['precision']:<20} {1000 * r['seconds']:10.1f} ms  {r['ratio_vs_torch']:6.2f}x torch")
+    lines += [f"note: {n}" for n in report["notes"]]
+    return "\n".join(lines)

@@ -1,0 +1,47 @@
+"""``relaydiff bench <what>``: the command-line layer over the benchmarks (``bench device``: ``relaydiff.export.bench``).
+
+Hooked into ``relaydiff.cli`` with ``add_parsers(sub)`` and ``COMMANDS["bench"] = cmd_bench``. Each
+benchmark is a sub-command registered in ``BENCHMARKS``; the library never sees argparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def add_parsers(sub: Any) -> None:
+    """Add ``bench`` with its sub-commands (``device``) to the ``relaydiff`` subparsers."""
+    p = sub.add_parser("bench", help="benchmarks: `bench device` times a bundle's artifacts beside torch")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+
+    d = bench_sub.add_parser("device", help="size, load time and per-call latency of a bundle's artifacts vs torch fp32")
+    d.add_argument("--bundle", required=True, help="bundle folder written by `relaydiff bundle build`")
+    d.add_argument("--repeats", type=int, default=20, help="timed calls per artifact; the median is reported (default 20)")
+    d.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
+    d.add_argument("--threads", type=int, default=1, help="intra-op threads for onnxruntime and torch alike (default 1)")
+    d.add_argument("--family", help="family folder of the torch reference (default: the one recorded in the bundle)")
+    d.add_argument("--no-relay", action="store_true", help="skip the device-half relay timing")
+    d.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+def cmd_device(args: argparse.Namespace) -> int:
+    from relaydiff.export.bench import BenchConfig, bench_device, format_table
+
+    config = BenchConfig(bundle=Path(args.bundle), repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+                         family=Path(args.family) if args.family else None, relay=not args.no_relay)
+    report = bench_device(config, log=None if args.json else (lambda m: print(f"timing {m}", file=sys.stderr)))
+    print(json.dumps(report, sort_keys=True) if args.json else format_table(report))
+    return 0
+
+
+BENCHMARKS: dict[str, Callable[[argparse.Namespace], int]] = {"device": cmd_device}  # `bench link` joins here
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Dispatch ``relaydiff bench <what>``; returns the exit status (RelaydiffError propagates to the CLI)."""
+    return BENCHMARKS[args.bench_command](args)
