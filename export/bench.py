@@ -244,11 +244,11 @@ def _relay_device_half(host: Any, device: Any, manifest: Mapping[str, Any], unet
 
     from relaydiff.core.relay import decode, resume
     from relaydiff.quantize.calibration import hand_offs
-    from relaydiff.quantize.parity import _ArtifactUNet, eval_config  # the proxy parity.relay_parity runs the relay with
+    from relaydiff.quantize.parity import ArtifactUNet, eval_config  # the proxy parity.relay_parity runs the relay with
 
     relay = manifest["relay"]
     _prompt, state = next(hand_offs(host, device, eval_config(relay["relay_step"], relay["steps"], prompts=1)))
-    model = device if unet is None else dataclasses.replace(device, unet=_ArtifactUNet(device.unet, unet, state.guidance_scale))
+    model = device if unet is None else dataclasses.replace(device, unet=ArtifactUNet(device.unet, unet, state.guidance_scale))
 
     def run() -> Any:
         with torch.inference_mode():

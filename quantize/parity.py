@@ -31,10 +31,12 @@ if TYPE_CHECKING:
 Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]  # inputs by declared name -> outputs by name
 
 
-class _ArtifactUNet:
+class ArtifactUNet:
     """Stands in for ``model.unet`` in the relay loop: one ``unet_step`` call per step, CFG done inside the artifact.
 
-    It returns the guided noise with batch 1, so the loop skips its own CFG combination.
+    It returns the guided noise with batch 1, so the loop skips its own CFG combination. Without CFG (the
+    loop passes batch 1) the artifact gets [cond, cond] and g = 1, so it returns the conditional noise.
+    Attribute reads (``config``) go to ``unet``: the torch UNet, or any object with a ``config``.
     """
 
     def __init__(self, unet: Any, run: Runner, guidance_scale: float) -> None:
@@ -48,7 +50,11 @@ class _ArtifactUNet:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, **_kw: Any) -> Any:
         import torch
 
-        out = self._run(unet_step_inputs(x, t, encoder_hidden_states, self._g))["noise_pred"]
+        if x.shape[0] == 1 and encoder_hidden_states.shape[0] == 1:  # no CFG: eps_c + 1 * (eps_c - eps_c)
+            inputs = unet_step_inputs(torch.cat([x, x]), t, torch.cat([encoder_hidden_states] * 2), 1.0)
+        else:
+            inputs = unet_step_inputs(x, t, encoder_hidden_states, self._g)
+        out = self._run(inputs)["noise_pred"]
         return _Sample(torch.from_numpy(np.ascontiguousarray(out)))
 
 
@@ -128,7 +134,7 @@ def relay_parity(
     psnrs, lat_err = [], 0.0
     for i, (_prompt, state) in enumerate(hand_offs(host, device, config)):
         ref_latent = recorded.for_component("vae_decoder")[i]["latent"]
-        proxy = dataclasses.replace(device, unet=_ArtifactUNet(device.unet, unet, state.guidance_scale))
+        proxy = dataclasses.replace(device, unet=ArtifactUNet(device.unet, unet, state.guidance_scale))
         latent = resume(proxy, state).latents.float().numpy()
         lat_err = max(lat_err, float(np.abs(latent - ref_latent).max()))
         image = (decoder({"latent": latent})["image"] if decoder is not None else torch_decode(latent))

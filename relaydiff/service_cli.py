@@ -50,7 +50,9 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--family", help="family folder holding the device variant (default: the embedded family)")
     p.add_argument("--device-variant", help="family variant to run (default: the family's default_device)")
-    p.add_argument("--backend", default="torch", help="device runtime backend (default torch)")
+    p.add_argument("--backend", help="device runtime backend: torch, onnx, executorch (default torch; onnx with --bundle)")
+    p.add_argument("--bundle", help="bundle folder (relaydiff bundle build) to run with --backend onnx or executorch")
+    p.add_argument("--precision", default="fp32", help="bundle artifacts to run: fp32 or int8 (default fp32)")
     p.add_argument("--token", help=f"link token (default ${TOKEN_ENV})")
     p.add_argument("--quality", type=float, default=0.5, help="0 = fastest .. 1 = best quality (default 0.5)")
     p.add_argument("--deadline", type=float, default=60.0, help="seconds to wait for the host before generating alone")
@@ -135,6 +137,22 @@ def cmd_host(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backend_options(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """(backend name, its options) from the device command's flags: torch runs a family, onnx/executorch a bundle."""
+    name = args.backend or ("onnx" if args.bundle else "torch")
+    if name == "torch":
+        if args.bundle:
+            raise RelaydiffError(f"--bundle {args.bundle!r} needs --backend onnx or executorch, not torch")
+        if args.precision != "fp32":
+            raise RelaydiffError(f"--precision {args.precision!r} applies to a bundle (--bundle); the torch backend runs fp32")
+        return name, {"family_dir": args.family, "variant": args.device_variant}
+    if not args.bundle:
+        raise RelaydiffError(f"--backend {name!r} runs a bundle: pass --bundle DIR")
+    if args.device_variant:
+        raise RelaydiffError("--device-variant applies to --backend torch; a bundle holds one device variant")
+    return name, {"bundle_dir": args.bundle, "precision": args.precision, "family_dir": args.family}
+
+
 def cmd_device(args: argparse.Namespace) -> int:
     from PIL import Image
 
@@ -149,8 +167,8 @@ def cmd_device(args: argparse.Namespace) -> int:
     if not args.connect_timeout > 0:
         raise RelaydiffError(f"--connect-timeout must be > 0 seconds, got {args.connect_timeout!r}")
     settings = _settings(args)
-    options: dict[str, Any] = {"family_dir": args.family, "variant": args.device_variant} if args.backend == "torch" else {}
-    runtime = DeviceRuntime(create_backend(args.backend, **options))
+    name, options = _backend_options(args)
+    runtime = DeviceRuntime(create_backend(name, **options))
     link = LinkConfig(open_timeout_s=args.connect_timeout, handshake_timeout_s=args.connect_timeout)
     client = DeviceClient(runtime, args.connect, auth_token=token, settings=settings, quality_preference=args.quality,
                           deadline_s=args.deadline, link_config=link)

@@ -1,7 +1,7 @@
 """relaydiff.runtime: the device runtime that accepts relayed latents and finishes them.
 
 - ``backends``: the :class:`Backend` protocol and its registry (``torch`` is the reference backend;
-  ONNX Runtime / ExecuTorch backends for exported bundles register the same way);
+  ``onnx`` / ``executorch`` run a built bundle's artifacts);
 - ``device``: :class:`DeviceRuntime` (finish a relayed state, or generate alone, and describe the device);
 - ``client``: :class:`DeviceClient`, the device's side of the link (falls back to device-only generation);
 - ``settings``: :class:`GenerationSettings`, the fixed part of a request (steps, sampler, guidance, seed).

@@ -2,16 +2,18 @@
 
 A backend starts a trajectory on its own (``begin``: step 0, for device-only generation),
 finishes a relayed one (``finish``: steps [k, N)) and decodes the final latent (``decode``).
-ONNX Runtime and ExecuTorch backends will load exported bundles and register themselves the
-same way; :func:`create_backend` refuses an unknown name with the list of known ones.
+``onnx`` and ``executorch`` (:class:`BundleBackend`) run the artifacts of a built bundle
+(``relaydiff bundle build``) instead of torch; :func:`create_backend` refuses an unknown name with
+the list of known ones.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -134,3 +136,259 @@ class TorchBackend:
         from relaydiff.core.relay import decode
 
         return decode(self.model, latents)
+
+
+# ---------------------------------------------------------------------------------------- bundle backends
+
+
+@dataclass(frozen=True)
+class _Config:
+    """Stands in for a diffusers model config: the fields relay.py reads from ``model.unet.config``."""
+
+    in_channels: int
+    cross_attention_dim: int
+    sample_size: int
+
+
+@dataclass(frozen=True)
+class _Namespace:
+    config: Any
+
+
+@dataclass
+class _BundleModel:
+    """The attributes of a LoadedModel that relay.start/resume read, filled from a bundle (duck-typed: no torch modules)."""
+
+    ref: Any
+    unet: Any  # an ArtifactUNet (or _Namespace with the config) over the bundle's unet_step
+    vae: Any  # unused: decoding goes through the vae_decoder artifact
+    text_encoder: Any  # callable(input_ids) -> (last_hidden_state,), or None (no device-only generation)
+    tokenizer: Any  # a transformers tokenizer, or None
+    scheduler_config: dict[str, Any]
+    family_id: str
+    vae_scale_factor: int
+
+
+class _OnnxTextEncoder:
+    """``text_encoder(ids)[0]`` over the bundle's text_encoder artifact (what relay.encode_prompt calls)."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+
+    def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor]:
+        out = self._session({"input_ids": input_ids.numpy().astype(np.int32)})["last_hidden_state"]
+        return (torch.from_numpy(np.ascontiguousarray(out)),)
+
+
+class BundleBackend:
+    """Runs a built bundle's ``unet_step`` and ``vae_decoder`` artifacts for one target and precision.
+
+    The bundle is verified when loaded (manifest hash and schema, size and sha256 of every listed file,
+    no unlisted files); each artifact is loaded into its runtime once. A relayed state is checked
+    against the manifest (family id, latent shape, text-embedding shape, noise schedule, and the
+    timestep grid when it uses the bundle's sampler and N), then steps [k, N) run through
+    ``relay.resume`` with the artifact as the UNet and the final latent goes through the artifact decoder.
+
+    Device-only generation (``begin``/``encode_prompt``) needs a tokenizer, which bundles do not carry:
+    it is read from the bundle's family folder (``family_dir``, else the folder recorded in the bundle
+    when its config hash still matches). The text encoder is the bundle's ``text_encoder`` artifact
+    when it has one, else the family's torch text encoder. Without a family folder the backend finishes
+    relays only, and ``begin`` raises.
+    """
+
+    TARGET = ""  # set by the registered subclasses
+    RUNTIME = ""  # the runtime name announced to the host
+
+    def __init__(
+        self, *, bundle_dir: str | Path, precision: str = "fp32", family_dir: str | Path | None = None, threads: int = 1,
+    ) -> None:
+        """
+        Args:
+            bundle_dir: a bundle folder written by ``relaydiff bundle build``.
+            precision: which artifacts to run, "fp32" or "int8".
+            family_dir: the bundle's family folder, for the tokenizer (and the text encoder when the bundle has none).
+            threads: intra-op threads of onnxruntime (ExecuTorch uses its own pool).
+
+        Raises:
+            BundleError: the folder is not a bundle, does not verify (the message names each bad file), lacks an
+                ``unet_step`` or ``vae_decoder`` artifact for this target and precision, or ``family_dir`` is not its family.
+            RuntimeUnavailableError: the target's runtime is not installed.
+        """
+        from relaydiff.export.bench import find_family, open_session
+        from relaydiff.export.bundle import PRECISIONS, BundleError, read_manifest, verify
+
+        if precision not in PRECISIONS:
+            raise RelaydiffError(f"unknown precision {precision!r}; known precisions: {', '.join(PRECISIONS)}")
+        root = Path(bundle_dir).resolve()
+        if not root.is_dir():
+            raise BundleError(f"bundle folder '{root}' does not exist")
+        report = verify(root, parity=False)  # before anything is loaded: a tampered file is never run
+        if not report.ok:
+            raise BundleError(f"bundle '{root}' does not verify", report.problems)
+        manifest = read_manifest(root)
+        self.root, self.manifest, self.precision = root, manifest, precision
+        entries = {a["component"]: a for a in manifest["artifacts"] if (a["target"], a["precision"]) == (self.TARGET, precision)}
+        for need in ("unet_step", "vae_decoder"):
+            if need not in entries:
+                have = sorted({f"{a['target']}/{a['precision']}/{a['component']}" for a in manifest["artifacts"]})
+                raise BundleError(f"bundle '{root}' has no {self.TARGET}/{precision}/{need} artifact; it has: {', '.join(have)}")
+        self.name = self.RUNTIME
+        self.family_id: str = manifest["family"]["id"]
+        self.bundle_id = _as_id(f"{self.family_id}:{self.TARGET}:{precision}")
+        self.bundle_sha256 = hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()  # commits to every artifact's sha256
+
+        self._unet = open_session(root, entries["unet_step"], threads=threads)
+        self._decoder = open_session(root, entries["vae_decoder"], threads=threads)
+        self._lock = threading.Lock() if self.TARGET == "executorch" else None  # one ExecuTorch method is not re-entrant
+        shapes = {t["name"]: t["shape"] for t in entries["unet_step"]["inputs"]}
+        self.latent_shape: tuple[int, ...] = tuple(shapes["sample"])
+        self.embeds_shape: tuple[int, ...] = (1, *shapes["text_embeds"][1:])  # (1, L, D)
+        if list(self.latent_shape) != list(manifest["latent"]["shape"]):
+            raise BundleError(f"{entries['unet_step']['file']}: input 'sample' has shape {list(self.latent_shape)}; "
+                              f"the manifest's latent shape is {manifest['latent']['shape']}")
+        image_h = int(manifest["latent"]["image_shape"][2])
+        config = _Config(in_channels=self.latent_shape[1], cross_attention_dim=self.embeds_shape[2], sample_size=self.latent_shape[2])
+        family = find_family(root, manifest, Path(family_dir) if family_dir is not None else None)
+        tokenizer, text_encoder = self._text_side(family, entries.get("text_encoder"), threads) if family else (None, None)
+        self.model = _BundleModel(ref=None, unet=_Namespace(config), vae=None, text_encoder=text_encoder, tokenizer=tokenizer,
+                                  scheduler_config=dict(manifest["scheduler"]["config"]), family_id=self.family_id,
+                                  vae_scale_factor=image_h // self.latent_shape[2])
+
+    def _text_side(self, family: Path, entry: dict[str, Any] | None, threads: int) -> tuple[Any, Any]:
+        """(tokenizer, text encoder): the family's tokenizer, the bundle's text encoder (else the family's torch one)."""
+        import transformers
+
+        from relaydiff.core.family import read_json
+        from relaydiff.export.bench import open_session
+
+        index = read_json(family / "model_index.json")
+
+        def cls(key: str, default: str) -> Any:  # the library class model_index.json names, as relaydiff.core.family.load reads it
+            spec = index.get(key)
+            return getattr(transformers, spec[1] if isinstance(spec, list) and len(spec) == 2 else default)
+
+        tokenizer = cls("tokenizer", "CLIPTokenizer").from_pretrained(str(family), subfolder="tokenizer", local_files_only=True)
+        if entry is not None:
+            return tokenizer, _OnnxTextEncoder(self._guarded(open_session(self.root, entry, threads=threads)))
+        encoder = cls("text_encoder", "CLIPTextModel").from_pretrained(str(family), subfolder="text_encoder", local_files_only=True)
+        return tokenizer, encoder.eval().requires_grad_(False)
+
+    def _guarded(self, session: Any) -> Callable[[Any], dict[str, np.ndarray]]:
+        if self._lock is None:
+            return session
+        lock = self._lock
+
+        def run(inputs: Any) -> dict[str, np.ndarray]:
+            with lock:
+                return session(inputs)
+
+        return run
+
+    # ------------------------------------------------------------------------------------------ Backend
+
+    def encode_prompt(self, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        from relaydiff.core.relay import encode_prompt
+
+        self._need_text("encode a prompt")
+        return encode_prompt(self.model, prompt, negative_prompt)  # type: ignore[arg-type]
+
+    def begin(self, request: RelayRequest) -> RelayState:
+        from relaydiff.core.relay import start
+
+        self._need_text("generate on the device alone")
+        state = start(self.model, replace(request, relay_step=0))  # type: ignore[arg-type]  (step 0: no UNet call)
+        self.check_state(state)
+        return state
+
+    def finish(self, state: RelayState) -> torch.Tensor:
+        from relaydiff.core.relay import resume
+        from relaydiff.quantize.parity import ArtifactUNet
+
+        self.check_state(state)
+        model = replace(self.model, unet=ArtifactUNet(self.model.unet, self._guarded(self._unet), state.guidance_scale))
+        with torch.inference_mode():
+            return resume(model, state).latents  # type: ignore[arg-type]
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        if tuple(latents.shape[1:]) != self.latent_shape[1:]:
+            raise RelaydiffError(
+                f"latent of shape {list(latents.shape)} does not fit the bundle's decoder (latent {list(self.latent_shape)})"
+            )
+        images = [self._guarded(self._decoder)({"latent": z[None].float().numpy()})["image"][0] for z in latents]
+        image = np.clip(np.stack(images), 0.0, 1.0)  # the artifact bakes in scaling and (x / 2 + 0.5).clamp(0, 1)
+        return (image.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+
+    def probe_state(self, request: RelayRequest) -> RelayState:
+        """A step-0 state for timing the denoiser (DeviceRuntime.steps_per_second): the prompt encoded when the
+        backend can, else zero text embeddings of the bundle's shape (a bundle without a family still announces a speed)."""
+        if self.model.tokenizer is not None:
+            return self.begin(request)
+        from relaydiff.core.relay import start
+
+        zeros = torch.zeros(self.embeds_shape)
+        model = replace(self.model, tokenizer=_ZeroTokenizer(), text_encoder=lambda _ids: (zeros,))
+        return start(model, replace(request, relay_step=0))  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------------------------------ checks
+
+    def check_state(self, state: RelayState) -> None:
+        """Refuse a state the bundle cannot continue.
+
+        Raises:
+            RelaydiffError: other family, batch, latent or text-embedding shape, noise schedule, or timestep grid.
+        """
+        from relaydiff.core.relay import check_state_for
+
+        if state.family_id and state.family_id != self.family_id:
+            raise RelaydiffError(f"relay state is from family {state.family_id!r}; the bundle is for {self.family_id!r}")
+        if tuple(state.latents.shape) != self.latent_shape:
+            raise RelaydiffError(
+                f"relay latent has shape {list(state.latents.shape)}; the bundle's unet_step takes {list(self.latent_shape)}"
+            )
+        for name, t in (("prompt", state.prompt_embeds), ("negative prompt", state.negative_prompt_embeds)):
+            if t is not None and tuple(t.shape) != self.embeds_shape:
+                raise RelaydiffError(
+                    f"relay {name} embeddings have shape {list(t.shape)}; the bundle's unet_step takes {list(self.embeds_shape)}"
+                )
+        check_state_for(self.model, state)  # type: ignore[arg-type]  (noise-schedule keys, channels, embedding width)
+        sched = self.manifest["scheduler"]
+        same_grid = (state.sampler, state.num_inference_steps) == (sched["sampler"], sched["steps"])
+        if same_grid and state.timesteps.tolist() != sched["timesteps"]:
+            raise RelaydiffError(f"relay timestep grid {state.timesteps.tolist()} differs from the bundle's {sched['timesteps']}")
+
+    def _need_text(self, what: str) -> None:
+        if self.model.tokenizer is None:
+            raise RelaydiffError(
+                f"cannot {what}: bundle '{self.root}' carries no tokenizer and its family folder was not found; pass "
+                f"family_dir= (--family) with family {self.family_id} to generate without a host"
+            )
+
+
+class _ZeroTokenizer:
+    """Token ids of zeros: only for the speed probe of a backend without a tokenizer."""
+
+    model_max_length = 1
+
+    def __call__(self, _text: str, **_kw: Any) -> Any:
+        return _Ids(torch.zeros((1, 1), dtype=torch.long))
+
+
+@dataclass(frozen=True)
+class _Ids:
+    input_ids: torch.Tensor
+
+
+@register_backend("onnx")
+class OnnxBundleBackend(BundleBackend):
+    """A bundle's ONNX artifacts in onnxruntime (CPU execution provider)."""
+
+    TARGET = "onnx"
+    RUNTIME = "onnxruntime"
+
+
+@register_backend("executorch")
+class ExecuTorchBundleBackend(BundleBackend):
+    """A bundle's ExecuTorch ``.pte`` artifacts in ExecuTorch's Python runtime (XNNPACK)."""
+
+    TARGET = "executorch"
+    RUNTIME = "executorch"

@@ -102,7 +102,9 @@ class DeviceRuntime:
         """The device model's denoising speed, measured once on a short trajectory and then remembered."""
         if self._steps_per_second is None:
             request = RelayRequest("a speed probe", relay_step=0, steps=steps, guidance_scale=5.0)
-            state = self.backend.begin(request)
+            # a backend that cannot encode prompts (a bundle without its family) still times its steps
+            probe = getattr(self.backend, "probe_state", None)
+            state = probe(request) if probe is not None else self.backend.begin(request)
             t0 = time.perf_counter()
             self.backend.finish(state)
             seconds = time.perf_counter() - t0

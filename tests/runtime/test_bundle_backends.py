@@ -1,0 +1,183 @@
+"""The ``onnx`` and ``executorch`` device backends: a built bundle finishes relays like the torch backend does.
+
+One tiny ONNX bundle (fp32 and int8; unet_step, vae_decoder, text_encoder; N = 10, k = 3) is built per
+session from the tiny family the host fixtures use, so a host and the bundle share a family id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from relaydiff.core.errors import RelaydiffError
+from relaydiff.core.relay import RelayRequest, start
+from relaydiff.runtime.backends import create_backend
+from relaydiff.runtime.device import DeviceRuntime
+from relaydiff.runtime.settings import GenerationSettings
+
+SLOW = pytest.mark.skipif(not os.environ.get("RELAYDIFF_SLOW"), reason="slow (ExecuTorch lowering, ~90 s): set RELAYDIFF_SLOW=1")
+RELAY = {"relay_step": 3, "steps": 10}
+
+
+def _build(family: Path, out: Path, targets: tuple[str, ...], precisions: tuple[str, ...], components: tuple[str, ...]) -> Path:
+    from relaydiff.export.bundle import BundleConfig, build
+
+    config = BundleConfig(family=family, out=out, targets=targets, precisions=precisions, components=components,
+                          calibration_prompts=2, eval_prompts=1, zip=False, **RELAY)
+    build(config, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundle(tiny_family: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    torch.set_num_threads(1)
+    return _build(tiny_family, tmp_path_factory.mktemp("bundle") / "bundle", ("onnx",), ("fp32", "int8"),
+                  ("unet_step", "vae_decoder", "text_encoder"))
+
+
+@pytest.fixture(scope="session")
+def onnx_fp32(bundle: Path):  # type: ignore[no-untyped-def]
+    return create_backend("onnx", bundle_dir=bundle, precision="fp32")
+
+
+@pytest.fixture(scope="session")
+def handoff(tiny_pair):  # type: ignore[no-untyped-def]
+    """A host hand-off at the bundle's k and N, and the torch backend's final latent and image from it."""
+    torch_backend = create_backend("torch", model=tiny_pair[1])
+    state = start(tiny_pair[0], RelayRequest("a red circle on a blue field", guidance_scale=5.0, seed=3, **RELAY))
+    latents = torch_backend.finish(state)
+    return state, latents, torch_backend.decode(latents)
+
+
+def _psnr(got: np.ndarray, ref: np.ndarray) -> float:
+    mse = float(np.mean((got.astype(np.float64) / 255 - ref.astype(np.float64) / 255) ** 2))
+    return 100.0 if mse <= 1e-12 else 10 * np.log10(1 / mse)
+
+
+def test_onnx_fp32_finishes_a_relay_like_torch(onnx_fp32, handoff) -> None:  # type: ignore[no-untyped-def]
+    state, ref_latents, ref_image = handoff
+    latents = onnx_fp32.finish(state)
+    image = onnx_fp32.decode(latents)
+    assert float((latents - ref_latents).abs().max()) < 1e-3
+    assert image.dtype == np.uint8 and image.shape == ref_image.shape
+    assert int(np.abs(image.astype(int) - ref_image.astype(int)).max()) <= 1
+
+
+def test_onnx_int8_stays_within_30_db_of_torch(bundle, handoff) -> None:  # type: ignore[no-untyped-def]
+    state, _ref_latents, ref_image = handoff
+    int8 = create_backend("onnx", bundle_dir=bundle, precision="int8")
+    assert _psnr(int8.decode(int8.finish(state)), ref_image) >= 30.0
+    assert int8.bundle_id.endswith(":onnx:int8")
+
+
+def test_identity_comes_from_the_manifest(onnx_fp32, bundle, tiny_pair) -> None:  # type: ignore[no-untyped-def]
+    import hashlib
+
+    assert onnx_fp32.name == "onnxruntime" and onnx_fp32.family_id == tiny_pair[1].family_id
+    assert onnx_fp32.bundle_sha256 == hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+    caps = DeviceRuntime(onnx_fp32).capabilities()
+    assert caps.runtimes == ("onnxruntime",) and caps.bundle_id == onnx_fp32.bundle_id and caps.steps_per_second > 0
+
+
+def test_prompts_go_through_the_bundles_text_encoder(onnx_fp32, tiny_pair) -> None:  # type: ignore[no-untyped-def]
+    from relaydiff.core.relay import encode_prompt
+
+    got, ref = onnx_fp32.encode_prompt("a green triangle"), encode_prompt(tiny_pair[1], "a green triangle")
+    assert all(float((g - r).abs().max()) < 1e-4 for g, r in zip(got, ref, strict=True))
+    image = DeviceRuntime(onnx_fp32).generate(GenerationSettings(steps=4).request("a green triangle", 0))
+    assert image.image.shape == (16, 16, 3) and image.steps == 4
+
+
+def test_a_tampered_artifact_is_refused_with_its_name(bundle, tmp_path: Path) -> None:
+    copy = shutil.copytree(bundle, tmp_path / "bundle")
+    path = copy / "onnx" / "fp32" / "unet_step.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(RelaydiffError, match="onnx/fp32/unet_step.onnx: sha256"):
+        create_backend("onnx", bundle_dir=copy)
+    path.unlink()
+    with pytest.raises(RelaydiffError, match="onnx/fp32/unet_step.onnx: missing"):
+        create_backend("onnx", bundle_dir=copy)
+
+
+def test_a_target_the_bundle_lacks_is_refused_listing_what_it_has(bundle) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(RelaydiffError, match="no executorch/fp32/unet_step artifact; it has: onnx/fp32/text_encoder"):
+        create_backend("executorch", bundle_dir=bundle)
+    with pytest.raises(RelaydiffError, match="unknown precision 'fp16'"):
+        create_backend("onnx", bundle_dir=bundle, precision="fp16")
+
+
+def test_a_state_with_other_latent_channels_is_refused(onnx_fp32, handoff) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    import torch
+
+    state = handoff[0]
+    wide = dataclasses.replace(state, latents=torch.zeros(1, 8, *state.latents.shape[2:]))
+    with pytest.raises(RelaydiffError, match=r"relay latent has shape \[1, 8, 8, 8\]; the bundle's unet_step takes \[1, 4, 8, 8\]"):
+        onnx_fp32.finish(wide)
+    with pytest.raises(RelaydiffError, match="the bundle is for"):
+        onnx_fp32.finish(dataclasses.replace(state, family_id="another-family"))
+
+
+def test_without_its_family_the_bundle_relays_but_cannot_generate_alone(bundle, handoff, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr("relaydiff.export.bench.find_family", lambda *_a, **_k: None)  # as on a phone: no family folder
+    backend = create_backend("onnx", bundle_dir=bundle)
+    assert DeviceRuntime(backend).steps_per_second() > 0  # the Hello still gets a speed
+    assert backend.finish(handoff[0]).shape == handoff[1].shape
+    with pytest.raises(RelaydiffError, match="carries no tokenizer"):
+        backend.begin(RelayRequest("x", relay_step=0, steps=4))
+
+
+def test_relay_through_a_host_on_loopback(onnx_fp32, tiny_pair, make_host, link_config) -> None:  # type: ignore[no-untyped-def]
+    from relaydiff.core.relay import relay
+    from relaydiff.runtime.client import RELAY as RELAYED
+    from relaydiff.runtime.client import DeviceClient
+
+    host = make_host(fraction=0.5, steps=4)
+
+    async def main():  # type: ignore[no-untyped-def]
+        async with host:
+            client = DeviceClient(DeviceRuntime(onnx_fp32), host.url, auth_token="link-test-token",
+                                  settings=GenerationSettings(steps=4), link_config=link_config)
+            return await client.generate("a red circle")
+
+    out = asyncio.run(asyncio.wait_for(main(), 60))
+    assert out.mode == RELAYED and (out.relay_step, out.steps) == (2, 4)
+    expected = relay(*tiny_pair, GenerationSettings(steps=4).request("a red circle", 2)).images[0]
+    assert int(np.abs(out.image.astype(int) - expected.astype(int)).max()) <= 1
+
+
+def test_device_command_runs_a_bundle(bundle, service_main, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens: the device generates alone with the bundle
+    out = tmp_path / "alone.png"
+    code = service_main(["device", "--connect", f"ws://127.0.0.1:{port}/", "--prompt", "a blue square", "--bundle", str(bundle),
+                         "--precision", "int8", "--token", "t", "--steps", "2", "--connect-timeout", "1", "--out", str(out), "--json"])
+    payload = json.loads(capsys.readouterr().out)
+    assert code == 0 and payload["mode"] == "device-only" and out.is_file()
+    assert service_main(["device", "--connect", "ws://127.0.0.1:1/", "--prompt", "x", "--backend", "onnx", "--token", "t"]) == 2
+    assert "pass --bundle DIR" in capsys.readouterr().out
+
+
+@SLOW
+def test_executorch_fp32_finishes_a_relay_like_torch(tiny_family, handoff, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("executorch.runtime")
+    folder = _build(tiny_family, tmp_path / "et", ("executorch",), ("fp32",), ("unet_step", "vae_decoder"))
+    backend = create_backend("executorch", bundle_dir=folder)
+    state, ref_latents, ref_image = handoff
+    latents = backend.finish(state)
+    assert backend.name == "executorch" and float((latents - ref_latents).abs().max()) < 1e-3
+    assert int(np.abs(backend.decode(latents).astype(int) - ref_image.astype(int)).max()) <= 1
