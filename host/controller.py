@@ -38,7 +38,10 @@ from relaydiff.host.ledger import Ledger, Source
 from relaydiff.host.policy import Conditions, ContextualPolicy, FixedPolicy, Policy
 from relaydiff.link.config import LinkConfig
 from relaydiff.link.errors import ErrorCode, ProtocolError
-from relaydiff.link.events import Close, Error, Feedback, GenerateRequest, Hello, Ping, Progress, RelayHandoff, Result
+from relaydiff.link.events import Close, Error, Feedback, GenerateRequest, Hello, Ping, Pong, Progress, RelayHandoff, Result
+
+PROBE_PADDING = 64 * 1024  # bytes of the second probe Ping: its extra delay over the first measures bandwidth
+PROBE_WAIT_S = 1.0  # longest wait for the link probe before a contextual policy chooses without it
 from relaydiff.link.transport import Link, LinkClosed, LinkServer, serve
 from relaydiff.runtime.settings import GenerationSettings
 
@@ -83,6 +86,9 @@ class _Session:
     waiting: dict[str, asyncio.Future[Result]] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     closed: bool = False
+    probe_sent: float = 0.0  # monotonic time the link probe (two Pings) left
+    probe_pongs: dict[int, float] = field(default_factory=dict)  # probe nonce -> monotonic arrival of its Pong
+    network: asyncio.Future[tuple[float, float]] | None = None  # (rtt_s, bandwidth_mbit_s) once both Pongs are back
 
     def key(self, request_id: str) -> str:
         return f"{self.id}/{request_id}"
@@ -136,9 +142,11 @@ class HostServer:
         self._drain_task: asyncio.Task[None] | None = None
         self.batch_sizes: list[int] = []  # requests per host run, in order (batching statistics)
 
-    def conditions(self) -> Conditions:
-        """The serving conditions a contextual policy sees for a request arriving now."""
-        return Conditions(host_queue=max(self._in_flight - 1, 0), host_utilisation=min(self._busy / self.config.workers, 1.0))
+    def conditions(self, network: tuple[float, float] | None = None) -> Conditions:
+        """The serving conditions a contextual policy sees for a request arriving now (``network``: rtt_s, Mbit/s)."""
+        rtt, bandwidth = network if network is not None else (None, None)
+        return Conditions(host_queue=max(self._in_flight - 1, 0), host_utilisation=min(self._busy / self.config.workers, 1.0),
+                          rtt_s=rtt, bandwidth_mbit_s=bandwidth)
 
     @classmethod
     def from_family(
@@ -206,6 +214,11 @@ class HostServer:
         hello = link.peer_hello
         session = _Session(f"s{next(self._sessions)}", link)
         capabilities = hello.capabilities if isinstance(hello, Hello) else None
+        if isinstance(self.policy, ContextualPolicy):  # measure the link for the policy: RTT and bandwidth
+            session.network = asyncio.get_running_loop().create_future()
+            session.probe_sent = time.monotonic()
+            await self._send(session, Ping(1, session.probe_sent))
+            await self._send(session, Ping(2, session.probe_sent, b"\0" * PROBE_PADDING))
         try:
             while True:
                 try:
@@ -230,6 +243,8 @@ class HostServer:
                     self._abort(session, event.request_id, f"device aborted: {event.code}: {event.message}")
                 elif isinstance(event, Ping):
                     await self._send(session, event.pong())
+                elif isinstance(event, Pong):
+                    self._probe_pong(session, event)
                 elif isinstance(event, (Close, Error)):
                     break
         finally:
@@ -238,6 +253,27 @@ class HostServer:
                 self._abort(session, request_id, "the link closed")
             while session.tasks:  # finish (or fall back on) every request this device started
                 await asyncio.gather(*list(session.tasks), return_exceptions=True)
+
+    @staticmethod
+    def _probe_pong(session: _Session, pong: Pong) -> None:
+        """Record a probe Pong; with both back, RTT = first Pong's delay, bandwidth = padding / extra delay."""
+        if session.network is None or session.network.done() or pong.nonce not in (1, 2) or pong.timestamp != session.probe_sent:
+            return
+        session.probe_pongs[pong.nonce] = time.monotonic()
+        if len(session.probe_pongs) == 2:
+            rtt = session.probe_pongs[1] - session.probe_sent
+            extra = max(session.probe_pongs[2] - session.probe_pongs[1], 1e-6)
+            bandwidth = min(max(PROBE_PADDING * 8 / extra / 1e6, 0.01), 10_000.0)
+            session.network.set_result((rtt, bandwidth))
+
+    async def _network(self, session: _Session) -> tuple[float, float] | None:
+        """The session's probe result, waiting at most PROBE_WAIT_S for it; None when it does not come."""
+        if session.network is None:
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.shield(session.network), PROBE_WAIT_S)
+        except TimeoutError:
+            return None
 
     def _abort(self, session: _Session, request_id: str, why: str) -> None:
         future = session.waiting.pop(request_id, None)
@@ -282,7 +318,7 @@ class HostServer:
         try:
             steps = self.config.settings.steps
             if isinstance(self.policy, ContextualPolicy):
-                k = int(self.policy.choose_in(request, capabilities, steps, self.conditions()))
+                k = int(self.policy.choose_in(request, capabilities, steps, self.conditions(await self._network(session))))
             else:
                 k = int(self.policy.choose(request, capabilities, steps))
             relay_request = self.config.settings.request(request.prompt, k)  # checks k in [0, N]

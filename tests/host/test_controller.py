@@ -180,3 +180,42 @@ def test_bad_batch_settings_are_refused() -> None:
         HostConfig(max_batch=0)
     with pytest.raises(RelaydiffError, match="batch_window_s"):
         HostConfig(batch_window_s=-1.0)
+
+
+def test_a_contextual_policy_gets_the_probed_rtt_and_bandwidth(tiny_pair, make_client, link_config) -> None:  # type: ignore[no-untyped-def]
+    from relaydiff.host.controller import HostConfig, HostServer
+    from relaydiff.host.policy import Conditions, ContextualPolicy
+    from relaydiff.link.shaper import NetworkConditions, ShapingProxy
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.seen: list[Conditions] = []
+
+        def choose(self, request, capabilities, steps):  # type: ignore[no-untyped-def]
+            raise AssertionError("a contextual policy is asked through choose_in")
+
+        def choose_in(self, request, capabilities, steps, conditions):  # type: ignore[no-untyped-def]
+            self.seen.append(conditions)
+            return steps // 2
+
+        def observe(self, request, relay_step, feedback) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+    policy = Recorder()
+    assert isinstance(policy, ContextualPolicy)
+    host = HostServer(tiny_pair[0], tiny_pair[1], auth_token="link-test-token", policy=policy,
+                      config=HostConfig(settings=SETTINGS, link=link_config))
+
+    async def main():  # type: ignore[no-untyped-def]
+        async with host:
+            port = int(host.url.rstrip("/").rsplit(":", 1)[1])
+            async with ShapingProxy("127.0.0.1", port, NetworkConditions("slow", 150.0, 8.0)) as proxy:
+                return await make_client(proxy.url()).generate("a red circle")
+
+    outcome = run(main())
+    assert outcome.mode == RELAY and outcome.relay_step == 2
+    (seen,) = policy.seen
+    assert seen.rtt_s is not None and 0.15 <= seen.rtt_s < 1.0
+    # 64 KiB at 8 Mbit/s adds ~65 ms to the second Pong: the estimate lands near 8 Mbit/s
+    assert seen.bandwidth_mbit_s is not None and 3.0 < seen.bandwidth_mbit_s < 12.0
+    assert_exactly_once(host)
