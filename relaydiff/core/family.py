@@ -183,6 +183,7 @@ class LoadedModel:
     tokenizer: Any  # transformers CLIPTokenizer (or compatible)
     scheduler_config: dict[str, Any]
     family_id: str
+    student: dict[str, Any] | None = None  # a distilled student's relaydiff_student.json (relaydiff.core.student)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -211,7 +212,10 @@ def load(ref: ModelRef, *, share_with: LoadedModel | None = None) -> LoadedModel
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)
     sched = read_json(ref.root / "scheduler" / "scheduler_config.json")
-    return LoadedModel(ref, unet, vae, text_encoder, tokenizer, sched, family_id(ref))
+    from relaydiff.core.student import read_student
+
+    student = read_student(ref.root / ref.unet_subfolder)
+    return LoadedModel(ref, unet, vae, text_encoder, tokenizer, sched, family_id(ref), student)
 
 
 def _library_class(index: dict[str, Any], key: str, module: Any, default: str) -> Any:

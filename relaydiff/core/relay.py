@@ -341,10 +341,18 @@ def resume(
     if state.generator_state is not None:
         generator = torch.Generator("cpu")
         generator.set_state(state.generator_state)
-    latents = denoise(
-        model, scheduler, state.latents.float(), (state.prompt_embeds.float(), _opt_float(state.negative_prompt_embeds)),
-        state.guidance_scale, state.step_index, end, generator, on_step=on_step, progress=progress, desc="device steps",
-    )
+    if getattr(model, "student", None) is not None:  # a distilled student: its own coarse jumps, guidance baked in
+        if end != n:
+            raise RelaydiffError(f"a distilled student finishes the whole trajectory; end must be {n}, got {end}")
+        from relaydiff.core.student import student_finish
+
+        latents = student_finish(model.unet, model.student, state.latents, state.timesteps, state.step_index,
+                                 state.prompt_embeds.float(), state.scheduler_config, state.sampler)
+    else:
+        latents = denoise(
+            model, scheduler, state.latents.float(), (state.prompt_embeds.float(), _opt_float(state.negative_prompt_embeds)),
+            state.guidance_scale, state.step_index, end, generator, on_step=on_step, progress=progress, desc="device steps",
+        )
     hist, hist_ints = export_history(scheduler)
     sigmas = getattr(scheduler, "sigmas", None)
     return RelayState(

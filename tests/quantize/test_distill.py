@@ -1,0 +1,84 @@
+"""Distillation smoke run on the tiny family: the loss goes down, the student loads, relays in M passes, and is refused where it cannot run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from relaydiff.cli import main
+from relaydiff.core import family
+from relaydiff.core.errors import RelaydiffError, RelayStateError
+from relaydiff.core.relay import RelayRequest, relay, resume, start
+from relaydiff.core.student import STUDENT_FILE, coarse_indices, ddim_jump, read_student
+from relaydiff.quantize.distill import DistillConfig, distill
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_family: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:  # type: ignore[type-arg]
+    root = tmp_path_factory.mktemp("distill") / "family"
+    shutil.copytree(tiny_family, root)
+    torch.manual_seed(0)
+    cfg = DistillConfig(family=root, relay_step=3, steps=8, student_steps=2, batch_size=4, updates_per_batch=12,
+                        buffer_batches=1, max_updates=12, lr=1e-3, warmup=1, ema_decay=0.0, threads=1)
+    return root, distill(cfg, progress=False)
+
+
+def test_distillation_loss_goes_down_and_the_student_is_a_family_variant(distilled) -> None:  # type: ignore[no-untyped-def]
+    root, info = distilled
+    losses = info["training"]["loss_curve"]
+    assert info["training"]["updates"] == 12 and losses[-1] < 0.8 * losses[0], losses
+    assert (info["teacher_unet_passes"], info["student_unet_passes"]) == (10, 2)
+    assert json.loads((root / "family.json").read_text())["variants"]["student"] == "unet_student"
+    assert read_student(root / "unet_student")["student_steps"] == 2
+    family.check_pair(family.resolve(root, None, role="host"), family.resolve(root, "student", role="device"))
+
+
+def test_the_student_relays_in_m_unet_passes_with_no_cfg(distilled) -> None:  # type: ignore[no-untyped-def]
+    root, _ = distilled
+    host = family.load(family.resolve(root, None, role="host"))
+    student = family.load(family.resolve(root, "student", role="device"), share_with=host)
+    batch_sizes: list[int] = []
+    hook = student.unet.register_forward_pre_hook(lambda _m, args: batch_sizes.append(args[0].shape[0]))
+    state = start(host, RelayRequest("a red circle", relay_step=3, steps=8, seed=1))
+    out = resume(student, state)
+    hook.remove()
+    assert batch_sizes == [1, 1]  # two jumps, one conditional pass each
+    assert out.step_index == 8 and torch.isfinite(out.latents).all()
+    image = relay(host, student, RelayRequest("a red circle", relay_step=3, steps=8, seed=1)).images[0]
+    assert image.shape == (16, 16, 3)
+    with pytest.raises(RelayStateError, match="distilled on the 'ddim' sampler"):
+        resume(student, start(host, RelayRequest("a red circle", relay_step=3, steps=8, sampler="euler", seed=1)))
+    with pytest.raises(RelaydiffError, match="finishes the whole trajectory"):
+        resume(student, state, end=5)
+
+
+def test_coarse_grid_and_ddim_jump() -> None:
+    assert coarse_indices(25, 8, 4) == [8, 12, 16, 20]
+    assert coarse_indices(10, 8, 4) == [8, 9]
+    x, eps = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    assert torch.allclose(ddim_jump(x, eps, 0.3, 0.3), x, atol=1e-6)  # no move when the noise level stays
+    x0 = ddim_jump(x, eps, 0.3, 1.0)
+    assert torch.allclose(x0, (x - 0.7 ** 0.5 * eps) / 0.3 ** 0.5, atol=1e-5)
+
+
+def test_bad_student_file_and_bad_config_are_refused(distilled, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root, _ = distilled
+    bad = tmp_path / "unet"
+    bad.mkdir()
+    (bad / STUDENT_FILE).write_text(json.dumps({**read_student(root / "unet_student"), "sampler": "euler"}))
+    with pytest.raises(RelaydiffError, match="only 'ddim' students"):
+        read_student(bad)
+    with pytest.raises(RelaydiffError, match="student steps 9 exceed"):
+        DistillConfig(family=root, relay_step=3, steps=8, student_steps=9)
+    with pytest.raises(RelaydiffError, match="does not exist"):
+        DistillConfig(family=tmp_path / "nope")
+
+
+def test_distill_cli_bad_input_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["distill", "--family", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not exist" in err and len(err.splitlines()) == 1
