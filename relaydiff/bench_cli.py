@@ -15,8 +15,8 @@ from typing import Any
 
 
 def add_parsers(sub: Any) -> None:
-    """Add ``bench`` with its sub-commands (``device``) to the ``relaydiff`` subparsers."""
-    p = sub.add_parser("bench", help="benchmarks: `bench device` times a bundle's artifacts beside torch")
+    """Add ``bench`` with its sub-commands (``device``, ``link``) to the ``relaydiff`` subparsers."""
+    p = sub.add_parser("bench", help="benchmarks: `bench device` times a bundle's artifacts beside torch; `bench link` the link and host throughput")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
 
     d = bench_sub.add_parser("device", help="size, load time and per-call latency of a bundle's artifacts vs torch fp32")
@@ -27,6 +27,17 @@ def add_parsers(sub: Any) -> None:
     d.add_argument("--family", help="family folder of the torch reference (default: the one recorded in the bundle)")
     d.add_argument("--no-relay", action="store_true", help="skip the device-half relay timing")
     d.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+    n = bench_sub.add_parser("link", help="hand-off overhead vs ping RTT; host throughput host-only vs relay with many devices")
+    n.add_argument("--rounds", type=int, default=200, help="hand-offs and pings timed for the overhead (default 200)")
+    n.add_argument("--family", help="family for the throughput runs (default: the embedded family)")
+    n.add_argument("--devices", type=int, default=32, help="concurrent devices (default 32)")
+    n.add_argument("--requests-per-device", type=int, default=2, help="requests each device sends (default 2)")
+    n.add_argument("--steps", type=int, default=25, help="denoising steps N (default 25)")
+    n.add_argument("--fraction", type=float, default=0.3, help="relay at k = fraction x N (default 0.3)")
+    n.add_argument("--max-batch", type=int, default=8, help="host-step batch size of the batched runs (default 8)")
+    n.add_argument("--no-throughput", action="store_true", help="measure the hand-off overhead only")
+    n.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
 def cmd_device(args: argparse.Namespace) -> int:
@@ -39,7 +50,18 @@ def cmd_device(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS: dict[str, Callable[[argparse.Namespace], int]] = {"device": cmd_device}  # `bench link` joins here
+def cmd_link(args: argparse.Namespace) -> int:
+    from relaydiff.host.bench import LinkBenchConfig, bench_link, format_report
+
+    config = LinkBenchConfig(rounds=args.rounds, family=Path(args.family) if args.family else None, devices=args.devices,
+                             requests_per_device=args.requests_per_device, steps=args.steps, fraction=args.fraction,
+                             max_batch=args.max_batch, throughput=not args.no_throughput)
+    report = bench_link(config, log=None if args.json else (lambda m: print(f"running {m}", file=sys.stderr)))
+    print(json.dumps(report, sort_keys=True) if args.json else format_report(report))
+    return 0
+
+
+BENCHMARKS: dict[str, Callable[[argparse.Namespace], int]] = {"device": cmd_device, "link": cmd_link}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

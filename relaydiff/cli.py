@@ -102,7 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the action (see `relaydiff family train --help`)")
     service_cli.add_parsers(sub)  # relaydiff host, relaydiff device
     bundle_cli.add_parsers(sub)  # relaydiff bundle build|verify
-    bench_cli.add_parsers(sub)  # relaydiff bench device
+    bench_cli.add_parsers(sub)  # relaydiff bench device|link
+
+    p = sub.add_parser("distill", help="relay-aware step + guidance distillation of the device UNet into a few-step student")
+    p.add_argument("--family", default=None, help="family folder (default: the embedded family); the student is written into it")
+    p.add_argument("--relay-step", type=int, default=8, help="relay step k the student is distilled for (default 8)")
+    p.add_argument("--student-steps", type=int, default=4, help="student DDIM jumps M (default 4)")
+    p.add_argument("--steps", type=int, default=25, help="teacher grid steps N (default 25)")
+    p.add_argument("--guidance", type=float, default=5.0, help="teacher CFG scale baked into the student (default 5)")
+    p.add_argument("--minutes", type=float, default=25.0, help="training budget in minutes (default 25)")
+    p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint of an earlier run")
+    p.add_argument("--json", action="store_true", help="print the student description as JSON, no progress bars")
+
+    p = sub.add_parser("demo", help="the relay end to end: bundle, host and device on loopback under changing networks")
+    p.add_argument("--family", default=None, help="family folder (default: the embedded family)")
+    p.add_argument("--out-dir", default="out/demo", help="bundle, report.json and grid.png go here (default out/demo)")
+    p.add_argument("--precision", default="fp32", help="device bundle precision: fp32 or int8 (default fp32)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps N (default 25)")
+    p.add_argument("--quality-preference", type=float, default=0.6, help="the user's quality weight in [0, 1] (default 0.6)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rebuild", action="store_true", help="rebuild the bundle even when a matching one exists")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object instead of the table")
     return parser
 
 
@@ -299,7 +319,39 @@ def cmd_family(args: argparse.Namespace) -> int:
     return int(train_main(list(args.rest)))
 
 
-COMMANDS = {"relay": cmd_relay, "resume": cmd_resume, "diagnose": cmd_diagnose, "preset": cmd_preset, "check": cmd_check, "eval": cmd_eval, "family": cmd_family, **service_cli.COMMANDS, "bundle": bundle_cli.cmd_bundle, "bench": bench_cli.cmd_bench}
+def cmd_distill(args: argparse.Namespace) -> int:
+    from relaydiff.core import family
+    from relaydiff.quantize.distill import DistillConfig, distill
+
+    root = Path(args.family) if args.family else family.default_family_dir()
+    config = DistillConfig(family=root, relay_step=args.relay_step, student_steps=args.student_steps, steps=args.steps,
+                           guidance_scale=args.guidance, minutes=args.minutes)
+    info = distill(config, resume=not args.no_resume, progress=not args.json, log=None if args.json else print)
+    if args.json:
+        print(json.dumps(info, sort_keys=True))
+    else:
+        print(f"student: {info['student_unet_passes']} UNet passes after the relay step instead of {info['teacher_unet_passes']}; "
+              f"variant {config.variant!r} in {root}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from relaydiff.demo import DemoConfig, run_demo
+
+    config = DemoConfig(out_dir=Path(args.out_dir), family=Path(args.family) if args.family else None,
+                        precision=args.precision, steps=args.steps, quality_preference=args.quality_preference,
+                        seed=args.seed, rebuild=args.rebuild)
+    report = run_demo(config, log=None if args.json else print)
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+    else:
+        print(f"network emulation: {report['network_emulation']}")
+        print(f"device backend: {report['device_backend']}; bundle {'reused' if report['bundle_reused'] else 'built'}: {report['bundle']}")
+        print(f"wrote {report['grid_png']} and {Path(args.out_dir) / 'report.json'}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "distill": cmd_distill, "relay": cmd_relay, "resume": cmd_resume, "diagnose": cmd_diagnose, "preset": cmd_preset, "check": cmd_check, "eval": cmd_eval, "family": cmd_family, **service_cli.COMMANDS, "bundle": bundle_cli.cmd_bundle, "bench": bench_cli.cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
