@@ -1,5 +1,5 @@
 # The whole set-up on a fresh machine (Python 3.11, CPU only, package registries only):
-#   make demo   installs relaydiff and runs the main job
+#   make demo   installs relaydiff and runs the main job (relaydiff demo: bundle, host and device on loopback)
 #   make test   installs relaydiff with its test tools and runs the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -20,8 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/relaydiff relay --prompt "a large red circle left of a small blue square" --steps 25 --relay-step 8 --out out/relay.png
-	$(BIN)/relaydiff diagnose --prompt "a large red circle left of a small blue square" --steps 25 --relay-step 8 --out-dir out/diagnostic
+	$(BIN)/relaydiff demo --out-dir out/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -168,6 +168,11 @@ def _typed(meta: dict[str, Any], key: str, types: type | tuple[type, ...]) -> An
     return value
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """All elements finite: one float64 sum (NaN/Inf propagate; finite float32 values cannot overflow it)."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float64)))
+
+
 def validate(state: RelayState) -> None:
     """Check shapes, dtypes, ranges and finiteness of a relay state; raises RelayStateError."""
     from relaydiff.core.schedulers import SAMPLERS
@@ -177,12 +182,12 @@ def validate(state: RelayState) -> None:
         raise RelayStateError(f"latents must be a 4-D tensor (B, C, H, W), got shape {tuple(getattr(lat, 'shape', ()))}")
     if lat.dtype not in _FLOAT_DTYPES:
         raise RelayStateError(f"latents dtype {lat.dtype} is not float32/float16/bfloat16")
-    if not torch.isfinite(lat).all():
+    if not _finite(lat):
         raise RelayStateError("latents contain NaN or Inf values")
     ts = state.timesteps
     if not isinstance(ts, torch.Tensor) or ts.ndim != 1 or ts.shape[0] < 1:
         raise RelayStateError(f"timesteps must be a non-empty 1-D tensor, got shape {tuple(getattr(ts, 'shape', ()))}")
-    if ts.dtype not in _TIMESTEP_DTYPES or (ts.dtype.is_floating_point and not torch.isfinite(ts).all()):
+    if ts.dtype not in _TIMESTEP_DTYPES or (ts.dtype.is_floating_point and not _finite(ts)):
         raise RelayStateError(f"timesteps must be finite int64/int32/float32/float64, got dtype {ts.dtype}")
     if state.seed is not None and (isinstance(state.seed, bool) or not isinstance(state.seed, int)):
         raise RelayStateError(f"seed must be an integer or null, got {state.seed!r}")
@@ -199,7 +204,7 @@ def validate(state: RelayState) -> None:
             raise RelayStateError(
                 f"{name} must be (B, L, D) with B = {lat.shape[0]}, got shape {tuple(getattr(emb, 'shape', ()))}"
             )
-        if emb.dtype not in _FLOAT_DTYPES or not torch.isfinite(emb).all():
+        if emb.dtype not in _FLOAT_DTYPES or not _finite(emb):
             raise RelayStateError(f"{name} must be finite floats (dtype {emb.dtype})")
     if state.guidance_scale > 1.0 and state.negative_prompt_embeds is None:
         raise RelayStateError(f"guidance scale {state.guidance_scale} needs negative_prompt_embeds")
@@ -211,7 +216,7 @@ def validate(state: RelayState) -> None:
     if state.sigmas is not None:
         if state.sigmas.ndim != 1 or state.sigmas.shape[0] != n + 1:
             raise RelayStateError(f"sigmas must have shape ({n + 1},), got {tuple(state.sigmas.shape)}")
-        if state.sigmas.dtype not in _FLOAT_DTYPES or not torch.isfinite(state.sigmas).all():
+        if state.sigmas.dtype not in _FLOAT_DTYPES or not _finite(state.sigmas):
             raise RelayStateError(f"sigmas must be finite floats, got dtype {state.sigmas.dtype}")
     for key, value in state.history.items():
         if value.dtype not in _FLOAT_DTYPES:

@@ -12,6 +12,8 @@ that into a RemoteProtocolError when the value came from the peer.
 
 from __future__ import annotations
 
+import contextvars
+
 import math
 import re
 from collections.abc import Mapping
@@ -205,6 +207,7 @@ class _Nested(_Spec):
 
 
 _REQUEST_ID = _Str(min_bytes=1, max_bytes=64, pattern=_ID)
+_SENDING_STATE: "contextvars.ContextVar[Any]" = contextvars.ContextVar("relaydiff_sending_state", default=None)
 
 
 class _Record:
@@ -368,6 +371,10 @@ class RelayHandoff(Event):
         from relaydiff.core.errors import RelayStateError
         from relaydiff.core.state import RelayState
 
+        trusted = _SENDING_STATE.get()
+        if trusted is not None:  # from_state: the sender's own state, validated when it was built; no re-parse
+            object.__setattr__(self, "state", trusted)
+            return
         try:
             state = RelayState.from_bytes(self.relay_state, max_bytes=MAX_RELAY_STATE_BYTES)
         except RelayStateError as exc:
@@ -381,8 +388,17 @@ class RelayHandoff(Event):
 
     @classmethod
     def from_state(cls, request_id: str, state: "RelayState") -> "RelayHandoff":
-        """Wrap a RelayState for sending."""
-        return cls(request_id=request_id, relay_state=state.to_bytes())
+        """Wrap a RelayState for sending (its bytes are not parsed back: the state validated itself when built)."""
+        from relaydiff.core.state import RelayState, validate
+
+        if not isinstance(state, RelayState):
+            raise TypeError(f"expected a RelayState, got {type(state).__name__}")
+        validate(state)  # cheap, and catches a state mutated after it was built
+        token = _SENDING_STATE.set(state)
+        try:
+            return cls(request_id=request_id, relay_state=state.to_bytes())
+        finally:
+            _SENDING_STATE.reset(token)
 
 
 class ResultKind(str, Enum):
