@@ -85,7 +85,7 @@ def test_micro_training_run_writes_a_loadable_family(tmp_path: Path) -> None:
 
     pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
     assert pipe.unet.config.sample_size == 8
-    assert pipe.vae.config.latent_channels == 4
+    assert pipe.vae.config.latent_channels == pipe.unet.config.in_channels == TrainConfig.micro().arch.vae.latent_channels
     assert pipe.vae.config.scaling_factor == pytest.approx(stages["vae"]["scaling_factor"])
     assert pipe.tokenizer.model_max_length == pipe.text_encoder.config.max_position_embeddings
     assert pipe.text_encoder.config.eos_token_id == pipe.tokenizer.eos_token_id

@@ -20,7 +20,7 @@ class VAEArch:
 
     block_out_channels: tuple[int, ...] = (16, 32, 64)  # one entry per level; n-1 downsamples
     layers_per_block: int = 1  # resnets per encoder level (decoder uses one more)
-    latent_channels: int = 4  # channels of the latent the UNets denoise
+    latent_channels: int = 8  # channels of the latent the UNets denoise (4 lost small-shape detail)
     norm_num_groups: int = 8  # GroupNorm groups; must divide every channel count
 
 
@@ -39,8 +39,8 @@ class TextArch:
 class UNetArch:
     """Shape of one ``UNet2DConditionModel`` (host or device)."""
 
-    block_out_channels: tuple[int, ...] = (64, 128, 128)  # channels per resolution level
-    layers_per_block: int = 2  # resnets (+ attention) per down level
+    block_out_channels: tuple[int, ...] = (64, 128)  # channels per resolution level
+    layers_per_block: int = 1  # resnets (+ attention) per down level
     cross_attn_levels: int = 2  # the first N levels (highest resolution) get cross-attention
     attention_heads: int = 4  # heads in every transformer block
     norm_num_groups: int = 32  # GroupNorm groups; must divide every channel count
@@ -61,14 +61,14 @@ class UNetArch:
 
 
 def host_unet_arch() -> UNetArch:
-    """The large host UNet (about 8.6M parameters)."""
+    """The large host UNet (about 4.3M parameters; ~114 samples/s training at 8x8 on 2 cores)."""
     return UNetArch()
 
 
 def device_unet_arch() -> UNetArch:
     """The small device UNet (well under a quarter of the host's FLOPs)."""
-    return UNetArch(block_out_channels=(32, 64), layers_per_block=1, cross_attn_levels=2,
-                    attention_heads=2, norm_num_groups=16)
+    return UNetArch(block_out_channels=(24, 48), layers_per_block=1, cross_attn_levels=2,
+                    attention_heads=2, norm_num_groups=8)
 
 
 @dataclass
