@@ -141,6 +141,7 @@ class HostServer:
         self._batching = False  # a _drain task is running
         self._drain_task: asyncio.Task[None] | None = None
         self.batch_sizes: list[int] = []  # requests per host run, in order (batching statistics)
+        self.host_busy_s = 0.0  # wall seconds spent in host runs (host steps of every batch), for capacity figures
 
     def conditions(self, network: tuple[float, float] | None = None) -> Conditions:
         """The serving conditions a contextual policy sees for a request arriving now (``network``: rtt_s, Mbit/s)."""
@@ -364,6 +365,7 @@ class HostServer:
                 for p in group:
                     self._pending.remove(p)
                 self.batch_sizes.append(len(group))
+                t_run = time.perf_counter()
                 try:
                     if len(group) == 1:  # the unbatched path: bit-identical to relaydiff.core.relay.start
                         results = [await self._work(_host_steps, self.host_model, first)]
@@ -374,6 +376,8 @@ class HostServer:
                         if not future.done():
                             future.set_exception(exc)
                     continue
+                finally:
+                    self.host_busy_s += time.perf_counter() - t_run
                 for (_, future), (state, seconds) in zip(group, results):
                     if not future.done():
                         future.set_result((state, seconds, len(group)))

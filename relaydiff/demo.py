@@ -237,7 +237,8 @@ HEADER = (f"{'network':<8} {'mode':<11} {'k/N':>6} {'host s':>7} {'xfer ms':>8} 
 
 def format_row(r: dict[str, Any]) -> str:
     def num(v: Any, fmt: str) -> str:
-        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+        width = int(fmt.split(".")[0]) if fmt[0].isdigit() else 0
+        return format(v, fmt) if isinstance(v, (int, float)) else "-".rjust(width)
 
     return (f"{r['network']:<8} {r['mode']:<11} {str(r['relay_step']) + '/' + str(r['steps']):>6} {num(r['host_s'], '7.2f')} "
             f"{num(r['transfer_ms'], '8.1f')} {num(r['device_s'], '8.2f')} {r['end_to_end_s']:6.2f} {r['quality']:7.2f}  {r['prompt']}")

@@ -191,7 +191,11 @@ def load_table(path: str | Path | None = None) -> SchedulerTable:
     return SchedulerTable.from_json(obj, where=f"scheduler table '{p}'")
 
 
-def table_from_relay_reports(reports: dict[str, dict[str, Any]], *, state_bytes: int, source: str = "") -> SchedulerTable:
+QUALITY_METRICS = ("accuracy", "attribute_accuracy")
+
+
+def table_from_relay_reports(reports: dict[str, dict[str, Any]], *, state_bytes: int, source: str = "",
+                             quality_metric: str = "accuracy") -> SchedulerTable:
     """Build a table from ``relaydiff eval relay`` reports, one per device variant (same host, same N).
 
     Reads each report's ``config.steps`` and ``summary`` (the ``report.json`` of ``write_outputs`` or the
@@ -201,11 +205,16 @@ def table_from_relay_reports(reports: dict[str, dict[str, Any]], *, state_bytes:
     Args:
         reports: variant name -> parsed report.
         state_bytes: relay state size on the link (``relaydiff relay --json`` prints ``relay_state_bytes``).
+        quality_metric: "accuracy" (all of a prompt's checks pass) or "attribute_accuracy" (share of checks
+            passed: graded, for a family whose prompt accuracy is near zero on complex prompts).
     Raises:
         TableError: a report lacks a field, the reports disagree on N or the relay steps.
     """
     if not reports:
         raise TableError("no eval relay report given; expected at least one VARIANT=report.json")
+    if quality_metric not in QUALITY_METRICS:
+        raise TableError(f"quality metric {quality_metric!r} is unknown; expected one of {QUALITY_METRICS}")
+    key = "accuracy_by_complexity" if quality_metric == "accuracy" else "attribute_accuracy_by_complexity"
     variants: dict[str, VariantCosts] = {}
     host_fits = []
     steps = fractions = complexities = None
@@ -214,7 +223,7 @@ def table_from_relay_reports(reports: dict[str, dict[str, Any]], *, state_bytes:
             n = int(rep["config"]["steps"])
             summary = sorted(rep["summary"], key=lambda s: s["k"])
             ks = np.array([s["k"] for s in summary], dtype=float)
-            by_c = [s["accuracy_by_complexity"] for s in summary]
+            by_c = [s[key] for s in summary]
             cx = sorted({int(c) for d in by_c for c in d})
             quality = tuple(tuple(float(d[str(c)][0]) if str(c) in d else float("nan") for d in by_c) for c in cx)
             host_s = np.array([s["host_seconds"] for s in summary], dtype=float)
@@ -236,7 +245,7 @@ def table_from_relay_reports(reports: dict[str, dict[str, Any]], *, state_bytes:
         variants[name] = VariantCosts(float(max(db, 0.0)), float(max(da, 0.0)), quality)
     hb, ha = np.mean(host_fits, axis=0)
     assert steps is not None and fractions is not None and complexities is not None
-    return SchedulerTable(source or "built from eval relay reports: " + ", ".join(reports), steps, fractions,
+    return SchedulerTable(source or f"built from eval relay reports ({quality_metric}): " + ", ".join(reports), steps, fractions,
                           tuple(complexities), float(hb), float(ha), int(state_bytes), variants)
 
 

@@ -148,6 +148,8 @@ def summarize(rows: list[dict[str, Any]], ks: list[int], n: int) -> list[dict[st
         for c in sorted({r["complexity"] for r in rs}):
             sub = [r["correct"] for r in rs if r["complexity"] == c]
             entry.setdefault("accuracy_by_complexity", {})[str(c)] = [float(np.mean(sub)), len(sub)]
+            att = [r["attribute_accuracy"] for r in rs if r["complexity"] == c]
+            entry.setdefault("attribute_accuracy_by_complexity", {})[str(c)] = [float(np.mean(att)), len(att)]
         out.append(entry)
     return out
 

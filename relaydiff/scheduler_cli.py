@@ -48,7 +48,8 @@ def cmd_eval_scheduler(args: argparse.Namespace) -> int:
             raise RelaydiffError("--from-relay-report needs --table PATH to write the table to")
         if args.state_bytes is None or args.state_bytes < 0:
             raise RelaydiffError(f"--from-relay-report needs --state-bytes N >= 0 (relaydiff relay --json prints it), got {args.state_bytes!r}")
-        table = table_from_relay_reports(_read_reports(args.from_relay_report), state_bytes=args.state_bytes)
+        table = table_from_relay_reports(_read_reports(args.from_relay_report), state_bytes=args.state_bytes,
+                                         quality_metric=args.quality_metric)
         table.save(args.table)
     table = load_table(args.table)
     result = run_scheduler_eval(table, cfg, progress=not args.json)

@@ -24,6 +24,7 @@ def _relay_report(n: int = 10) -> dict:
     for k in (0, 3, 5, 10):
         summary.append({"k": k, "fraction": k / n, "accuracy": 0.5,
                         "accuracy_by_complexity": {"4": [0.6 + 0.03 * k, 10], "7": [0.3 + 0.05 * k, 10]},
+                        "attribute_accuracy_by_complexity": {"4": [0.9, 10], "7": [0.7 + 0.01 * k, 10]},
                         "host_seconds": 0.1 + 0.02 * k if k else 0.0, "device_seconds": 0.5 + 0.2 * (n - k)})
     return {"config": {"steps": n}, "summary": summary}
 
@@ -36,6 +37,11 @@ def test_table_from_relay_report_and_round_trip(tmp_path: Path) -> None:
     assert v.device_step_s == pytest.approx(0.2) and v.device_overhead_s == pytest.approx(0.5)
     assert v.quality[1] == pytest.approx((0.3, 0.45, 0.55, 0.8))
     assert load_table(table.save(tmp_path / "t.json")) == table
+    graded = table_from_relay_reports({"fp32": _relay_report()}, state_bytes=1234, quality_metric="attribute_accuracy")
+    assert graded.variants["fp32"].quality[1] == pytest.approx((0.7, 0.73, 0.75, 0.8))
+    assert "attribute_accuracy" in graded.source
+    with pytest.raises(TableError, match="quality metric 'psnr' is unknown"):
+        table_from_relay_reports({"fp32": _relay_report()}, state_bytes=1, quality_metric="psnr")
 
 
 def test_bad_tables(tmp_path: Path) -> None:

@@ -25,12 +25,16 @@ def test_bench_link_measures_handoff_and_throughput(tiny_family: Path) -> None:
     for r in runs.values():
         assert r["requests"] == 6 and r["answered_exactly_once"], r
         assert r["requests_per_s"] == pytest.approx(6 / r["wall_s"], rel=1e-2)
+        assert 0 < r["host_busy_s"] <= r["wall_s"] * 1.05
+        assert r["host_capacity_requests_per_s"] == pytest.approx(6 / r["host_busy_s"], rel=1e-2)
     assert runs[("relay", 1)]["relay_step"] == 2 and runs[("host-only", 1)]["relay_step"] == 4
     assert runs[("relay", 1)]["modes_seen_by_devices"] == {"relay": 6}
     assert runs[("host-only", 1)]["modes_seen_by_devices"] == {"host-only": 6}
     assert runs[("relay", 1)]["mean_batch"] == 1.0
     assert t["relay_over_host_only"] == pytest.approx(
         runs[("relay", 1)]["requests_per_s"] / runs[("host-only", 1)]["requests_per_s"], rel=1e-2)
+    assert t["host_capacity_relay_over_host_only"] == pytest.approx(
+        runs[("relay", 1)]["host_capacity_requests_per_s"] / runs[("host-only", 1)]["host_capacity_requests_per_s"], rel=1e-2)
     text = format_report(report)
     assert "overhead" in text and "relay / host-only" in text
 
