@@ -200,7 +200,7 @@ def distill(config: DistillConfig, *, resume: bool = True, progress: bool = True
             if ema is not None:
                 ema.step(params)
             state["updates"] += 1
-            state["losses"].append(round(float(loss), 6))
+            state["losses"].append(round(loss.item(), 6))
         bar.update(config.updates_per_batch)
         recent = state["losses"][-30:]
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)

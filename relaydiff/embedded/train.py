@@ -80,7 +80,7 @@ class TrainConfig:
     def micro(cls, seed: int = 0) -> "TrainConfig":
         """A seconds-long smoke run with tiny models."""
         arch = FamilyArch(
-            vae=VAEArch(block_out_channels=(8, 16, 16), norm_num_groups=4),
+            vae=VAEArch(block_out_channels=(8, 16, 16), latent_channels=4, norm_num_groups=4),
             text=TextArch(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                           num_attention_heads=2),
             host=UNetArch(block_out_channels=(16, 32), layers_per_block=1, attention_heads=2,

@@ -9,7 +9,7 @@ import pytest
 
 from relaydiff.host.bandit import Arm, BanditConfig, BanditContext, BanditError, BanditPolicy, reward
 from relaydiff.host.policy import Conditions, ContextualPolicy, Policy
-from relaydiff.link.events import DeviceCapabilities, Feedback, GenerateRequest
+from relaydiff.link.events import DeviceCapabilities, Feedback, GenerateRequest, Ping
 
 FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
@@ -113,7 +113,11 @@ def test_host_server_serves_with_the_bandit(tiny_pair, link_config, token, tmp_p
         async with host:
             link = await connect(host.url, auth_token=token, capabilities=caps, config=link_config)
             await link.send(GenerateRequest("r1", "a large cyan triangle below a large orange circle", 0.5, 30.0))
-            progress = await link.recv()
+            pings = 0
+            while isinstance(progress := await link.recv(), Ping):  # the host's link probe (docs/protocol.md)
+                await link.send(progress.pong())
+                pings += 1
+            assert pings == 2
             assert isinstance(progress, Progress) and progress.step == 3  # fraction 0.7 of N = 4 (deterministic prior choice)
             assert isinstance(await link.recv(), RelayHandoff)
             png = io.BytesIO()
