@@ -52,7 +52,7 @@ def test_json_report(bench_bundle: Path, capsys: pytest.CaptureFixture[str]) -> 
     for r in report["artifacts"]:
         assert r["status"] == "ok" and r["size"] == (bench_bundle / r["file"]).stat().st_size
         assert r["load_seconds"] > 0 and r["call_seconds"] > 0 and r["torch_call_seconds"] > 0
-        assert r["ratio_vs_torch"] == pytest.approx(r["call_seconds"] / r["torch_call_seconds"], rel=1e-3, abs=1e-4)
+        assert r["ratio_vs_torch"] == pytest.approx(r["call_seconds"] / r["torch_call_seconds"], rel=1e-2, abs=1e-3)  # both rounded in the report
     assert {t["component"] for t in report["torch"]} == {"unet_step", "vae_decoder"}
     relay = {(r["target"], r["precision"]): r for r in report["relay"]}
     assert set(relay) == {("torch", "fp32"), ("onnx", "fp32"), ("onnx", "int8")}
