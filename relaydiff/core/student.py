@@ -18,7 +18,6 @@ neighbours of an evenly spaced grid.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -40,12 +39,9 @@ def read_student(unet_dir: Path) -> dict[str, Any] | None:
         return None
     if path.stat().st_size > 64 * 1024:
         raise RelaydiffError(f"'{path}' is larger than 64 KiB")
-    try:
-        info = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RelaydiffError(f"'{path}' is not valid JSON: {exc}") from None
-    if not isinstance(info, dict):
-        raise RelaydiffError(f"'{path}' must hold a JSON object")
+    from relaydiff.core.family import read_json
+
+    info = read_json(path)  # valid JSON holding an object, or a clear error
     for key, kind in _REQUIRED.items():
         value = info.get(key)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else isinstance(value, kind) and not isinstance(value, bool)
