@@ -4,7 +4,9 @@
 ``RELAYDIFF_FAMILY=DIR`` or the family folder recorded in the artifacts' metadata (either must have the
 manifest's config hash). Unset, a tiny bundle is built once per session from the random-weight ``tiny``
 preset: ONNX (``RELAYDIFF_DEVICE_TESTS_TARGETS`` adds ``executorch``, ``coreml``), fp32 and int8,
-``unet_step`` and ``vae_decoder``, N = 10, k = 3.
+``unet_step`` and ``vae_decoder``, N = 10, k = 3 -- twice: once for the preset's device UNet and once
+for a student distilled from it in a few updates (``RELAYDIFF_DEVICE_TESTS_VARIANTS``, default
+``device,student``), so every check also runs on an exported student's one-pass ``unet_step``.
 
 Tests that take ``artifact_key`` are parametrized at collection time with the bundle's artifacts
 ("target/precision/component"), filtered by their ``@pytest.mark.artifacts(...)`` marker.
@@ -30,6 +32,15 @@ TARGETS_ENV = "RELAYDIFF_DEVICE_TESTS_TARGETS"  # targets of the self-built tiny
 TINY_PRECISIONS = ("fp32", "int8")
 TINY_COMPONENTS = ("unet_step", "vae_decoder")  # what the checks use; the text encoder runs on the host side of these tests
 TINY_RELAY = {"relay_step": 3, "steps": 10}
+VARIANTS_ENV = "RELAYDIFF_DEVICE_TESTS_VARIANTS"  # device variants of the self-built tiny bundles (default: device,student)
+
+
+def tiny_variants() -> tuple[str, ...]:
+    names = tuple(v.strip() for v in os.environ.get(VARIANTS_ENV, "device,student").split(",") if v.strip())
+    for v in names:
+        if v not in ("device", "student"):
+            raise pytest.UsageError(f"{VARIANTS_ENV}: unknown variant {v!r}; expected device and/or student")
+    return names
 
 
 def tiny_targets() -> tuple[str, ...]:
@@ -86,18 +97,34 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def built(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> tuple[Path, Path | None]:
+def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The random-weight tiny preset, with a student distilled from its device UNet for k = 3 of 10 (2 jumps, 12 updates)."""
+    import torch
+
+    from relaydiff.presets import build_preset
+    from relaydiff.quantize.distill import DistillConfig, distill
+
+    family = build_preset("tiny", tmp_path_factory.mktemp("device-tests") / "family", seed=0)
+    if "student" in tiny_variants():
+        torch.manual_seed(0)
+        distill(DistillConfig(family=family, student_steps=2, batch_size=4, updates_per_batch=12, buffer_batches=1,
+                              max_updates=12, lr=1e-3, warmup=1, ema_decay=0.0, threads=1, **TINY_RELAY), progress=False)
+    return family
+
+
+@pytest.fixture(scope="session", params=("given",) if os.environ.get(BUNDLE_ENV) else tiny_variants())
+def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> tuple[Path, Path | None]:
     """(bundle folder, family folder or None): the bundle under test, built here from the tiny preset when none is given."""
     folder = os.environ.get(BUNDLE_ENV)
     if folder:
         return Path(folder).resolve(), (Path(os.environ[FAMILY_ENV]) if os.environ.get(FAMILY_ENV) else None)
     from relaydiff.export.bundle import BundleConfig, build
-    from relaydiff.presets import build_preset
 
-    root = tmp_path_factory.mktemp("device-tests")
-    family = build_preset("tiny", root / "family", seed=0)
-    config = BundleConfig(family=family, out=root / "bundle", targets=tiny_targets(), precisions=TINY_PRECISIONS,
-                          components=TINY_COMPONENTS, calibration_prompts=2, eval_prompts=1, zip=False, **TINY_RELAY)
+    family = request.getfixturevalue("tiny_family")
+    variant = None if request.param == "device" else request.param
+    config = BundleConfig(family=family, out=tmp_path_factory.mktemp(f"bundle-{request.param}"), targets=tiny_targets(),
+                          precisions=TINY_PRECISIONS, components=TINY_COMPONENTS, calibration_prompts=2, eval_prompts=1,
+                          zip=False, device_variant=variant, **TINY_RELAY)
     build(config, progress=False)
     return config.out, family
 

@@ -78,9 +78,9 @@ def test_coreml_spec(entry: dict[str, Any], bundle_dir: Path) -> None:
 def test_coreml_runtime_parity(entry: dict[str, Any], pair: tuple[Any, Any], samples: dict[str, list[dict[str, Any]]],
                                open_file: Callable[..., Any]) -> None:
     from relaydiff.export.base import psnr_db
-    from relaydiff.export.components import get_component
+    from relaydiff.export.components import component_for
 
-    comp = get_component(entry["component"])
+    comp = component_for(entry["component"], pair[1])
     session = open_file(entry)
     tol = entry["tolerance"]
     problems = []

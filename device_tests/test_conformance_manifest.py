@@ -44,12 +44,12 @@ def test_every_hash_matches(bundle_dir: Path, manifest: dict[str, Any]) -> None:
 
 def test_signatures_are_the_family_components(manifest: dict[str, Any], pair: tuple[Any, Any]) -> None:
     """Every artifact's inputs/outputs (names, dtypes, shapes) are its component's declaration for this family."""
-    from relaydiff.export.components import get_component
+    from relaydiff.export.components import component_for
 
     device = pair[1]
     wrong = []
     for art in manifest["artifacts"]:
-        sig = get_component(art["component"]).signature(device)
+        sig = component_for(art["component"], device).signature(device)
         want = ([{"name": s.name, "dtype": s.dtype, "shape": list(s.concrete_shape)} for s in sig.inputs],
                 [{"name": s.name, "dtype": s.dtype, "shape": list(s.concrete_shape)} for s in sig.outputs])
         if (art["inputs"], art["outputs"]) != want:
@@ -78,3 +78,23 @@ def test_onnx_artifacts_have_an_ort_sibling(entry: dict[str, Any], bundle_dir: P
     listed = {e["file"] for e in entry["extra_files"]}
     assert f"{stem}.ort" in listed and f"{stem}.required_operators.config" in listed, sorted(listed)
     assert (bundle_dir / f"{stem}.ort").read_bytes()[4:8] == b"ORTM"  # flatbuffers file identifier of the ORT format
+
+
+def test_student_section_is_the_family_student(manifest: dict[str, Any], pair: tuple[Any, Any]) -> None:
+    """A bundle of a distilled student says so (its jumps on the bundle's grid) and ships a one-pass unet_step; others ship CFG."""
+    from relaydiff.core.student import coarse_indices
+
+    device, section = pair[1], manifest["relay"].get("student")
+    steps = [a for a in manifest["artifacts"] if a["component"] == "unet_step"]
+    inputs = {tuple(t["name"] for t in a["inputs"]) for a in steps}
+    if device.student is None:
+        assert section is None and inputs <= {("sample", "timestep", "text_embeds", "guidance_scale")}, (section, inputs)
+        return
+    k, n, m = manifest["relay"]["relay_step"], manifest["relay"]["steps"], device.student["student_steps"]
+    assert section is not None, "the device variant is a student but the manifest has no relay.student"
+    assert (section["relay_step"], section["steps"], section["student_steps"]) == (device.student["relay_step"], device.student["steps"], m)
+    assert (section["relay_step"], section["steps"]) == (k, n)
+    assert section["step_indices"] == coarse_indices(n, k, m)
+    assert section["timesteps"] == [manifest["scheduler"]["timesteps"][i] for i in section["step_indices"]]
+    assert inputs <= {("sample", "timestep", "text_embeds")}, inputs
+    assert all(a["inputs"][2]["shape"][0] == 1 for a in steps)  # conditional embeddings only: no CFG batch

@@ -64,7 +64,7 @@ def test_int8_prompt_accuracy_within_two_points(trained_family: Path, entry: dic
                                                 pair: tuple[Any, Any], open_file: Callable[..., Any]) -> None:
     from relaydiff.core.relay import RelayRequest, decode, resume, snapshots
     from relaydiff.evaluate import eval_prompts
-    from relaydiff.quantize.parity import ArtifactUNet
+    from relaydiff.quantize.parity import ArtifactUNet, is_student
 
     host, device = pair
     k, n = manifest["relay"]["relay_step"], manifest["relay"]["steps"]
@@ -74,7 +74,7 @@ def test_int8_prompt_accuracy_within_two_points(trained_family: Path, entry: dic
     for i, prompt in enumerate(prompts):
         state, _ = snapshots(host, RelayRequest(prompt, relay_step=k, steps=n, seed=i), [k])[k]
         ref_images.append(decode(device, resume(device, state).latents)[0])
-        proxy = dataclasses.replace(device, unet=ArtifactUNet(device.unet, unet, state.guidance_scale))
+        proxy = dataclasses.replace(device, unet=ArtifactUNet(device.unet, unet, state.guidance_scale, distilled=is_student(device)))
         latents = resume(proxy, state).latents
         if dec is None:
             art_images.append(decode(device, latents)[0])

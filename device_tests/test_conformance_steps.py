@@ -21,10 +21,10 @@ def test_artifact_matches_torch_per_call(
 ) -> None:
     from relaydiff.export.base import psnr_db
     from relaydiff.export.bench import runnable_files
-    from relaydiff.export.components import get_component
+    from relaydiff.export.components import component_for
 
     device = pair[1]
-    comp = get_component(entry["component"])
+    comp = component_for(entry["component"], pair[1])
     inputs = samples[entry["component"]]
     refs = [comp.reference(device, x) for x in inputs]
     tol = entry["tolerance"]

@@ -508,9 +508,9 @@ class Exporter(abc.ABC):
             ValidationError: every spec and output mismatch, collected across all files.
             RuntimeUnavailableError: this machine cannot run the format (check_spec still works).
         """
-        from relaydiff.export.components import get_component
+        from relaydiff.export.components import component_for
 
-        component = get_component(artifact.component)
+        component = component_for(artifact.component, model)
         mismatches = list(self._spec_mismatches(artifact))
         reason = self.runtime_unavailable_reason()
         if reason is not None:

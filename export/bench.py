@@ -222,9 +222,9 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
 def _torch_reference(device: Any, component: str, inputs: Arrays, config: BenchConfig) -> dict[str, Any]:
     import torch
 
-    from relaydiff.export.components import get_component
+    from relaydiff.export.components import component_for
 
-    comp = get_component(component)
+    comp = component_for(component, device)
     t0 = time.perf_counter()
     module = comp.module(device)
     build_s = time.perf_counter() - t0
@@ -244,11 +244,11 @@ def _relay_device_half(host: Any, device: Any, manifest: Mapping[str, Any], unet
 
     from relaydiff.core.relay import decode, resume
     from relaydiff.quantize.calibration import hand_offs
-    from relaydiff.quantize.parity import ArtifactUNet, eval_config  # the proxy parity.relay_parity runs the relay with
+    from relaydiff.quantize.parity import ArtifactUNet, eval_config, is_student  # the proxy parity.relay_parity runs the relay with
 
     relay = manifest["relay"]
     _prompt, state = next(hand_offs(host, device, eval_config(relay["relay_step"], relay["steps"], prompts=1)))
-    model = device if unet is None else dataclasses.replace(device, unet=ArtifactUNet(device.unet, unet, state.guidance_scale))
+    model = device if unet is None else dataclasses.replace(device, unet=ArtifactUNet(device.unet, unet, state.guidance_scale, distilled=is_student(device)))
 
     def run() -> Any:
         with torch.inference_mode():

@@ -70,6 +70,7 @@ class BundleConfig:
     eval_prompts: int = 2  # held-out relays for the build-time parity figures
     coreml_target: str = "iOS18"  # CoreML deployment target
     zip: bool = True  # also write <out>.zip
+    device_variant: str | None = None  # the family's device UNet variant (e.g. "student"); None: its default device
 
     def __post_init__(self) -> None:
         check_names("target", self.targets, TARGETS)
@@ -146,10 +147,11 @@ def build(config: BundleConfig, *, progress: bool = True, log: Callable[[str], N
         raise BundleError(f"bundle folder '{out}' is not empty")
     out.mkdir(parents=True, exist_ok=True)
     host_ref = family.resolve(config.family, role="host")
-    dev_ref = family.resolve(config.family, role="device")
+    dev_ref = family.resolve(config.family, config.device_variant, role="device")
     family.check_pair(host_ref, dev_ref)
     host = family.load(host_ref)
     device = family.load(dev_ref, share_with=host)
+    student = _student_section(device, config)
 
     fixtures, fixture_entries, held_out = _parity_fixtures(host, device, config, out)
     calibration = None
@@ -208,7 +210,8 @@ def build(config: BundleConfig, *, progress: bool = True, log: Callable[[str], N
                       "config": {k: _plain(v) for k, v in dict(scheduler.config).items() if not k.startswith("_")}},
         "latent": {"shape": [1, d["C"], d["h"], d["w"]], "vae_scaling_factor": float(device.vae.config.scaling_factor),
                    "vae_shift_factor": getattr(device.vae.config, "shift_factor", None), "image_shape": [1, 3, d["H"], d["W"]]},
-        "relay": {"relay_step": config.relay_step, "steps": config.steps, "device_steps": [config.relay_step, config.steps]},
+        "relay": {"relay_step": config.relay_step, "steps": config.steps, "device_steps": [config.relay_step, config.steps],
+                  **({"student": student} if student is not None else {})},
         "artifacts": artifacts,
         "parity_fixtures": fixture_entries,
         "tools": {**_versions(), "relaydiff": _relaydiff_version()},
@@ -229,9 +232,10 @@ def _make(
     target: str, precision: str, comp: str, device: Any, sub: Path, config: BundleConfig, calibration: Any, fp32_onnx: dict[str, Any]
 ) -> tuple[Any, str] | str:
     """Export one artifact; return (artifact, method note), or the reason it is skipped."""
-    from relaydiff.export import get_component, get_exporter
+    from relaydiff.export import get_exporter
+    from relaydiff.export.components import component_for
 
-    component = get_component(comp)
+    component = component_for(comp, device)
     if target == "onnx":
         if comp not in fp32_onnx:  # the fp32 model INT8 starts from; kept out of the bundle unless fp32 was asked for
             where = sub.parent / "fp32" if "fp32" in config.precisions else Path(fp32_onnx["_scratch"]) / comp
@@ -267,7 +271,7 @@ def _parity_fixtures(host: Any, device: Any, config: BundleConfig, out: Path) ->
     """One held-out relay's inputs per component with torch fp32 outputs, saved as safetensors."""
     from safetensors.numpy import save_file
 
-    from relaydiff.export.components import get_component
+    from relaydiff.export.components import component_for
     from relaydiff.quantize.calibration import capture
     from relaydiff.quantize.parity import eval_config
 
@@ -282,7 +286,7 @@ def _parity_fixtures(host: Any, device: Any, config: BundleConfig, out: Path) ->
     fixtures, entries = {}, []
     for comp in config.components:
         inputs = picks[comp]
-        ref = get_component(comp).reference(device, inputs)
+        ref = component_for(comp, device).reference(device, inputs)
         tensors = {**{f"input.{k}": np.ascontiguousarray(v) for k, v in inputs.items()},
                    **{f"reference.{k}": np.ascontiguousarray(v) for k, v in ref.items()}}
         path = out / "parity" / f"{comp}.safetensors"
@@ -290,6 +294,31 @@ def _parity_fixtures(host: Any, device: Any, config: BundleConfig, out: Path) ->
         fixtures[comp] = tensors
         entries.append(_entry(out, path, component=comp))
     return fixtures, entries, held
+
+
+def _student_section(device: Any, config: BundleConfig) -> dict[str, Any] | None:
+    """The manifest's ``relay.student`` for a distilled device variant (None otherwise); its relay grid must be the bundle's.
+
+    Raises:
+        BundleError: the student was distilled for another relay step or step count than the bundle's.
+    """
+    info = getattr(device, "student", None)
+    if info is None:
+        return None
+    if (info["relay_step"], info["steps"]) != (config.relay_step, config.steps):
+        raise BundleError(f"device variant {config.device_variant!r} is a student distilled for relay step {info['relay_step']} of "
+                          f"{info['steps']}; the bundle asks for relay step {config.relay_step} of {config.steps} "
+                          f"(pass --relay-step {info['relay_step']} --steps {info['steps']})")
+    from relaydiff.core.schedulers import build_scheduler
+    from relaydiff.core.student import coarse_indices
+
+    scheduler = build_scheduler("ddim", device.scheduler_config)
+    scheduler.set_timesteps(config.steps)
+    jumps = coarse_indices(config.steps, config.relay_step, int(info["student_steps"]))
+    return {"format": info["format"], "teacher": info["teacher"], "sampler": info["sampler"],
+            "student_steps": int(info["student_steps"]), "guidance_scale": float(info["guidance_scale"]),
+            "relay_step": int(info["relay_step"]), "steps": int(info["steps"]),
+            "step_indices": jumps, "timesteps": [int(scheduler.timesteps[i]) for i in jumps]}
 
 
 def _measure(target: str, artifact: Any, fixture: Mapping[str, np.ndarray]) -> dict[str, Any]:

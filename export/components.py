@@ -219,6 +219,57 @@ class UNetStep(Component):
         }
 
 
+@dataclass(frozen=True)
+class UNetStepDistilled(Component):
+    """``unet_step`` of a guidance-distilled student (relaydiff.core.student): one conditional pass, no CFG batch.
+
+    Not registered: it is the form ``unet_step`` takes when the device model is a student
+    (:func:`component_for`), so bundles, calibration and runtimes keep one component name for the step.
+    """
+
+    name: str = "unet_step"
+    description: str = "device UNet of a guidance-distilled student, one denoising step: one conditional pass (guidance baked in)"
+    inputs: tuple[TensorSpec, ...] = (
+        TensorSpec("sample", "float32", (1, "C", "h", "w"), "the latent x_t at the student's jump timestep"),
+        TensorSpec("timestep", "float32", (1,), "the timestep t (float, so every runtime takes it)"),
+        TensorSpec("text_embeds", "float32", (1, "L", "D"), "conditional text embeddings"),
+    )
+    outputs: tuple[TensorSpec, ...] = (
+        TensorSpec("noise_pred", "float32", (1, "C", "h", "w"), "noise prediction, guidance distilled in"),
+    )
+    tolerances: Mapping[str, Tolerance] = field(default_factory=lambda: dict(_UNET_TOLERANCES))
+    optimum: OptimumSource | None = None  # fixed batch-1 shapes and a float (1,) timestep: ours
+    example_timestep: int = 641  # the first jump of the committed student (k = 8 of 25)
+    example_seed: int = 0
+
+    def module(self, model: LoadedModel) -> torch.nn.Module:
+        from relaydiff.export.modules import UNetBatch as Wrapper  # the plain call, here on a batch of one
+
+        return Wrapper(model.unet).eval()
+
+    def example_inputs(self, model: LoadedModel) -> dict[str, np.ndarray]:
+        return {
+            "sample": example_noised_latent(model, self.example_timestep, self.example_seed),
+            "timestep": np.array([self.example_timestep], np.float32),
+            "text_embeds": example_text_embeds(model)[1:],
+        }
+
+
+UNET_STEP_DISTILLED = UNetStepDistilled()
+
+
+def component_for(name: str, model: LoadedModel) -> Component:
+    """The component ``name`` in the form ``model`` needs: ``unet_step`` of a distilled student has no CFG batch.
+
+    Raises:
+        UnknownNameError: ``name`` is not registered (lists the known ones).
+    """
+    component = get_component(name)
+    if name == "unet_step" and getattr(model, "student", None) is not None:
+        return UNET_STEP_DISTILLED
+    return component
+
+
 @register_component
 @dataclass(frozen=True)
 class UNetBatch(Component):

@@ -47,7 +47,7 @@ class CalibrationConfig:
     prompts: int = 4  # number of world prompts (one trajectory per prompt and k)
     prompt_seed: int = 0  # seed of relaydiff.world.sample_prompts
     sampler: str = "ddim"  # relaydiff sampler name
-    guidance_scale: float = 5.0  # classifier-free guidance scale (must be > 1: unet_step has CFG inside)
+    guidance_scale: float = 5.0  # classifier-free guidance scale (must be > 1: unet_step has CFG inside; a student ignores it)
     seed: int = 0  # seed of the first trajectory's initial noise; prompt i uses seed + i
 
     def __post_init__(self) -> None:
@@ -127,9 +127,21 @@ class _RecordingUNet:
 
 
 def unet_step_inputs(x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, guidance_scale: float) -> Inputs:
-    """The ``unet_step`` component's inputs for one loop call (x is the CFG batch [x, x], already scaled)."""
+    """The ``unet_step`` component's inputs for one loop call, already scaled.
+
+    A CFG batch [x, x] against [uncond, cond] gives the guided form (sample, timestep, text_embeds (2, L, D),
+    guidance_scale); a batch of one against the conditional embeddings, as a distilled student's loop
+    calls it, gives the distilled form (sample, timestep, text_embeds (1, L, D)).
+    """
+    if x.shape[0] == 1 and embeds.shape[0] == 1:
+        return {
+            "sample": x.detach().float().numpy().copy(),
+            "timestep": np.array([float(t)], np.float32),
+            "text_embeds": embeds.detach().float().numpy().copy(),
+        }
     if embeds.shape[0] != 2 or x.shape[0] != 2:
-        raise RelaydiffError(f"unet_step needs a CFG batch of 2; the loop passed batch {x.shape[0]}")
+        raise RelaydiffError(f"unet_step takes a CFG batch of 2 or a student's batch of 1; the loop passed "
+                             f"latents of batch {x.shape[0]} and embeddings of batch {embeds.shape[0]}")
     return {
         "sample": x[:1].detach().float().numpy().copy(),
         "timestep": np.array([float(t)], np.float32),
@@ -173,13 +185,12 @@ def capture(host: LoadedModel, device: LoadedModel, config: CalibrationConfig, *
     n_traj = config.prompts * (len(set(config.relay_steps)) if config.mode == "relay" else 1)
     for prompt, state in tqdm(hand_offs(host, device, config), total=n_traj, desc=f"calibration ({config.mode})",
                               disable=not progress, leave=False):
-        step = [state.step_index]
+        order = iter(_device_step_indices(device, state.num_inference_steps, state.step_index))
 
         def record(x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, _g: float = state.guidance_scale) -> None:
             out.samples["unet_step"].append(unet_step_inputs(x, t, embeds, _g))
-            out.step_indices.append(step[0])
+            out.step_indices.append(next(order))
             out.timesteps.append(int(t))
-            step[0] += 1
 
         recorder = dataclasses.replace(device, unet=_RecordingUNet(device.unet, record))
         final = resume(recorder, state)
@@ -188,3 +199,13 @@ def capture(host: LoadedModel, device: LoadedModel, config: CalibrationConfig, *
             out.prompts.append(prompt)
             out.samples["text_encoder"].append({"input_ids": example_token_ids(device, prompt)})
     return out
+
+
+def _device_step_indices(device: LoadedModel, n: int, k: int) -> list[int]:
+    """Grid indices at which the device calls its UNet from step k: every step, or a student's coarse jumps."""
+    student = getattr(device, "student", None)
+    if student is None:
+        return list(range(k, n))
+    from relaydiff.core.student import coarse_indices
+
+    return coarse_indices(n, k, int(student["student_steps"]))

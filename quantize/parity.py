@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from relaydiff.core.errors import RelaydiffError
 from relaydiff.export.base import psnr_db
 from relaydiff.quantize.calibration import CalibrationConfig, CalibrationSet, capture, hand_offs, unet_step_inputs
 
@@ -36,13 +37,15 @@ class ArtifactUNet:
 
     It returns the guided noise with batch 1, so the loop skips its own CFG combination. Without CFG (the
     loop passes batch 1) the artifact gets [cond, cond] and g = 1, so it returns the conditional noise.
+    A ``distilled`` artifact (a student's ``unet_step``: no guidance input) gets the loop's batch-1 call as is.
     Attribute reads (``config``) go to ``unet``: the torch UNet, or any object with a ``config``.
     """
 
-    def __init__(self, unet: Any, run: Runner, guidance_scale: float) -> None:
+    def __init__(self, unet: Any, run: Runner, guidance_scale: float, *, distilled: bool = False) -> None:
         self._unet = unet
         self._run = run
         self._g = guidance_scale
+        self._distilled = distilled
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._unet, name)
@@ -50,7 +53,12 @@ class ArtifactUNet:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, **_kw: Any) -> Any:
         import torch
 
-        if x.shape[0] == 1 and encoder_hidden_states.shape[0] == 1:  # no CFG: eps_c + 1 * (eps_c - eps_c)
+        single = x.shape[0] == 1 and encoder_hidden_states.shape[0] == 1
+        if self._distilled:
+            if not single:
+                raise RelaydiffError(f"a distilled unet_step takes one conditional pass; the loop passed a batch of {x.shape[0]}")
+            inputs = unet_step_inputs(x, t, encoder_hidden_states, self._g)
+        elif single:  # no CFG: eps_c + 1 * (eps_c - eps_c)
             inputs = unet_step_inputs(torch.cat([x, x]), t, torch.cat([encoder_hidden_states] * 2), 1.0)
         else:
             inputs = unet_step_inputs(x, t, encoder_hidden_states, self._g)
@@ -89,9 +97,9 @@ def eval_config(relay_step: int, steps: int, prompts: int = 3, prompt_seed: int 
 def denoiser_error(device: LoadedModel, run: Runner, inputs: CalibrationSet) -> tuple[float, float]:
     """(max abs error, worst PSNR) of ``run`` vs torch ``unet_step`` on recorded inputs."""
     from relaydiff.export.base import torch_reference
-    from relaydiff.export.components import get_component
+    from relaydiff.export.components import component_for
 
-    comp = get_component("unet_step")
+    comp = component_for("unet_step", device)
     module = comp.module(device)
     sig = comp.signature(device)
     worst_abs, worst_psnr = 0.0, float("inf")
@@ -134,7 +142,7 @@ def relay_parity(
     psnrs, lat_err = [], 0.0
     for i, (_prompt, state) in enumerate(hand_offs(host, device, config)):
         ref_latent = recorded.for_component("vae_decoder")[i]["latent"]
-        proxy = dataclasses.replace(device, unet=ArtifactUNet(device.unet, unet, state.guidance_scale))
+        proxy = dataclasses.replace(device, unet=ArtifactUNet(device.unet, unet, state.guidance_scale, distilled=is_student(device)))
         latent = resume(proxy, state).latents.float().numpy()
         lat_err = max(lat_err, float(np.abs(latent - ref_latent).max()))
         image = (decoder({"latent": latent})["image"] if decoder is not None else torch_decode(latent))
@@ -144,6 +152,11 @@ def relay_parity(
         denoiser_max_abs=d_abs, denoiser_psnr_db=d_psnr, image_psnr_db=min(psnrs),
         image_psnr_db_mean=float(np.mean(psnrs)), latent_max_abs=lat_err,
     )
+
+
+def is_student(model: Any) -> bool:
+    """True when ``model`` is a distilled student (its ``unet_step`` artifacts take one conditional pass)."""
+    return getattr(model, "student", None) is not None
 
 
 def _image_psnr(got: np.ndarray, ref: np.ndarray) -> float:

@@ -30,8 +30,11 @@ def add_parsers(sub: Any) -> None:
     b.add_argument("--targets", type=_names, default=("onnx",), help=f"comma list of {', '.join(TARGETS)} (default onnx)")
     b.add_argument("--precision", type=_names, default=("fp32",), help=f"comma list of {', '.join(PRECISIONS)} (default fp32)")
     b.add_argument("--components", type=_names, default=None, help="comma list (default unet_step,vae_decoder,text_encoder)")
-    b.add_argument("--relay-step", type=int, default=8, help="hand-off step k: INT8 calibration covers device steps [k, N)")
-    b.add_argument("--steps", type=int, default=25, help="denoising steps N")
+    b.add_argument("--device-variant", default=None,
+                   help="device UNet variant of the family, e.g. 'student' (a distilled student: one conditional pass per jump)")
+    b.add_argument("--relay-step", type=int, default=None,
+                   help="hand-off step k: INT8 calibration covers device steps [k, N) (default 8, or the student's)")
+    b.add_argument("--steps", type=int, default=None, help="denoising steps N (default 25, or the student's)")
     b.add_argument("--calibration-prompts", type=int, default=4, help="world prompts of the relay-aware calibration set")
     b.add_argument("--coreml-target", default="iOS18", choices=("iOS17", "iOS18"))
     b.add_argument("--no-zip", action="store_true", help="do not write DIR.zip")
@@ -49,18 +52,34 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return {"build": cmd_build, "verify": cmd_verify}[args.bundle_command](args)
 
 
+def _relay_grid(family_dir: Path, variant: str | None, relay_step: int | None, steps: int | None) -> tuple[int, int]:
+    """(k, N): as given, else a student variant's own, else (8, 25)."""
+    if variant is not None and (relay_step is None or steps is None):
+        from relaydiff.core import family
+        from relaydiff.core.student import read_student
+
+        ref = family.resolve(family_dir, variant, role="device")
+        info = read_student(ref.root / ref.unet_subfolder)
+        if info is not None:
+            return (info["relay_step"] if relay_step is None else relay_step, info["steps"] if steps is None else steps)
+    return (8 if relay_step is None else relay_step, 25 if steps is None else steps)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from relaydiff.core.family import default_family_dir
     from relaydiff.export.bundle import COMPONENTS, BundleConfig, build
 
+    family_dir = Path(args.family) if args.family else default_family_dir()
+    relay_step, steps = _relay_grid(family_dir, args.device_variant, args.relay_step, args.steps)
     config = BundleConfig(
-        family=Path(args.family) if args.family else default_family_dir(),
+        family=family_dir,
         out=Path(args.out),
         targets=args.targets,
         precisions=args.precision,
         components=args.components or COMPONENTS,
-        relay_step=args.relay_step,
-        steps=args.steps,
+        relay_step=relay_step,
+        steps=steps,
+        device_variant=args.device_variant,
         calibration_prompts=args.calibration_prompts,
         coreml_target=args.coreml_target,
         zip=not args.no_zip,

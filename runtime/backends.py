@@ -167,6 +167,7 @@ class _BundleModel:
     scheduler_config: dict[str, Any]
     family_id: str
     vae_scale_factor: int
+    student: dict[str, Any] | None = None  # the manifest's relay.student: a distilled student's jumps (relay.resume reads it)
 
 
 class _OnnxTextEncoder:
@@ -241,6 +242,12 @@ class BundleBackend:
         self._decoder = open_session(root, entries["vae_decoder"], threads=threads)
         self._lock = threading.Lock() if self.TARGET == "executorch" else None  # one ExecuTorch method is not re-entrant
         shapes = {t["name"]: t["shape"] for t in entries["unet_step"]["inputs"]}
+        student = manifest["relay"].get("student")
+        self.distilled = "guidance_scale" not in shapes  # a student's unet_step: one conditional pass, guidance baked in
+        if self.distilled != (student is not None):
+            raise BundleError(f"{entries['unet_step']['file']}: its inputs {sorted(shapes)} "
+                              + ("take no guidance scale, but the manifest describes no student"
+                                 if self.distilled else "take a guidance scale, but the manifest describes a distilled student"))
         self.latent_shape: tuple[int, ...] = tuple(shapes["sample"])
         self.embeds_shape: tuple[int, ...] = (1, *shapes["text_embeds"][1:])  # (1, L, D)
         if list(self.latent_shape) != list(manifest["latent"]["shape"]):
@@ -252,7 +259,7 @@ class BundleBackend:
         tokenizer, text_encoder = self._text_side(family, entries.get("text_encoder"), threads) if family else (None, None)
         self.model = _BundleModel(ref=None, unet=_Namespace(config), vae=None, text_encoder=text_encoder, tokenizer=tokenizer,
                                   scheduler_config=dict(manifest["scheduler"]["config"]), family_id=self.family_id,
-                                  vae_scale_factor=image_h // self.latent_shape[2])
+                                  vae_scale_factor=image_h // self.latent_shape[2], student=student)
 
     def _text_side(self, family: Path, entry: dict[str, Any] | None, threads: int) -> tuple[Any, Any]:
         """(tokenizer, text encoder): the family's tokenizer, the bundle's text encoder (else the family's torch one)."""
@@ -305,7 +312,8 @@ class BundleBackend:
         from relaydiff.quantize.parity import ArtifactUNet
 
         self.check_state(state)
-        model = replace(self.model, unet=ArtifactUNet(self.model.unet, self._guarded(self._unet), state.guidance_scale))
+        model = replace(self.model, unet=ArtifactUNet(self.model.unet, self._guarded(self._unet), state.guidance_scale,
+                                                      distilled=self.distilled))
         with torch.inference_mode():
             return resume(model, state).latents  # type: ignore[arg-type]
 

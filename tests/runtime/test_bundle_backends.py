@@ -181,3 +181,46 @@ def test_executorch_fp32_finishes_a_relay_like_torch(tiny_family, handoff, tmp_p
     latents = backend.finish(state)
     assert backend.name == "executorch" and float((latents - ref_latents).abs().max()) < 1e-3
     assert int(np.abs(backend.decode(latents).astype(int) - ref_image.astype(int)).max()) <= 1
+
+
+@pytest.fixture(scope="module")
+def student_bundle(tiny_family: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """(host, torch student, ONNX fp32 bundle of the student): a student distilled in 4 updates on a copy of the tiny family."""
+    import torch
+
+    from relaydiff.core import family
+    from relaydiff.export.bundle import BundleConfig, build
+    from relaydiff.quantize.distill import DistillConfig, distill
+
+    root = tmp_path_factory.mktemp("student") / "family"
+    shutil.copytree(tiny_family, root)
+    torch.manual_seed(0)
+    distill(DistillConfig(family=root, student_steps=2, batch_size=4, updates_per_batch=4, buffer_batches=1, max_updates=4,
+                          lr=1e-3, warmup=1, ema_decay=0.0, threads=1, **RELAY), progress=False)
+    out = tmp_path_factory.mktemp("student-bundle") / "bundle"
+    build(BundleConfig(family=root, out=out, precisions=("fp32",), components=("unet_step", "vae_decoder"), calibration_prompts=1,
+                       eval_prompts=1, zip=False, device_variant="student", **RELAY), progress=False)
+    host = family.load(family.resolve(root, role="host"))
+    return host, family.load(family.resolve(root, "student", role="device"), share_with=host), out
+
+
+def test_a_student_bundle_finishes_in_one_pass_per_jump_like_torch(student_bundle) -> None:  # type: ignore[no-untyped-def]
+    host, student, folder = student_bundle
+    backend = create_backend("onnx", bundle_dir=folder, precision="fp32")
+    calls: list[dict[str, np.ndarray]] = []
+    run = backend._unet
+    backend._unet = lambda inputs: calls.append(inputs) or run(inputs)  # count the artifact's passes
+    state = start(host, RelayRequest("a red circle on a blue field", guidance_scale=5.0, seed=3, **RELAY))
+    latents = backend.finish(state)
+    ref = create_backend("torch", model=student).finish(state)
+    assert backend.distilled and len(calls) == 2  # two jumps, one conditional pass each (the teacher: 7 steps x CFG)
+    assert all(c["text_embeds"].shape[0] == 1 and "guidance_scale" not in c for c in calls)
+    assert float((latents - ref).abs().max()) < 1e-3
+
+
+def test_a_student_bundle_for_another_relay_step_is_refused(student_bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from relaydiff.export.bundle import BundleConfig, BundleError, build
+
+    family_dir = student_bundle[1].ref.root
+    with pytest.raises(BundleError, match=r"distilled for relay step 3 of 10.*--relay-step 3 --steps 10"):
+        build(BundleConfig(family=family_dir, out=tmp_path / "b", relay_step=4, steps=10, device_variant="student", zip=False), progress=False)
