@@ -318,7 +318,9 @@ def _student_section(device: Any, config: BundleConfig) -> dict[str, Any] | None
     return {"format": info["format"], "teacher": info["teacher"], "sampler": info["sampler"],
             "student_steps": int(info["student_steps"]), "guidance_scale": float(info["guidance_scale"]),
             "relay_step": int(info["relay_step"]), "steps": int(info["steps"]),
-            "step_indices": jumps, "timesteps": [int(scheduler.timesteps[i]) for i in jumps]}
+            "step_indices": jumps, "timesteps": [int(scheduler.timesteps[i]) for i in jumps],
+            "parametrization": info.get("parametrization", "eps"),
+            **{key: float(info[key]) for key in ("timestep_scaling", "sigma_data") if key in info}}
 
 
 def _measure(target: str, artifact: Any, fixture: Mapping[str, np.ndarray]) -> dict[str, Any]:

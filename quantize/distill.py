@@ -20,9 +20,13 @@ Recent batches are kept in a small replay buffer, so each expensive host + teach
 student updates. Checkpoints (safetensors + JSON) make the run resumable; the result is a diffusers UNet folder
 ``unet_student/`` with ``relaydiff_student.json`` and a ``student`` variant in ``family.json``.
 
-We chose progressive-style trajectory regression over latent consistency distillation because its targets
-come straight from the teacher's deterministic DDIM trajectory, which a few thousand CPU updates can fit; LCM
-needs a target network and many more updates to converge. We did not run LCM on this family to compare.
+``method="lcm"`` is the alternative, latent consistency distillation (Luo et al. 2023) made relay-aware: the
+student is a consistency function f(x, t) = c_skip x + c_out x0 (:func:`relaydiff.core.student.consistency_x0`)
+trained so that f at a point of the guided teacher trajectory matches an EMA target network's f at the next
+point (the teacher's one DDIM step, i.e. LCM's skipping-step solver with the teacher grid's spacing), and
+f = x at the trajectory's end; pseudo-Huber loss and a target EMA of 0.95 as in LCM. Both students sample
+with the same deterministic DDIM jumps, so the objectives are compared on equal terms
+(``relaydiff eval distill``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ from relaydiff.core.errors import RelaydiffError
 
 STUDENT_SUBFOLDER = "unet_student"
 STUDENT_VARIANT = "student"
+METHODS = ("progressive", "lcm")
+LCM_TIMESTEP_SCALING = 10.0  # diffusers LCMScheduler's default boundary-condition scaling
+LCM_SIGMA_DATA = 0.5
+LCM_HUBER_C = 0.001  # pseudo-Huber constant of LCM's training script
+LCM_TARGET_EMA = 0.95  # EMA decay of LCM's target network
+LCM_POINTS_PER_TRAJECTORY = 4  # trajectory points drawn per prompt per update (the progressive student uses its M jumps)
 
 
 @dataclass(frozen=True)
@@ -64,8 +74,11 @@ class DistillConfig:
     checkpoint_every_s: float = 120.0
     variant: str = STUDENT_VARIANT  # family variant name of the student
     subfolder: str = STUDENT_SUBFOLDER  # its folder in the family
+    method: str = "progressive"  # "progressive": regress the teacher's jump endpoints; "lcm": consistency distillation
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise RelaydiffError(f"distillation method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not Path(self.family).is_dir():
             raise RelaydiffError(f"family folder {str(self.family)!r} does not exist")
         for name in ("steps", "student_steps", "max_updates", "batch_size", "updates_per_batch", "buffer_batches", "threads"):
@@ -119,7 +132,7 @@ def distill(config: DistillConfig, *, resume: bool = True, progress: bool = True
 
     from relaydiff.core import family
     from relaydiff.core.relay import RelayRequest, start_batch
-    from relaydiff.core.student import STUDENT_FILE, STUDENT_FORMAT, coarse_indices, ddim_jump, jump_alphas
+    from relaydiff.core.student import STUDENT_FILE, STUDENT_FORMAT, coarse_indices, ddim_jump, jump_alphas, schedule_alphas
     from relaydiff.world import sample_prompts
 
     say = log or (lambda _m: None)
@@ -134,10 +147,14 @@ def distill(config: DistillConfig, *, resume: bool = True, progress: bool = True
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     ema = EMAModel(params, decay=config.ema_decay) if config.ema_decay > 0 else None
+    lcm = config.method == "lcm"
+    target_net = copy.deepcopy(student).eval().requires_grad_(False) if lcm else None  # LCM's EMA target network
+    target_ema = EMAModel(params, decay=LCM_TARGET_EMA) if lcm else None
     n, k, m = config.steps, config.relay_step, config.student_steps
     indices = coarse_indices(n, k, m)
-    grid_req = RelayRequest("x", relay_step=k, steps=n, guidance_scale=config.guidance_scale)
-    ckpt = root / "checkpoints" / "distill"
+    kept = list(range(k, n)) if lcm else indices  # trajectory points kept per batch: every one for LCM
+    alphas, _final_alpha = schedule_alphas(teacher.scheduler_config)
+    ckpt = root / "checkpoints" / ("distill" if config.subfolder == STUDENT_SUBFOLDER else f"distill-{config.subfolder}")
     state: dict[str, Any] = {"updates": 0, "batches": 0, "wall_s": 0.0, "losses": []}
     if resume and (ckpt / "state.json").is_file():
         saved = json.loads((ckpt / "state.json").read_text())
@@ -145,10 +162,11 @@ def distill(config: DistillConfig, *, resume: bool = True, progress: bool = True
             state = saved
             student.load_state_dict(load_file(str(ckpt / "student.safetensors")))
             opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-            if ema is not None:
-                shadow = load_file(str(ckpt / "ema.safetensors"))
-                ema.shadow_params = [shadow[str(i)] for i in range(len(params))]
-                ema.optimization_step = state["updates"]
+            for averager, name in ((ema, "ema"), (target_ema, "target")):
+                if averager is not None:
+                    shadow = load_file(str(ckpt / f"{name}.safetensors"))
+                    averager.shadow_params = [shadow[str(i)] for i in range(len(params))]
+                    averager.optimization_step = state["updates"]
             say(f"resuming distillation at update {state['updates']}")
         else:
             say("checkpoint is from another configuration; starting over")
@@ -157,8 +175,9 @@ def distill(config: DistillConfig, *, resume: bool = True, progress: bool = True
         ckpt.mkdir(parents=True, exist_ok=True)
         save_file({kk: v.detach().contiguous() for kk, v in student.state_dict().items()}, str(ckpt / "student.safetensors"))
         torch.save(opt.state_dict(), ckpt / "optimizer.pt")
-        if ema is not None:
-            save_file({str(i): p.detach().contiguous() for i, p in enumerate(ema.shadow_params)}, str(ckpt / "ema.safetensors"))
+        for averager, name in ((ema, "ema"), (target_ema, "target")):
+            if averager is not None:
+                save_file({str(i): p.detach().contiguous() for i, p in enumerate(averager.shadow_params)}, str(ckpt / f"{name}.safetensors"))
         (ckpt / "state.json").write_text(json.dumps({**state, "config": _plain(config)}))
 
     rng = random.Random(config.seed + state["batches"])
@@ -175,7 +194,7 @@ def distill(config: DistillConfig, *, resume: bool = True, progress: bool = True
                 for i, p in enumerate(prompts)]
         states = [s for s, _ in start_batch(host, reqs)]
         timesteps = states[0].timesteps
-        cond, _, points = _teacher_points(teacher, states, indices, config.guidance_scale)
+        cond, _, points = _teacher_points(teacher, states, kept, config.guidance_scale)
         buffer.append((cond, points))
         buffer = buffer[-config.buffer_batches:]
         state["batches"] += 1
@@ -183,14 +202,18 @@ def distill(config: DistillConfig, *, resume: bool = True, progress: bool = True
         # 3. student updates on batches from the replay buffer, every jump of the trajectory at once
         for _ in range(config.updates_per_batch):
             c, pts = buffer[-1] if _ == 0 else rng.choice(buffer)
-            x_in = torch.cat(pts[:-1])
-            target = torch.cat(pts[1:])
-            b = c.shape[0]
-            t = torch.cat([torch.full((b,), jt) for jt, _, _ in jumps])
-            a_t = torch.cat([torch.full((b, 1, 1, 1), at) for _, at, _ in jumps])
-            a_s = torch.cat([torch.full((b, 1, 1, 1), as_) for _, _, as_ in jumps])
-            eps = student(x_in, t, encoder_hidden_states=c.repeat(len(jumps), 1, 1)).sample
-            loss = (ddim_jump(x_in, eps, a_t, a_s) - target).pow(2).mean()
+            if lcm:
+                assert target_net is not None
+                loss = _lcm_loss(student, target_net, c, pts, timesteps, k, alphas, rng)
+            else:
+                x_in = torch.cat(pts[:-1])
+                target = torch.cat(pts[1:])
+                b = c.shape[0]
+                t = torch.cat([torch.full((b,), jt) for jt, _, _ in jumps])
+                a_t = torch.cat([torch.full((b, 1, 1, 1), at) for _, at, _ in jumps])
+                a_s = torch.cat([torch.full((b, 1, 1, 1), as_) for _, _, as_ in jumps])
+                eps = student(x_in, t, encoder_hidden_states=c.repeat(len(jumps), 1, 1)).sample
+                loss = (ddim_jump(x_in, eps, a_t, a_s) - target).pow(2).mean()
             for g in opt.param_groups:
                 g["lr"] = config.lr * min(1.0, (state["updates"] + 1) / config.warmup)
             opt.zero_grad(set_to_none=True)
@@ -199,6 +222,9 @@ def distill(config: DistillConfig, *, resume: bool = True, progress: bool = True
             opt.step()
             if ema is not None:
                 ema.step(params)
+            if target_ema is not None and target_net is not None:
+                target_ema.step(params)
+                target_ema.copy_to([q for q in target_net.parameters()])
             state["updates"] += 1
             state["losses"].append(round(loss.item(), 6))
         bar.update(config.updates_per_batch)
@@ -229,6 +255,9 @@ def distill(config: DistillConfig, *, resume: bool = True, progress: bool = True
         "student_steps": len(indices),
         "guidance_scale": float(config.guidance_scale),
         "sampler": "ddim",
+        **({"parametrization": "lcm", "timestep_scaling": LCM_TIMESTEP_SCALING, "sigma_data": LCM_SIGMA_DATA} if lcm
+           else {"parametrization": "eps"}),
+        "method": config.method,
         "coarse_timesteps": [int(timesteps[i]) for i in indices] if timesteps is not None else [],
         "teacher_unet_passes": 2 * (n - k),
         "student_unet_passes": len(indices),
@@ -239,6 +268,41 @@ def distill(config: DistillConfig, *, resume: bool = True, progress: bool = True
     _add_variant(root, config.variant, config.subfolder)
     say(f"wrote {out} ({state['updates']} updates on {state['batches'] * config.batch_size} relayed trajectories)")
     return info
+
+
+def _lcm_loss(student: Any, target_net: Any, cond: Any, points: list[Any], timesteps: Any, k: int, alphas: Any,
+              rng: random.Random) -> Any:
+    """Consistency loss on LCM_POINTS_PER_TRAJECTORY random points j of each guided teacher trajectory in ``points``.
+
+    ``points[p]`` is the latent at grid step k + p (the last one the final latent). The online f at step j is
+    pulled towards the target network's f at step j + 1 (the teacher's next DDIM point), or towards the final
+    latent itself after the last step (the boundary f(x, 0) = x). Pseudo-Huber distance as LCM.
+    """
+    import torch
+
+    from relaydiff.core.student import consistency_x0
+
+    b, last = cond.shape[0], len(points) - 1
+    picks = [rng.randrange(last) for _ in range(LCM_POINTS_PER_TRAJECTORY)]  # index p: from k + p to k + p + 1
+    x = torch.cat([points[p] for p in picks])
+    nxt = torch.cat([points[p + 1] for p in picks])
+    c = cond.repeat(len(picks), 1, 1)
+
+    def rows(values: list[float]) -> Any:
+        return torch.cat([torch.full((b, 1, 1, 1), v) for v in values])
+
+    t = [int(timesteps[k + p]) for p in picks]
+    pred = consistency_x0(x, student(x, torch.tensor(t).repeat_interleave(b), encoder_hidden_states=c).sample,
+                          rows([float(v) for v in t]), rows([float(alphas[v]) for v in t]), LCM_TIMESTEP_SCALING, LCM_SIGMA_DATA)
+    with torch.no_grad():
+        inner = [p + 1 < last for p in picks]  # the next point is a grid point (else it is the final latent)
+        t_next = [int(timesteps[k + p + 1]) if ok else 0 for p, ok in zip(picks, inner, strict=True)]
+        f_next = consistency_x0(nxt, target_net(nxt, torch.tensor(t_next).repeat_interleave(b), encoder_hidden_states=c).sample,
+                                rows([float(v) for v in t_next]), rows([float(alphas[v]) for v in t_next]),
+                                LCM_TIMESTEP_SCALING, LCM_SIGMA_DATA)
+        boundary = rows([0.0 if ok else 1.0 for ok in inner])
+        target = boundary * nxt + (1 - boundary) * f_next
+    return (torch.sqrt((pred - target).pow(2) + LCM_HUBER_C**2) - LCM_HUBER_C).mean()
 
 
 def _plain(config: DistillConfig) -> dict[str, Any]:

@@ -80,16 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pair_args(p)
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("eval", help="evaluations: `eval relay` sweeps the relay step (RISE Fig. 5); `eval scheduler` replays the split scheduler")
-    p.add_argument("what", choices=("relay", "scheduler"),
-                   help="relay: accuracy, PSNR/SSIM and cost vs relay step; scheduler: bandit vs fixed splits on a measured table")
+    p = sub.add_parser("eval", help="evaluations: `eval relay` sweeps the relay step (RISE Fig. 5); `eval scheduler` replays the "
+                       "split scheduler; `eval distill` compares distilled students with the undistilled device half")
+    p.add_argument("what", choices=("relay", "scheduler", "distill"),
+                   help="relay: accuracy, PSNR/SSIM and cost vs relay step; scheduler: bandit vs fixed splits on a measured table; "
+                        "distill: students vs the undistilled device half from the same hand-offs")
     _add_pair_args(p)
     p.add_argument("--prompts", type=int, default=200, help="number of prompts (split over 1/2/3 objects)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps N")
     p.add_argument("--scheduler", default="ddim")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=None, help="output folder (default out/eval-relay or out/eval-scheduler)")
+    p.add_argument("--out-dir", default=None, help="output folder (default out/eval-relay, out/eval-scheduler or out/eval-distill)")
+    p.add_argument("--variants", default="student", help="distill: comma list of student variants of the family (default student)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object and no progress bars")
     p.add_argument("--requests", type=int, default=2000, help="scheduler: requests in the workload")
     p.add_argument("--table", default=None, help="scheduler: quality/latency table JSON (default relaydiff/assets/scheduler_table.json)")
@@ -113,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25, help="teacher grid steps N (default 25)")
     p.add_argument("--guidance", type=float, default=5.0, help="teacher CFG scale baked into the student (default 5)")
     p.add_argument("--minutes", type=float, default=25.0, help="training budget in minutes (default 25)")
+    p.add_argument("--max-updates", type=int, default=100_000, help="stop after this many student updates (default 100000)")
+    p.add_argument("--method", choices=("progressive", "lcm"), default="progressive",
+                   help="progressive: regress the teacher's jump endpoints; lcm: latent consistency distillation (default progressive)")
+    p.add_argument("--variant", default=None,
+                   help="family variant name of the student (default 'student', or 'student_lcm' for --method lcm)")
     p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint of an earlier run")
     p.add_argument("--json", action="store_true", help="print the student description as JSON, no progress bars")
 
@@ -281,6 +289,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from relaydiff.scheduler_cli import cmd_eval_scheduler
 
         return cmd_eval_scheduler(args)
+    if args.what == "distill":
+        return _eval_distill(args)
     cfg = EvalConfig(prompts=args.prompts, steps=args.steps, sampler=args.scheduler, guidance_scale=args.guidance, seed=args.seed)
     RelayRequest("x", relay_step=0, steps=cfg.steps, sampler=cfg.sampler, guidance_scale=cfg.guidance_scale)  # validate early
     host_ref, device_ref = _resolve_pair(args)
@@ -316,6 +326,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_distill(args: argparse.Namespace) -> int:
+    from relaydiff.core import family
+    from relaydiff.eval_distill import DistillEvalConfig, format_table, run_distill_eval, write_outputs
+
+    root = Path(args.family) if args.family else family.default_family_dir()
+    cfg = DistillEvalConfig(variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()), prompts=args.prompts, seed=args.seed)
+    report = run_distill_eval(root, cfg, progress=not args.json)
+    paths = write_outputs(report, Path(args.out_dir or "out/eval-distill"))
+    _emit(args, {"config": report["config"], "summary": report["summary"], "files": paths},
+          [format_table(report), "wrote " + ", ".join(paths.values())])
+    return 0
+
+
 def cmd_family(args: argparse.Namespace) -> int:
     try:
         from relaydiff.embedded.train import main as train_main
@@ -329,8 +352,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from relaydiff.quantize.distill import DistillConfig, distill
 
     root = Path(args.family) if args.family else family.default_family_dir()
+    variant = args.variant or ("student" if args.method == "progressive" else f"student_{args.method}")
+    if not variant.replace("_", "").isalnum():
+        raise RelaydiffError(f"variant name {variant!r} must be letters, digits and underscores")
     config = DistillConfig(family=root, relay_step=args.relay_step, student_steps=args.student_steps, steps=args.steps,
-                           guidance_scale=args.guidance, minutes=args.minutes)
+                           guidance_scale=args.guidance, minutes=args.minutes, max_updates=args.max_updates, method=args.method, variant=variant,
+                           subfolder=f"unet_{variant}")
     info = distill(config, resume=not args.no_resume, progress=not args.json, log=None if args.json else print)
     if args.json:
         print(json.dumps(info, sort_keys=True))

@@ -14,6 +14,11 @@ deterministic DDIM update (eta = 0; Song et al. 2021, eq. 12):
 where a is the noise schedule's cumulative alpha (the scheduler's ``final_alpha_cumprod`` after the last
 grid step). We write this update instead of calling ``DDIMScheduler.step``, which only steps between
 neighbours of an evenly spaced grid.
+
+A student distilled with latent consistency distillation (``"parametrization": "lcm"``) is a consistency
+function f(x, t) = c_skip(t) x + c_out(t) x0(eps) (Luo et al. 2023, eq. 9, with the boundary scalings of
+diffusers' ``LCMScheduler``); each jump then uses f's x0 and the noise it implies, so the sampler stays the
+deterministic DDIM jump (LCM's own multistep sampler re-noises with fresh noise instead).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from relaydiff.core.errors import RelaydiffError, RelayStateError
 
 STUDENT_FILE = "relaydiff_student.json"
 STUDENT_FORMAT = "relaydiff-student/1"
+PARAMETRIZATIONS = ("eps", "lcm")  # the UNet's noise drives the jump, or a consistency function's x0 does
 _REQUIRED = {"format": str, "teacher": str, "relay_step": int, "steps": int, "student_steps": int,
              "guidance_scale": float, "sampler": str}
 
@@ -53,6 +59,14 @@ def read_student(unet_dir: Path) -> dict[str, Any] | None:
         raise RelaydiffError(f"'{path}': student_steps/relay_step/steps out of range: {info!r}")
     if info["sampler"] != "ddim":
         raise RelaydiffError(f"'{path}': only 'ddim' students are supported, got {info['sampler']!r}")
+    kind = info.setdefault("parametrization", "eps")
+    if kind not in PARAMETRIZATIONS:
+        raise RelaydiffError(f"'{path}': parametrization must be one of {', '.join(PARAMETRIZATIONS)}, got {kind!r}")
+    if kind == "lcm":
+        for key in ("timestep_scaling", "sigma_data"):
+            v = info.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise RelaydiffError(f"'{path}': an lcm student needs a positive {key!r}, got {v!r}")
     return info
 
 
@@ -91,6 +105,32 @@ def jump_alphas(timesteps: torch.Tensor, indices: list[int], scheduler_config: d
     return out
 
 
+def lcm_scalings(t: torch.Tensor | float, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) of the consistency boundary condition at timestep t (as diffusers' LCMScheduler: f = x at t = 0)."""
+    st = torch.as_tensor(t, dtype=torch.float32) * timestep_scaling
+    c_skip = sigma_data**2 / (st**2 + sigma_data**2)
+    c_out = st / (st**2 + sigma_data**2).sqrt()
+    return c_skip, c_out
+
+
+def consistency_x0(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | float, a_t: torch.Tensor | float,
+                   timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> torch.Tensor:
+    """f(x, t) = c_skip x + c_out x0, with x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t); ``t`` and ``a_t`` broadcast over x."""
+    a_t = torch.as_tensor(a_t, dtype=x.dtype)
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    c_skip, c_out = lcm_scalings(t, timestep_scaling, sigma_data)
+    return c_skip.to(x.dtype) * x + c_out.to(x.dtype) * x0
+
+
+def student_eps(student: dict[str, Any], x: torch.Tensor, eps: torch.Tensor, t: int, a_t: float) -> torch.Tensor:
+    """The noise a jump uses: the UNet's own (``eps``), or the one implied by the consistency function's x0 (``lcm``)."""
+    if student.get("parametrization", "eps") != "lcm":
+        return eps
+    x0 = consistency_x0(x, eps, float(t), a_t, float(student["timestep_scaling"]), float(student["sigma_data"]))
+    a = torch.as_tensor(a_t, dtype=x.dtype)
+    return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+
 @torch.no_grad()
 def student_finish(unet: Any, student: dict[str, Any], latents: torch.Tensor, timesteps: torch.Tensor, k: int,
                    cond: torch.Tensor, scheduler_config: dict[str, Any], sampler: str) -> torch.Tensor:
@@ -103,5 +143,5 @@ def student_finish(unet: Any, student: dict[str, Any], latents: torch.Tensor, ti
     x = latents.float()
     for t, a_t, a_s in jump_alphas(timesteps, coarse_indices(n, k, int(student["student_steps"])), scheduler_config):
         eps = unet(x, torch.tensor(t), encoder_hidden_states=cond).sample
-        x = ddim_jump(x, eps, a_t, a_s)
+        x = ddim_jump(x, student_eps(student, x, eps, t, a_t), a_t, a_s)
     return x
