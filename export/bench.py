@@ -44,6 +44,7 @@ class BenchConfig:
     threads: int = 1  # intra-op threads for onnxruntime and torch alike, so that the ratio compares like with like
     family: Path | None = None  # family folder of the torch reference; default: the one recorded in the artifacts' metadata
     relay: bool = True  # also time the device half of a relay (steps [k, N) + decode) per target and precision
+    memory: bool = True  # peak RSS of each runtime loading and calling one artifact, in a fresh process per file
 
     def __post_init__(self) -> None:
         for name, low in (("repeats", 1), ("warmup", 0), ("threads", 1)):
@@ -317,6 +318,9 @@ def _bench(root: Path, manifest: Mapping[str, Any], config: BenchConfig, say: Ca
             ref = _torch_reference(device, comp, fixtures[comp], config)
             torch_rows[comp] = {"component": comp, "load_seconds": round(torch_load_s + ref["build_seconds"], 6),
                                 "call_seconds": round(ref["call_seconds"], 6)}
+            if config.memory and folder is not None:
+                torch_rows[comp].update(measure_rss({"mode": "torch", "bundle": str(root), "family": str(folder), "component": comp,
+                                                     "threads": config.threads}))
         reason = runtime_unavailable(art["target"])
         for file in runnable_files(art):
             row: dict[str, Any] = {"target": art["target"], "precision": art["precision"], "component": comp, "file": file,
@@ -329,6 +333,11 @@ def _bench(root: Path, manifest: Mapping[str, Any], config: BenchConfig, say: Ca
             inputs = fixtures[comp]
             call_s = median_seconds(lambda s=session, x=inputs: s(x), config.repeats, config.warmup)
             row.update({"load_seconds": round(session.load_seconds, 6), "call_seconds": round(call_s, 6)})
+            row.update(_delegation(root, art))
+            if config.memory:
+                say(f"{file}: peak RSS")
+                row.update(measure_rss({"mode": "artifact", "bundle": str(root), "entry": dict(art), "file": file,
+                                        "threads": config.threads}))
             if comp in torch_rows:
                 row["torch_call_seconds"] = torch_rows[comp]["call_seconds"]
                 row["ratio_vs_torch"] = round(call_s / max(torch_rows[comp]["call_seconds"], 1e-12), 4)
@@ -353,6 +362,10 @@ def _bench(root: Path, manifest: Mapping[str, Any], config: BenchConfig, say: Ca
                                "ratio_vs_torch": round(s / max(torch_s, 1e-12), 4)})
     elif config.relay:
         notes.append("no relay timing: it needs the family (host half and torch reference)")
+    _int8_vs_fp32(rows)
+    if config.memory:
+        notes.append("peak RSS: the rise of a fresh process's peak resident memory while it loads the file and runs 3 calls, "
+                     "over its peak after importing the runtime (what the model costs; the Python interpreter is not counted)")
     if any(r["target"] == "executorch" and r["status"] == "ok" for r in rows):
         notes.append("executorch: the Python runtime runs XNNPACK on its own thread pool; --threads does not reach it")
     return {
@@ -362,23 +375,156 @@ def _bench(root: Path, manifest: Mapping[str, Any], config: BenchConfig, say: Ca
     }
 
 
+def _delegation(root: Path, art: Mapping[str, Any]) -> dict[str, Any]:
+    """ExecuTorch: how many XNNPACK delegate calls the program makes and how many ops run outside them (from the build)."""
+    if art["target"] != "executorch":
+        return {}
+    meta = next((e["file"] for e in art.get("extra_files", ()) if e["file"].endswith(".json")), None)
+    if meta is None or not (root / meta).is_file() or (root / meta).stat().st_size > 1 << 20:
+        return {}
+    data = json.loads((root / meta).read_text()).get("metadata", {})
+    outside = data.get("ops_outside_delegates")
+    return {"delegate_calls": data.get("delegate_calls"),
+            "ops_outside_delegates": sum(outside.values()) if isinstance(outside, dict) else None}
+
+
+def _int8_vs_fp32(rows: list[dict[str, Any]]) -> None:
+    """Give each INT8 row its fp32 sibling's ratios (same target, component and file kind): size and latency."""
+    def kind(r: Mapping[str, Any]) -> str:
+        return "ort" if r["file"].endswith(".ort") else "main"
+
+    fp32 = {(r["target"], r["component"], kind(r)): r for r in rows if r["precision"] == "fp32"}
+    for r in rows:
+        ref = fp32.get((r["target"], r["component"], kind(r)))
+        if r["precision"] != "int8" or ref is None:
+            continue
+        r["fp32_size_over_int8"] = round(ref["size"] / max(r["size"], 1), 3)
+        if "call_seconds" in r and "call_seconds" in ref:
+            r["call_vs_fp32"] = round(r["call_seconds"] / max(ref["call_seconds"], 1e-12), 4)
+
+
+def measure_rss(spec: Mapping[str, Any], timeout_s: float = 900.0) -> dict[str, Any]:
+    """Peak RSS of loading and calling one artifact (or the torch reference) in a fresh Python process.
+
+    Returns ``{"peak_rss_bytes", "rss_rise_bytes", "rss_rise_over_size"}`` or ``{"rss_error": why}``.
+    """
+    import subprocess
+
+    cmd = [sys.executable, "-m", "relaydiff.export.bench", "--rss-child", json.dumps(spec)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return {"rss_error": f"timed out after {timeout_s:.0f} s"}
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"rss_error": f"exit {done.returncode}: {tail[0][:300]}"}
+    return json.loads(lines[-1])
+
+
+def _status_bytes(key: str) -> int | None:
+    """A ``/proc/self/status`` memory line (VmRSS, VmHWM) in bytes; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _rss_baseline() -> int:
+    """Reset the peak-RSS watermark where the OS allows (Linux clear_refs 5) and return the RSS to measure from."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS, so import-time peaks do not hide the model's
+        now = _status_bytes("VmRSS")
+        if now is not None:
+            return now
+    except OSError:
+        pass
+    return _peak_rss_bytes()  # elsewhere: the peak so far (a rise can then be under-counted)
+
+
+def _peak_rss_bytes() -> int:
+    hwm = _status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # bytes on macOS, KiB on Linux
+
+
+def _rss_child(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """In a fresh process: import the runtime, note the peak RSS, load the file, call it 3 times, note the peak again."""
+    root = Path(spec["bundle"])
+    manifest = read_manifest(root)
+    if spec["mode"] == "artifact":
+        entry = spec["entry"]
+        inputs = load_fixture(root, manifest, entry["component"])[0]
+        target = "onnx" if spec["file"].endswith(".ort") else entry["target"]
+        import importlib
+
+        importlib.import_module({"onnx": "onnxruntime", "executorch": "executorch.runtime", "coreml": "coremltools"}[target])
+        if target == "executorch":
+            import torch  # noqa: F401  (the runtime's outputs are torch tensors: import before the baseline)
+        size = disk_size(root / spec["file"])
+        before = _rss_baseline()
+        session = open_session(root, entry, spec["file"], threads=int(spec["threads"]))
+        for _ in range(3):
+            session(inputs)
+    else:
+        import diffusers  # noqa: F401
+        import torch
+        import transformers  # noqa: F401
+
+        from relaydiff.core import family
+
+        torch.set_num_threads(int(spec["threads"]))
+        inputs = load_fixture(root, manifest, spec["component"])[0]
+        before = _rss_baseline()
+        ref = family.resolve(Path(spec["family"]), manifest["family"].get("device_variant"), role="device")
+        device = family.load(ref)
+        size = sum(p.numel() * p.element_size() for p in device.unet.parameters()) if spec["component"] == "unet_step" else 0
+        _torch_reference(device, spec["component"], inputs, BenchConfig(bundle=root, repeats=3, warmup=0, threads=int(spec["threads"])))
+    peak = _peak_rss_bytes()
+    out: dict[str, Any] = {"peak_rss_bytes": peak, "rss_rise_bytes": peak - before}
+    if size:
+        out["rss_rise_over_size"] = round((peak - before) / size, 3)
+    return out
+
+
 def format_table(report: Mapping[str, Any]) -> str:
     """The report as a human-readable table (per-call latencies in ms)."""
 
     def ms(v: float | None) -> str:
         return f"{1000 * v:9.3f}" if v is not None else f"{'-':>9}"
 
+    def mb(r: Mapping[str, Any]) -> str:
+        if "rss_rise_bytes" not in r:
+            return f"{'-':>8} {'-':>6}"
+        over = r.get("rss_rise_over_size")
+        return f"{r['rss_rise_bytes'] / 2**20:8.1f} " + (f"{over:5.1f}x" if over is not None else f"{'-':>6}")
+
+    def x(v: float | None) -> str:
+        return f"{v:6.2f}x" if v is not None else f"{'-':>7}"
+
     lines = [f"bundle {report['bundle']}  (family {report['family_id']}, {report['threads']} thread(s), median of {report['repeats']})",
-             f"{'artifact':<44} {'bytes':>10} {'load ms':>9} {'call ms':>9} {'torch ms':>9} {'ratio':>7}"]
+             f"{'artifact':<44} {'bytes':>10} {'load ms':>9} {'call ms':>9} {'torch ms':>9} {'vs torch':>8} "
+             f"{'RSS+ MB':>8} {'/size':>6} {'fp32/int8 size':>14} {'int8/fp32 ms':>12}"]
     for r in report["artifacts"]:
         if r["status"] != "ok":
             lines.append(f"{r['file']:<44} {r['size']:>10} {r['status']}")
             continue
-        ratio = f"{r['ratio_vs_torch']:6.2f}x" if "ratio_vs_torch" in r else f"{'-':>7}"
         lines.append(f"{r['file']:<44} {r['size']:>10} {ms(r['load_seconds'])} {ms(r['call_seconds'])} "
-                     f"{ms(r.get('torch_call_seconds'))} {ratio}")
+                     f"{ms(r.get('torch_call_seconds'))} {x(r.get('ratio_vs_torch')):>8} {mb(r)} "
+                     f"{x(r.get('fp32_size_over_int8')):>14} {x(r.get('call_vs_fp32')):>12}")
     for t in report["torch"]:
-        lines.append(f"{'torch fp32 ' + t['component']:<44} {'':>10} {ms(t['load_seconds'])} {ms(t['call_seconds'])}")
+        lines.append(f"{'torch fp32 ' + t['component']:<44} {'':>10} {ms(t['load_seconds'])} {ms(t['call_seconds'])} "
+                     f"{'':>9} {'':>8} {mb(t)}")
+    et = [r for r in report["artifacts"] if r.get("delegate_calls") is not None]
+    for r in et:
+        lines.append(f"executorch {r['file']}: {r['delegate_calls']} XNNPACK delegate calls, {r['ops_outside_delegates']} ops outside")
     if report["relay"]:
         k, n = report["relay"][0]["device_steps"]
         lines.append(f"device half of a relay (steps [{k}, {n}) + decode):")
@@ -386,3 +532,10 @@ def format_table(report: Mapping[str, Any]) -> str:
             lines.append(f"  {r['target'] + '/' + r['precision']:<20} {1000 * r['seconds']:10.1f} ms  {r['ratio_vs_torch']:6.2f}x torch")
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the peak-RSS child process of measure_rss
+    if len(sys.argv) == 3 and sys.argv[1] == "--rss-child":
+        print(json.dumps(_rss_child(json.loads(sys.argv[2]))))
+    else:
+        sys.exit("usage: python -m relaydiff.export.bench --rss-child SPEC_JSON (internal to bench device)")

@@ -26,6 +26,7 @@ def add_parsers(sub: Any) -> None:
     d.add_argument("--threads", type=int, default=1, help="intra-op threads for onnxruntime and torch alike (default 1)")
     d.add_argument("--family", help="family folder of the torch reference (default: the one recorded in the bundle)")
     d.add_argument("--no-relay", action="store_true", help="skip the device-half relay timing")
+    d.add_argument("--no-memory", action="store_true", help="skip the peak-RSS runs (one fresh process per file)")
     d.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     n = bench_sub.add_parser("link", help="hand-off overhead vs ping RTT; host throughput host-only vs relay with many devices")
@@ -44,7 +45,8 @@ def cmd_device(args: argparse.Namespace) -> int:
     from relaydiff.export.bench import BenchConfig, bench_device, format_table
 
     config = BenchConfig(bundle=Path(args.bundle), repeats=args.repeats, warmup=args.warmup, threads=args.threads,
-                         family=Path(args.family) if args.family else None, relay=not args.no_relay)
+                         family=Path(args.family) if args.family else None, relay=not args.no_relay,
+                         memory=not args.no_memory)
     report = bench_device(config, log=None if args.json else (lambda m: print(f"timing {m}", file=sys.stderr)))
     print(json.dumps(report, sort_keys=True) if args.json else format_table(report))
     return 0

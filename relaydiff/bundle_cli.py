@@ -37,6 +37,8 @@ def add_parsers(sub: Any) -> None:
     b.add_argument("--steps", type=int, default=None, help="denoising steps N (default 25, or the student's)")
     b.add_argument("--calibration-prompts", type=int, default=4, help="world prompts of the relay-aware calibration set")
     b.add_argument("--coreml-target", default="iOS18", choices=("iOS17", "iOS18"))
+    b.add_argument("--onnx-int8", default="w8a16", choices=("w8a16", "w8a8"),
+                   help="ONNX static INT8 of unet_step: int8 weights, 16- or 8-bit activations (default w8a16)")
     b.add_argument("--no-zip", action="store_true", help="do not write DIR.zip")
     b.add_argument("--out", required=True, help="bundle folder (empty or absent)")
     b.add_argument("--json", action="store_true", help="print the manifest as JSON and no progress bars")
@@ -80,6 +82,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         relay_step=relay_step,
         steps=steps,
         device_variant=args.device_variant,
+        onnx_int8=args.onnx_int8,
         calibration_prompts=args.calibration_prompts,
         coreml_target=args.coreml_target,
         zip=not args.no_zip,

@@ -57,11 +57,20 @@ def test_json_report(bench_bundle: Path, capsys: pytest.CaptureFixture[str]) -> 
     relay = {(r["target"], r["precision"]): r for r in report["relay"]}
     assert set(relay) == {("torch", "fp32"), ("onnx", "fp32"), ("onnx", "int8")}
     assert all(r["seconds"] > 0 and r["device_steps"] == [3, 10] for r in relay.values())
-    assert report["family"] is not None and report["notes"] == []
+    assert report["family"] is not None and len(report["notes"]) == 1 and report["notes"][0].startswith("peak RSS")
+    for r in report["artifacts"]:  # each file loaded and called in a fresh process: its peak RSS rose by something
+        assert "rss_error" not in r, r.get("rss_error")
+        assert 0 < r["rss_rise_bytes"] <= r["peak_rss_bytes"] and r["rss_rise_over_size"] == pytest.approx(r["rss_rise_bytes"] / r["size"], rel=1e-2)
+        if r["precision"] == "int8":
+            twin = next(f for f in report["artifacts"] if f["precision"] == "fp32" and f["component"] == r["component"]
+                        and f["file"].endswith(".ort") == r["file"].endswith(".ort"))
+            assert r["fp32_size_over_int8"] == pytest.approx(twin["size"] / r["size"], rel=1e-2)
+            assert r["call_vs_fp32"] == pytest.approx(r["call_seconds"] / twin["call_seconds"], rel=1e-2, abs=1e-3)
+    assert all(t["rss_rise_bytes"] > 0 for t in report["torch"])
 
 
 def test_table(bench_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "device", "--bundle", str(bench_bundle), "--repeats", "1", "--warmup", "0"]) == 0
+    assert main(["bench", "device", "--bundle", str(bench_bundle), "--repeats", "1", "--warmup", "0", "--no-memory"]) == 0
     out = capsys.readouterr().out
     assert "call ms" in out and "torch ms" in out and "onnx/int8/unet_step.int8-static.ort" in out
     assert "device half of a relay (steps [3, 10) + decode)" in out and "onnx/int8" in out
@@ -74,7 +83,7 @@ def test_coreml_is_reported_skipped(bench_bundle: Path, tmp_path: Path, capsys: 
         m["artifacts"].append(fake)
 
     folder = _copy_with(bench_bundle, tmp_path, add_coreml)
-    assert main(["bench", "device", "--bundle", str(folder), "--json", "--repeats", "1", "--no-relay"]) == 0
+    assert main(["bench", "device", "--bundle", str(folder), "--json", "--repeats", "1", "--no-relay", "--no-memory"]) == 0
     rows = json.loads(capsys.readouterr().out)["artifacts"]
     coreml = [r for r in rows if r["target"] == "coreml"]
     assert len(coreml) == 1 and coreml[0]["status"] == "skipped: runtime needs macOS" and "call_seconds" not in coreml[0]
@@ -82,7 +91,7 @@ def test_coreml_is_reported_skipped(bench_bundle: Path, tmp_path: Path, capsys: 
 
 def test_without_the_family_there_is_no_torch_column(bench_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = _copy_with(bench_bundle, tmp_path, lambda m: m["family"].update(config_hash="0" * 64))
-    assert main(["bench", "device", "--bundle", str(folder), "--json", "--repeats", "1"]) == 0
+    assert main(["bench", "device", "--bundle", str(folder), "--json", "--repeats", "1", "--no-memory"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["family"] is None and report["torch"] == [] and report["relay"] == []
     assert all("ratio_vs_torch" not in r and r["call_seconds"] > 0 for r in report["artifacts"])
