@@ -42,18 +42,21 @@ class DistillEvalConfig:
 
 
 class _Guided:
-    """A UNet called like a student's (latent batch 1, conditional embeddings) that runs CFG inside: eps_u + g (eps_c - eps_u)."""
+    """A UNet called like a student's (latent batch 1, conditional embeddings) that runs CFG inside (the exported
+    ``unet_step`` module: eps_u + g (eps_c - eps_u))."""
 
     def __init__(self, unet: Any, uncond: Any, guidance_scale: float) -> None:
-        self.unet, self.uncond, self.g = unet, uncond, guidance_scale
+        import torch
+
+        from relaydiff.export.modules import UNetStep
+
+        self.step, self.uncond, self.g = UNetStep(unet), uncond, torch.tensor([guidance_scale])
         self.config = unet.config
 
     def __call__(self, x: Any, t: Any, encoder_hidden_states: Any, **_kw: Any) -> Any:
         import torch
 
-        out = self.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([self.uncond, encoder_hidden_states])).sample
-        eps_u, eps_c = out.chunk(2)
-        return _Out(eps_u + self.g * (eps_c - eps_u))
+        return _Out(self.step(x, t, torch.cat([self.uncond, encoder_hidden_states]), self.g))
 
 
 @dataclass(frozen=True)
