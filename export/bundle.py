@@ -78,6 +78,7 @@ class BundleConfig:
     zip: bool = True  # also write <out>.zip
     device_variant: str | None = None  # the family's device UNet variant (e.g. "student"); None: its default device
     onnx_int8: str = "w8a16"  # ONNX static INT8 of unet_step: int8 weights with 16-bit ("w8a16") or 8-bit ("w8a8") activations
+    executorch_float: tuple[str, ...] | None = None  # ExecuTorch INT8: module paths kept float; None: DEFAULT_FLOAT_MODULES
 
     def __post_init__(self) -> None:
         check_names("target", self.targets, TARGETS)
@@ -153,13 +154,17 @@ def build(config: BundleConfig, *, progress: bool = True, log: Callable[[str], N
     out = config.out
     if out.exists() and any(out.iterdir()):
         raise BundleError(f"bundle folder '{out}' is not empty")
-    out.mkdir(parents=True, exist_ok=True)
     host_ref = family.resolve(config.family, role="host")
     dev_ref = family.resolve(config.family, config.device_variant, role="device")
     family.check_pair(host_ref, dev_ref)
     host = family.load(host_ref)
     device = family.load(dev_ref, share_with=host)
     student = _student_section(device, config)
+    if config.executorch_float and "executorch" in config.targets and "int8" in config.precisions:
+        from relaydiff.export.components import component_for
+
+        _check_module_paths(component_for("unet_step", device).module(device), config.executorch_float)
+    out.mkdir(parents=True, exist_ok=True)
 
     fixtures, fixture_entries, held_out = _parity_fixtures(host, device, config, out)
     calibration = None
@@ -185,7 +190,7 @@ def build(config: BundleConfig, *, progress: bool = True, log: Callable[[str], N
                 continue
             artifact, method = made
             parity = _measure(target, artifact, fixtures[comp])
-            if comp == "unet_step" and target == "onnx" and precision == "int8":
+            if comp == "unet_step" and target in ("onnx", "executorch") and precision == "int8":
                 parity["relay"] = _relay_figures(host, device, artifact, config, held_out)
             files = [f for role, f in artifact.files.items() if f != artifact.path]
             extra = [_entry(out, f) for f in (*files, artifact.metadata_path) if f.exists()]
@@ -269,11 +274,25 @@ def _make(
         art.metadata_path.unlink(missing_ok=True)
         return q, f"coremltools linear_quantize_weights int8 per-channel ({config.coreml_target}, fp16 compute)"
     if precision == "int8":
-        from relaydiff.quantize.executorch_int8 import export_int8
+        from relaydiff.quantize.executorch_int8 import DEFAULT_FLOAT_MODULES, ExecuTorchInt8Config, export_int8
 
-        art = export_int8(component, device, calibration.for_component(comp), sub, calibration_summary=calibration.summary())
-        return art, "torchao prepare_pt2e/convert_pt2e (XNNPACKQuantizer, per-channel) -> XNNPACK -> .pte"
+        q = ExecuTorchInt8Config(float_modules=DEFAULT_FLOAT_MODULES if config.executorch_float is None else config.executorch_float)
+        art = export_int8(component, device, calibration.for_component(comp), sub, q, calibration_summary=calibration.summary())
+        kept = art.metadata["quantization"]["float_modules"]
+        return art, (f"torchao pt2e (XNNPACKQuantizer, per-channel, {len(kept)} modules float) -> XNNPACK -> .pte" if kept
+                     else "torchao prepare_pt2e/convert_pt2e (XNNPACKQuantizer, per-channel) -> XNNPACK -> .pte")
     return get_exporter("executorch").export(component, device, sub), "torch.export -> XNNPACK -> .pte"
+
+
+def _check_module_paths(root: Any, paths: Sequence[str]) -> None:
+    """Raise naming each of ``paths`` that is no submodule of ``root`` (a typo would silently quantize everything)."""
+    from relaydiff.quantize.executorch_int8 import resolve_module_paths
+
+    unknown = [p for p in paths if not resolve_module_paths(root, [p])]
+    if unknown:
+        tops = ", ".join(n for n, _ in root.unet.named_children()) if hasattr(root, "unet") else ""
+        raise RelaydiffError(f"--executorch-float: no module {', '.join(repr(u) for u in unknown)} in the device UNet step; "
+                             f"expected paths like 'unet.up_blocks.-1' (children of unet: {tops})")
 
 
 def _parity_fixtures(host: Any, device: Any, config: BundleConfig, out: Path) -> tuple[dict[str, dict[str, np.ndarray]], list[dict[str, Any]], Any]:
@@ -369,10 +388,12 @@ def _compare(got: Mapping[str, np.ndarray], fixture: Mapping[str, np.ndarray], t
 
 
 def _relay_figures(host: Any, device: Any, artifact: Any, config: BundleConfig, held: Any) -> dict[str, Any]:
-    from relaydiff.quantize.onnx_int8 import session_runner
+    from relaydiff.export.bench import ArtifactSession
     from relaydiff.quantize.parity import relay_parity
 
-    return relay_parity(host, device, session_runner(artifact.path), config=held).to_json()
+    sig = artifact.signature
+    run = ArtifactSession(artifact.path, artifact.exporter, [s.name for s in sig.inputs], [s.name for s in sig.outputs])
+    return relay_parity(host, device, run, config=held).to_json()
 
 
 def _tensor(spec: Any) -> dict[str, Any]:

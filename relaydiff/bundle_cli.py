@@ -16,6 +16,15 @@ TARGETS = ("onnx", "coreml", "executorch")  # mirrors relaydiff.export.bundle.TA
 PRECISIONS = ("fp32", "int8")
 
 
+def _float_modules(value: str | None) -> tuple[str, ...] | None:
+    """--executorch-float: None (the default set), () for 'none', else the comma list."""
+    if value is None:
+        return None
+    if value.strip().lower() == "none":
+        return ()
+    return tuple(m.strip() for m in value.split(",") if m.strip())
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
@@ -39,6 +48,9 @@ def add_parsers(sub: Any) -> None:
     b.add_argument("--coreml-target", default="iOS18", choices=("iOS17", "iOS18"))
     b.add_argument("--onnx-int8", default="w8a16", choices=("w8a16", "w8a8"),
                    help="ONNX static INT8 of unet_step: int8 weights, 16- or 8-bit activations (default w8a16)")
+    b.add_argument("--executorch-float", default=None, metavar="MODULES",
+                   help="ExecuTorch INT8: comma list of module paths left in float, 'none' to quantize all "
+                        "(default unet.up_blocks.-1,unet.conv_norm_out,unet.conv_out: the full-resolution tail)")
     b.add_argument("--no-zip", action="store_true", help="do not write DIR.zip")
     b.add_argument("--out", required=True, help="bundle folder (empty or absent)")
     b.add_argument("--json", action="store_true", help="print the manifest as JSON and no progress bars")
@@ -83,6 +95,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         steps=steps,
         device_variant=args.device_variant,
         onnx_int8=args.onnx_int8,
+        executorch_float=_float_modules(args.executorch_float),
         calibration_prompts=args.calibration_prompts,
         coreml_target=args.coreml_target,
         zip=not args.no_zip,

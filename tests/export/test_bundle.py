@@ -139,6 +139,8 @@ def test_schema_rejects_bad_manifests() -> None:
         (["--targets", "tflite"], "unknown target 'tflite'; expected one of: onnx, coreml, executorch"),
         (["--precision", "fp8"], "unknown precision 'fp8'; expected one of: fp32, int8"),
         (["--components", "unet_step,vae"], "unknown component 'vae'"),
+        (["--targets", "executorch", "--precision", "int8", "--executorch-float", "unet.up_blocks.-1,unet.conv_outt"],
+         r"--executorch-float: no module 'unet.conv_outt' in the device UNet step; expected paths like 'unet.up_blocks.-1'"),
     ],
 )
 def test_bad_names_list_the_known_ones(tiny_family: Path, tmp_path: Path, argv: list[str], match: str) -> None:

@@ -34,3 +34,40 @@ def test_needs_calibration(tiny_pair: Any) -> None:
 
     with pytest.raises(ValueError, match="at least one calibration input"):
         quantize_lower(get_component("vae_decoder"), tiny_pair[1], [])
+
+
+def test_resolve_module_paths_counts_from_the_end(tiny_pair: Any) -> None:
+    from relaydiff.export import get_component
+    from relaydiff.quantize.executorch_int8 import resolve_module_paths
+
+    root = get_component("unet_step").module(tiny_pair[1])
+    last = len(root.unet.up_blocks) - 1
+    got = resolve_module_paths(root, ["unet.up_blocks.-1", "unet.conv_out", "unet.no_such", f"unet.up_blocks.{last + 1}", "vae"])
+    assert got == [f"unet.up_blocks.{last}", "unet.conv_out"]
+
+
+def _weight_is_dequantized(quantized: Any) -> dict[str, bool]:
+    """For each convolution of the converted graph, by module path: does its weight come through a dequantize op?"""
+    found = {}
+    for node in quantized.graph.nodes:
+        if node.op == "call_function" and "conv" in str(node.target):
+            stack = node.meta.get("nn_module_stack") or {}
+            path = list(stack.values())[-1][0] if stack else node.name
+            found[path] = "dequantize" in str(getattr(node.args[1], "target", ""))
+    return found
+
+
+def test_float_modules_keep_their_convolutions_float(tiny_pair: Any, calibration_sets: Any) -> None:
+    from relaydiff.export import get_component
+    from relaydiff.quantize.executorch_int8 import ExecuTorchInt8Config, quantize_pt2e
+
+    cal = calibration_sets["relay"].for_component("unet_step")[:2]
+    comp = get_component("unet_step")
+    last = len(comp.module(tiny_pair[1]).unet.up_blocks) - 1
+    mixed = _weight_is_dequantized(quantize_pt2e(comp, tiny_pair[1], cal))
+    full = _weight_is_dequantized(quantize_pt2e(comp, tiny_pair[1], cal, ExecuTorchInt8Config(float_modules=())))
+    assert set(mixed) == set(full) and len(full) > 3
+    assert all(full.values())  # everything quantized when no module is kept float
+    in_float = {p for p in mixed if p.startswith(f"unet.up_blocks.{last}.") or p in ("unet.conv_out",)}
+    assert in_float and not any(mixed[p] for p in in_float)
+    assert all(q for p, q in mixed.items() if p not in in_float)
