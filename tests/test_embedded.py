@@ -120,3 +120,17 @@ def test_resume_with_larger_budget_continues_and_redoes_later_stages(tmp_path: P
     stages = json.loads((out / "family.json").read_text())["training"]["stages"]
     assert (stages["vae"]["steps"], stages["host"]["steps"], stages["device"]["steps"]) == (6, 9, 6)
     assert device_file.read_bytes() != before  # retrained on the new text encoder
+
+
+def test_check_failures_names_what_fails() -> None:
+    import numpy as np
+
+    from relaydiff.embedded.evaluate import check_failures
+    from relaydiff.world import make_batch
+
+    images, captions, _ = make_batch(3, 24, size=32, n_objects=2)
+    truth = check_failures(images, captions)
+    assert {"found", "shape", "size", "relation", "count"} <= set(truth)
+    assert max(truth.values()) <= 0.1  # the scorer passes ground-truth renders (>= 98% of attributes)
+    blank = check_failures(np.full_like(images, 128), captions)
+    assert blank["found"] == 1.0 and blank["count"] == 1.0

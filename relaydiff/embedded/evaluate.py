@@ -1,7 +1,9 @@
 """Quick prompt-accuracy check of a trained family with the classical scorer.
 
 ``python -m relaydiff.embedded.evaluate DIR [--n 50] [--steps 25] [--guidance 5]`` prints host-only,
-device-only and relay (host for the first k of the steps) accuracies on one- and two-object prompts.
+device-only and relay (host for the first k of the steps) accuracies on one- and two-object prompts, and
+for each how often each of the scorer's checks failed (object found, shape, size, position, relation,
+background, count): where a family falls short, not only how much.
 """
 
 from __future__ import annotations
@@ -59,6 +61,22 @@ def accuracy(
     return sum(ok) / len(ok), images
 
 
+def check_failures(images: Any, prompts: Sequence[str]) -> dict[str, float]:
+    """Share of samples failing each scorer check, by check kind (``object1.shape`` counts as ``shape``)."""
+    from collections import Counter
+
+    from relaydiff.scorer import score
+
+    failed: Counter[str] = Counter()
+    seen: Counter[str] = Counter()
+    for image, prompt in zip(images, prompts, strict=True):
+        for name, ok in score(image, prompt).checks:
+            kind = name.rsplit(".", 1)[-1].rstrip("0123456789")
+            seen[kind] += 1
+            failed[kind] += not ok
+    return {k: round(failed[k] / seen[k], 3) for k in sorted(seen)}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print accuracies of a family folder; save a grid PNG per mode when --grid-dir is given."""
     import torch
@@ -79,13 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     fam = load_family(args.family, args.device_subfolder)
     results: dict[str, dict[int, float]] = {}
+    failures: dict[str, dict[int, dict[str, float]]] = {}
     for n_obj in (1, 2):
         prompts = sample_prompts(EVAL_SEED + n_obj, args.n, n_objects=n_obj)
         for mode in args.modes.split(","):
             acc, images = accuracy(fam, prompts, mode=mode, k=args.k, steps=args.steps,
                                    guidance=args.guidance)
             results.setdefault(mode, {})[n_obj] = acc
-            print(f"{mode:6s} {n_obj}-object: {acc:.1%}", flush=True)
+            failures.setdefault(mode, {})[n_obj] = fails = check_failures(images, prompts)
+            print(f"{mode:6s} {n_obj}-object: {acc:.1%}  failed checks: "
+                  + ", ".join(f"{k} {v:.0%}" for k, v in fails.items()), flush=True)
             if args.grid_dir is not None:
                 from PIL import Image
 
@@ -94,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.grid_dir.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(image_grid(images[:32], cols=8, scale=3)).save(
                     args.grid_dir / f"{mode}_{n_obj}obj.png")
-    print(json.dumps(results))
+    print(json.dumps({"accuracy": results, "failed_checks": failures}))
     return 0
 
 
