@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -134,3 +135,17 @@ def test_check_failures_names_what_fails() -> None:
     assert max(truth.values()) <= 0.1  # the scorer passes ground-truth renders (>= 98% of attributes)
     blank = check_failures(np.full_like(images, 128), captions)
     assert blank["found"] == 1.0 and blank["count"] == 1.0
+
+
+def test_text_separation_measures_the_encoder(monkeypatch: Any) -> None:
+    from relaydiff.core import family
+    from relaydiff.embedded import evaluate
+
+    fam = evaluate.load_family(family.default_family_dir())
+    monkeypatch.setattr(evaluate, "SEPARATION_PROMPTS", {
+        "same": ("a large red circle on the left",) * 3,
+        "colour": ("a large red circle on the left", "a large blue circle on the left"),
+    })
+    got = evaluate.text_separation(fam)
+    assert got["same"] == 0.0
+    assert got["colour"] > 1.0

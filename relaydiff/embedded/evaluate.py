@@ -77,6 +77,34 @@ def check_failures(images: Any, prompts: Sequence[str]) -> dict[str, float]:
     return {k: round(failed[k] / seen[k], 3) for k in sorted(seen)}
 
 
+# Prompts that differ in one attribute only (position, colour, shape), for text_separation.
+SEPARATION_PROMPTS: dict[str, tuple[str, ...]] = {
+    "position": ("a large red circle on the left", "a large red circle on the right",
+                 "a large red circle at the top", "a large red circle at the bottom"),
+    "colour": ("a large red circle on the left", "a large blue circle on the left",
+               "a large green circle on the left", "a large yellow circle on the left"),
+    "shape": ("a large red circle on the left", "a large red square on the left",
+              "a large red triangle on the left", "a large red diamond on the left"),
+}
+
+
+def text_separation(fam: dict[str, Any]) -> dict[str, float]:
+    """Mean pairwise L2 distance between the text encoder's hidden states (whole padded sequence) of prompts
+    that differ in one attribute: a UNet cannot follow a word its conditioning barely changes with."""
+    import torch
+
+    from relaydiff.embedded.sampling import encode_prompts
+
+    out = {}
+    with torch.no_grad():
+        for name, prompts in SEPARATION_PROMPTS.items():
+            e = encode_prompts(fam["tokenizer"], fam["text_encoder"], prompts).reshape(len(prompts), -1)
+            d = torch.cdist(e, e)
+            n = len(prompts)
+            out[name] = round(float(d.sum() / (n * (n - 1))), 3)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print accuracies of a family folder; save a grid PNG per mode when --grid-dir is given."""
     import torch
@@ -93,9 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--grid-dir", type=Path, default=None)
     p.add_argument("--device-subfolder", default="unet_device")
+    p.add_argument("--text", action="store_true", help="also print how far apart the text encoder puts prompts "
+                   "that differ only in position, colour or shape")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     fam = load_family(args.family, args.device_subfolder)
+    separation = text_separation(fam) if args.text else None
+    if separation is not None:
+        print("text encoder, mean pairwise L2 of prompts differing only in: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in separation.items()), flush=True)
     results: dict[str, dict[int, float]] = {}
     failures: dict[str, dict[int, dict[str, float]]] = {}
     for n_obj in (1, 2):
@@ -115,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.grid_dir.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(image_grid(images[:32], cols=8, scale=3)).save(
                     args.grid_dir / f"{mode}_{n_obj}obj.png")
-    print(json.dumps({"accuracy": results, "failed_checks": failures}))
+    print(json.dumps({"accuracy": results, "failed_checks": failures, "text_separation": separation}))
     return 0
 
 
