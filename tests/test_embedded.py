@@ -149,3 +149,29 @@ def test_text_separation_measures_the_encoder(monkeypatch: Any) -> None:
     got = evaluate.text_separation(fam)
     assert got["same"] == 0.0
     assert got["colour"] > 1.0
+
+
+def test_scene_targets_follow_the_grammar() -> None:
+    from relaydiff.embedded.train import scene_classes, scene_targets
+
+    y = scene_targets(["a large red circle on the left", "a small blue square above a large green triangle on a white background"])
+    classes = scene_classes()
+    assert y.shape == (2, len(classes)) and all(int(y[:, i].max()) < c for i, c in enumerate(classes))
+    one, two = y.tolist()
+    assert one[3:9] == [0] * 6 and one[9] > 0 and one[10:] == [0, 0, 0]  # one object, a position, no relation
+    assert two[3] > 0 and two[9] == 0 and two[10] > 0 and two[12] > 0  # second object, a relation, a background
+    assert one[0] != two[0] and one[1] != two[1]  # red circle vs blue square
+
+
+def test_micro_run_with_text_stage_and_aux_loss(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    cfg = TrainConfig.micro(seed=2)
+    cfg = replace(cfg, text=replace(cfg.text, minutes=1.0, max_steps=30, batch_size=32, lr=3e-3), text_aux_weight=0.1,
+                  vae=replace(cfg.vae, max_steps=4), host=replace(cfg.host, max_steps=4), device=replace(cfg.device, max_steps=4))
+    out = train_family(cfg, tmp_path / "fam", resume=False)
+    stages = json.loads((out / "family.json").read_text())["training"]["stages"]
+    curve = stages["text"]["loss_curve"]
+    assert sum(curve[-3:]) / 3 < 0.8 * sum(curve[:3]) / 3, curve  # scene parsing is learned
+    assert stages["text"]["parse_acc"] > 0.3
+    assert "aux_parse_acc" in stages["host"]  # the host stage kept the parsing loss on

@@ -7,6 +7,11 @@ diffusers folder (``StableDiffusionPipeline.from_pretrained`` loads the host mod
 ``unet_device/`` and ``family.json``.
 
 CLI: ``relaydiff family train --out DIR [--resume] [--minutes-budget M] [--micro] [--seed S]``.
+
+Optional: ``--text-minutes M`` pretrains the text encoder alone on parsing each caption's scene (its colours,
+shapes, sizes, position, relations, background: labels the world grammar gives for free) before the host
+stage, and ``--text-aux-weight W`` keeps that loss on during the host stage. Off by default: the committed
+family was trained without them, and its text encoder barely separates position words (README).
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ if TYPE_CHECKING:
     import torch
 
 FAMILY_FORMAT = "relaydiff-family/1"
-STAGES = ("vae", "host", "device")
+STAGES = ("vae", "text", "host", "device")
+# Seed index of each stage (fixed, so that adding a stage does not move the data seeds of the others).
+_STAGE_SEED = {"vae": 0, "host": 1, "device": 2, "text": 3}
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -61,6 +68,10 @@ class TrainConfig:
         default_factory=lambda: StageConfig(minutes=50.0, max_steps=100_000, batch_size=64, lr=1e-3,
                                             warmup_steps=200)
     )  # stage (b): text encoder + host UNet
+    text: StageConfig = field(
+        default_factory=lambda: StageConfig(minutes=0.0, max_steps=1_000, batch_size=256, lr=1e-3,
+                                            warmup_steps=50, ema_decay=0.0)
+    )  # stage (a'): text encoder alone on scene parsing (text_aux); 0 minutes: off
     device: StageConfig = field(
         default_factory=lambda: StageConfig(minutes=10.0, max_steps=100_000, batch_size=64, lr=1e-3,
                                             warmup_steps=200)
@@ -68,6 +79,7 @@ class TrainConfig:
     kl_weight: float = 1e-5  # VAE KL weight (KL and reconstruction both summed per image)
     cfg_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
     snr_gamma: float = 5.0  # Min-SNR loss weighting gamma; 0 disables
+    text_aux_weight: float = 0.0  # host stage: weight of the scene-parsing loss on the text encoder; 0: off
     n_objects_weights: tuple[float, float, float] = (0.35, 0.45, 0.2)  # P(1, 2, 3 objects) per step
     threads: int = 2  # torch threads (the most, with tune_threads)
     tune_threads: bool = False  # time 1..threads every 100 steps and keep the fastest (for a shared CPU)
@@ -91,7 +103,8 @@ class TrainConfig:
         stage = StageConfig(minutes=1.0, max_steps=25, batch_size=8, lr=3e-3, warmup_steps=2,
                             ema_decay=0.9)
         return cls(seed=seed, arch=arch, vae=replace(stage, ema_decay=0.0), host=stage,
-                   device=stage, checkpoint_every_s=1e9, log_every=5)
+                   device=stage, text=replace(stage, minutes=0.0, ema_decay=0.0), checkpoint_every_s=1e9,
+                   log_every=5)
 
     def stage(self, name: str) -> StageConfig:
         if name not in STAGES:
@@ -116,7 +129,7 @@ class TrainConfig:
 
 def _data_seed(cfg: TrainConfig, stage: str, step: int) -> int:
     """A make_batch seed unique to (run seed, stage, step), far from small evaluation seeds."""
-    return (1 + cfg.seed) * 2**40 + (1 + STAGES.index(stage)) * 2**32 + step
+    return (1 + cfg.seed) * 2**40 + (1 + _STAGE_SEED[stage]) * 2**32 + step
 
 
 def _batch(cfg: TrainConfig, stage: str, step: int, n: int) -> tuple["torch.Tensor", list[str]]:
@@ -273,7 +286,7 @@ def _run_stage(
         losses.append(loss.item())
         for k, v in extra.items():
             extras.setdefault(k, []).append(v)
-        state["chunks"].append(float(loss))
+        state["chunks"].append(losses[-1])
         if step % cfg.log_every == 0:
             recent = losses[-cfg.log_every * 5 :]
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{opt.param_groups[0]['lr']:.1e}",
@@ -414,6 +427,85 @@ def _diffusion_loss_fn(
     return loss_fn
 
 
+TEXT_PRETRAINED = "checkpoints/text_encoder_pretrained"  # where the text stage leaves its encoder (and head)
+
+
+def scene_targets(prompts: Sequence[str]) -> "torch.Tensor":
+    """Class indices (n, 13) of each caption's scene, parsed by the world grammar: for objects 0-2 colour,
+    shape and size, then the position, relations 0-1 and the background; 0 means absent."""
+    import torch
+
+    from relaydiff.world import BACKGROUNDS, PALETTE, POSITIONS, RELATIONS, SHAPES, SIZES, parse_prompt
+
+    colours, sizes, bgs = list(PALETTE), list(SIZES), list(BACKGROUNDS)
+    rows = []
+    for prompt in prompts:
+        spec = parse_prompt(prompt)
+        row = []
+        for i in range(3):
+            o = spec.objects[i] if i < len(spec.objects) else None
+            row += [0, 0, 0] if o is None else [1 + colours.index(o.colour), 1 + SHAPES.index(o.shape), 1 + sizes.index(o.size)]
+        row.append(0 if spec.position is None else 1 + POSITIONS.index(spec.position))
+        for j in range(2):
+            r = spec.relations[j] if j < len(spec.relations) else None
+            row.append(0 if r is None else 1 + RELATIONS.index(r.relation))
+        row.append(0 if spec.background is None else 1 + bgs.index(spec.background))
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def scene_classes() -> list[int]:
+    """Number of classes (absent included) of each column of :func:`scene_targets`."""
+    from relaydiff.world import BACKGROUNDS, PALETTE, POSITIONS, RELATIONS, SHAPES, SIZES
+
+    obj = [1 + len(PALETTE), 1 + len(SHAPES), 1 + len(SIZES)]
+    return obj * 3 + [1 + len(POSITIONS)] + [1 + len(RELATIONS)] * 2 + [1 + len(BACKGROUNDS)]
+
+
+def scene_head(hidden: int) -> "torch.nn.Module":
+    """Linear classifiers of the scene columns on the mean of the text encoder's hidden states (every
+    padded position, as the UNet's cross-attention sees them)."""
+    import torch
+
+    return torch.nn.Linear(hidden, sum(scene_classes()))
+
+
+def _text_aux_loss_fn(cfg: TrainConfig, stage: str, text_encoder: Any, head: Any, tokenizer: Any,
+                      ) -> Callable[[int], tuple["torch.Tensor", dict[str, float]]]:
+    """Cross-entropy of parsing each caption's scene from the text encoder's output (written here: the world's
+    grammar gives the labels for free, and no library has this task). The UNet conditions on every token, so
+    words it must follow (positions!) have to move the hidden states: this loss makes them."""
+    import torch
+
+    from relaydiff.world import sample_prompts
+
+    sizes = scene_classes()
+    n = 64 if stage != "text" else cfg.text.batch_size
+
+    def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        prompts = sample_prompts(_data_seed(cfg, "text", step) if stage == "text" else _data_seed(cfg, stage, step) + 2**31, n)
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        logits = head(text_encoder(ids)[0].mean(dim=1)).split(sizes, dim=1)
+        y = scene_targets(prompts)
+        losses = [torch.nn.functional.cross_entropy(lg, y[:, i]) for i, lg in enumerate(logits)]
+        right = [float((lg.argmax(1) == y[:, i]).float().mean()) for i, lg in enumerate(logits)]
+        return sum(losses) / len(losses), {"parse_acc": sum(right) / len(right), "position_acc": right[9]}
+
+    return loss_fn
+
+
+def _train_text(cfg: TrainConfig, out: Path, ckpt: Path, resume: bool) -> dict[str, Any]:
+    """Stage (a'): the text encoder alone, on scene parsing; the host stage starts from it."""
+    tok, text = _load_tokenizer_and_text(cfg, out)
+    head = scene_head(text.config.hidden_size)
+    res, _ = _run_stage(cfg, "text", {"text_encoder": text, "scene_head": head},
+                        _text_aux_loss_fn(cfg, "text", text, head, tok), ckpt, resume)
+    text.save_pretrained(out / TEXT_PRETRAINED, safe_serialization=True)
+    _save_tensors(out / TEXT_PRETRAINED / "scene_head.safetensors", head.state_dict())
+    return _report(res)
+
+
 def _load_tokenizer_and_text(cfg: TrainConfig, out: Path) -> tuple[Any, Any]:
     from transformers import CLIPTokenizer
 
@@ -430,11 +522,31 @@ def _train_host(cfg: TrainConfig, out: Path, ckpt: Path, resume: bool) -> dict[s
 
     vae = AutoencoderKL.from_pretrained(str(out / "vae")).eval().requires_grad_(False)
     tok, text = _load_tokenizer_and_text(cfg, out)
+    if cfg.text.minutes > 0:  # start from the text stage's encoder
+        from transformers import CLIPTextModel
+
+        text = CLIPTextModel.from_pretrained(str(out / TEXT_PRETRAINED))
     unet = build_unet(cfg.arch, cfg.arch.host)
     loss_fn = _diffusion_loss_fn(cfg, "host", unet, text, tok, vae, train_text=True)
-    res, ema = _run_stage(cfg, "host", {"unet": unet, "text_encoder": text}, loss_fn, ckpt, resume)
+    modules = {"unet": unet, "text_encoder": text}
+    if cfg.text_aux_weight > 0:
+        head = scene_head(text.config.hidden_size)
+        if (out / TEXT_PRETRAINED / "scene_head.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            head.load_state_dict(load_file(str(out / TEXT_PRETRAINED / "scene_head.safetensors")))
+        aux = _text_aux_loss_fn(cfg, "host", text, head, tok)
+        diffusion = loss_fn
+
+        def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+            loss, extra = diffusion(step)
+            a, a_extra = aux(step)
+            return loss + cfg.text_aux_weight * a, {**extra, **{f"aux_{k}": v for k, v in a_extra.items()}}
+
+        modules["scene_head"] = head
+    res, ema = _run_stage(cfg, "host", modules, loss_fn, ckpt, resume)
     if ema is not None:
-        ema.copy_to([p for m in (unet, text) for p in m.parameters() if p.requires_grad])
+        ema.copy_to([p for m in modules.values() for p in m.parameters() if p.requires_grad])
     unet.save_pretrained(out / "unet", safe_serialization=True)
     text.save_pretrained(out / "text_encoder", safe_serialization=True)
     return _report(res)
@@ -565,9 +677,11 @@ def train_family(cfg: TrainConfig, out_dir: str | Path, resume: bool = True) -> 
     longest = _check_captions_fit(cfg, tok)
     reports_path = ckpt / "reports.json"
     reports: dict[str, Any] = json.loads(reports_path.read_text()) if resume and reports_path.is_file() else {}
-    trainers = {"vae": _train_vae, "host": _train_host, "device": _train_device}
+    trainers = {"vae": _train_vae, "text": _train_text, "host": _train_host, "device": _train_device}
     rerun = False  # once a stage (re)trains, every later stage depends on new weights
     for stage in STAGES:
+        if cfg.stage(stage).minutes <= 0:  # an optional stage that is off
+            continue
         if resume and not rerun and stage in reports and _stage_done(ckpt, stage, cfg.stage(stage)):
             continue
         if rerun:
@@ -575,7 +689,7 @@ def train_family(cfg: TrainConfig, out_dir: str | Path, resume: bool = True) -> 
         else:
             _reopen_stage(ckpt, stage)  # a larger budget than the finished run's continues it
         rerun = True
-        torch.manual_seed(cfg.seed + STAGES.index(stage))
+        torch.manual_seed(cfg.seed + _STAGE_SEED[stage])
         reports[stage] = trainers[stage](cfg, out, ckpt, resume)
         ckpt.mkdir(parents=True, exist_ok=True)
         reports_path.write_text(json.dumps(reports, indent=1))
@@ -622,6 +736,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{stage}-minutes", type=float, default=None,
                        help=f"wall-clock minutes of stage {stage!r} (after --minutes-budget); a larger "
                        "value than a finished run's continues that stage on --resume")
+    p.add_argument("--text-aux-weight", type=float, default=None,
+                   help="host stage: weight of the scene-parsing loss on the text encoder (default 0: off; "
+                        "with --text-minutes the text encoder is pretrained on that loss first)")
     p.add_argument("--micro", action="store_true", help="seconds-long smoke run with tiny models")
     p.add_argument("--seed", type=int, default=0, help="run seed")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoints/ after the run")
@@ -643,6 +760,10 @@ def main(argv: list[str] | None = None) -> int:
             if not minutes > 0:
                 p.error(f"--{stage}-minutes must be > 0, got {minutes!r}")
             cfg = replace(cfg, **{stage: replace(cfg.stage(stage), minutes=minutes)})
+    if args.text_aux_weight is not None:
+        if not args.text_aux_weight >= 0:
+            p.error(f"--text-aux-weight must be >= 0, got {args.text_aux_weight!r}")
+        cfg = replace(cfg, text_aux_weight=args.text_aux_weight)
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads!r}")
     cfg = replace(cfg, keep_checkpoints=args.keep_checkpoints, tune_threads=args.tune_threads,
