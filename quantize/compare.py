@@ -18,6 +18,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,6 @@ def compare(family_dir: Path, variant: str | None = None, relay_step: int = 8, s
 
 def main(argv: list[str] | None = None) -> int:
     from relaydiff.core import family
-    from relaydiff.core.errors import RelaydiffError
 
     p = argparse.ArgumentParser(prog="python -m relaydiff.quantize.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--family", default=None, help="family folder (default: the embedded family)")
@@ -72,21 +72,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-prompts", type=int, default=3, help="held-out relays")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    try:
+
+    def make() -> dict[str, Any]:
         root = Path(args.family) if args.family else family.default_family_dir()
+        return compare(root, args.variant, args.relay_step, args.steps, args.prompts, args.eval_prompts,
+                       log=None if args.json else (lambda m: print(m, file=sys.stderr)))
+
+    def table(report: dict[str, Any]) -> list[str]:
+        return [f"{'scheme':<7} {'calibration':<12} {'samples':>7} {'denoiser max abs':>16} {'worst dB':>8} {'image worst dB':>14} {'mean dB':>7}"] + [
+            f"{r['scheme']:<7} {r['calibration']:<12} {r['samples']:>7} {r['denoiser_max_abs']:>16.4f} {r['denoiser_psnr_db']:>8.2f} "
+            f"{r['image_psnr_db']:>14.2f} {r['image_psnr_db_mean']:>7.2f}" for r in report["rows"]]
+
+    return report_cli(make, args.json, table)
+
+
+def report_cli(make: Callable[[], dict[str, Any]], as_json: bool, table: Callable[[dict[str, Any]], list[str]]) -> int:
+    """Run ``make`` (library chatter sent to stderr), print its report as JSON or as ``table`` lines; a
+    RelaydiffError is one line on stderr and exit status 2."""
+    from relaydiff.core.errors import RelaydiffError
+
+    try:
         with contextlib.redirect_stdout(sys.stderr):  # the exporters' and quantizer's chatter; stdout is the report
-            report = compare(root, args.variant, args.relay_step, args.steps, args.prompts, args.eval_prompts,
-                             log=None if args.json else (lambda m: print(m, file=sys.stderr)))
+            report = make()
     except RelaydiffError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(report))
-        return 0
-    print(f"{'scheme':<7} {'calibration':<12} {'samples':>7} {'denoiser max abs':>16} {'worst dB':>8} {'image worst dB':>14} {'mean dB':>7}")
-    for r in report["rows"]:
-        print(f"{r['scheme']:<7} {r['calibration']:<12} {r['samples']:>7} {r['denoiser_max_abs']:>16.4f} {r['denoiser_psnr_db']:>8.2f} "
-              f"{r['image_psnr_db']:>14.2f} {r['image_psnr_db_mean']:>7.2f}")
+    print(json.dumps(report) if as_json else "\n".join(table(report)))
     return 0
 
 

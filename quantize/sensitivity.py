@@ -14,8 +14,6 @@ The default probes are: nothing float, each child of the UNet, and :data:`DEFAUL
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -88,7 +86,7 @@ def probe(family_dir: Path | None = None, variant: str | None = None, relay_step
 
 def main(argv: list[str] | None = None) -> int:
     """Print a table (or JSON) of the probes."""
-    from relaydiff.core.errors import RelaydiffError
+    from relaydiff.quantize.compare import report_cli
 
     p = argparse.ArgumentParser(prog="python -m relaydiff.quantize.sensitivity", description=__doc__.split("\n")[0])
     p.add_argument("--family", type=Path, default=None, help="family folder (default: the embedded family)")
@@ -100,21 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     probes = None if args.probe is None else [() if m == "none" else tuple(s for s in m.split(",") if s) for m in args.probe]
-    try:
-        report = probe(args.family, args.variant, args.relay_step, args.steps, probes, progress=not args.json)
-    except RelaydiffError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(report))
-        return 0
-    print(f"{'float modules':60s} {'params':>7s} {'denoiser':>9s} {'last step':>9s} {'image worst/mean':>17s}")
-    for r in report["rows"]:
-        name = ", ".join(r["float"]) or "(none: all W8A8)"
-        print(f"{name[:60]:60s} {r['float_parameter_share']:7.1%} {r['denoiser_psnr_db']:8.2f}  {r['last_step_psnr_db']:8.2f}"
-              f"  {r['image_psnr_db']:7.2f} / {r['image_psnr_db_mean']:.2f}")
-    return 0
 
+    def table(report: dict[str, Any]) -> list[str]:
+        lines = [f"{'float modules':60s} {'params':>7s} {'denoiser':>9s} {'last step':>9s} {'image worst/mean':>17s}"]
+        for r in report["rows"]:
+            name = ", ".join(r["float"]) or "(none: all W8A8)"
+            lines.append(f"{name[:60]:60s} {r['float_parameter_share']:7.1%} {r['denoiser_psnr_db']:8.2f}  "
+                         f"{r['last_step_psnr_db']:8.2f}  {r['image_psnr_db']:7.2f} / {r['image_psnr_db_mean']:.2f}")
+        return lines
+
+    return report_cli(lambda: probe(args.family, args.variant, args.relay_step, args.steps, probes, progress=not args.json),
+                      args.json, table)
 
 if __name__ == "__main__":
     raise SystemExit(main())
