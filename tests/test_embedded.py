@@ -175,3 +175,43 @@ def test_micro_run_with_text_stage_and_aux_loss(tmp_path: Path) -> None:
     assert sum(curve[-3:]) / 3 < 0.8 * sum(curve[:3]) / 3, curve  # scene parsing is learned
     assert stages["text"]["parse_acc"] > 0.3
     assert "aux_parse_acc" in stages["host"]  # the host stage kept the parsing loss on
+
+
+def test_device_distillation_loss_is_the_distance_to_the_teacher(tmp_path: Path) -> None:
+    import torch
+    from dataclasses import replace
+
+    from relaydiff.embedded.models import build_unet
+    from relaydiff.embedded.train import _diffusion_loss_fn
+
+    cfg = TrainConfig.micro(seed=3)
+    cfg = replace(cfg, device=replace(cfg.device, max_steps=3), vae=replace(cfg.vae, max_steps=3),
+                  host=replace(cfg.host, max_steps=3), device_kd_weight=1.0, keep_checkpoints=False)
+    out = train_family(cfg, tmp_path / "fam", resume=False)
+    assert "kd_mse" in json.loads((out / "family.json").read_text())["training"]["stages"]["device"]
+
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    vae = AutoencoderKL.from_pretrained(str(out / "vae")).eval()
+    tok = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
+    text = CLIPTextModel.from_pretrained(str(out / "text_encoder")).eval()
+    unet = build_unet(cfg.arch, cfg.arch.device).eval()
+    other = build_unet(cfg.arch, cfg.arch.device).eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+    def run(teacher: Any, weight: float) -> tuple[float, dict[str, float]]:
+        torch.manual_seed(0)
+        fn = _diffusion_loss_fn(cfg, "device", unet, text, tok, vae, train_text=False, teacher=teacher,
+                                kd_weight=weight)
+        with torch.no_grad():
+            loss, extra = fn(0)
+        return float(loss), extra
+
+    plain, _ = run(None, 0.0)
+    same, same_extra = run(unet, 1.0)  # a teacher that agrees adds nothing
+    assert same_extra["kd_mse"] == 0.0 and same == pytest.approx(plain)
+    differ, differ_extra = run(other, 2.0)
+    assert differ_extra["kd_mse"] > 0 and differ > plain

@@ -80,6 +80,7 @@ class TrainConfig:
     cfg_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
     snr_gamma: float = 5.0  # Min-SNR loss weighting gamma; 0 disables
     text_aux_weight: float = 0.0  # host stage: weight of the scene-parsing loss on the text encoder; 0: off
+    device_kd_weight: float = 0.0  # device stage: weight of matching the host UNet's noise prediction; 0: off
     n_objects_weights: tuple[float, float, float] = (0.35, 0.45, 0.2)  # P(1, 2, 3 objects) per step
     threads: int = 2  # torch threads (the most, with tune_threads)
     tune_threads: bool = False  # time 1..threads every 100 steps and keep the fastest (for a shared CPU)
@@ -388,9 +389,15 @@ def _report(res: _StageResult) -> dict[str, Any]:
 
 def _diffusion_loss_fn(
     cfg: TrainConfig, stage: str, unet: "torch.nn.Module", text_encoder: "torch.nn.Module",
-    tokenizer: Any, vae: Any, train_text: bool,
+    tokenizer: Any, vae: Any, train_text: bool, teacher: "torch.nn.Module | None" = None,
+    kd_weight: float = 0.0,
 ) -> Callable[[int], tuple["torch.Tensor", dict[str, float]]]:
-    """Epsilon-prediction loss (Ho et al. eq. 14) with Min-SNR-gamma weighting (Hang et al. 2023)."""
+    """Epsilon-prediction loss (Ho et al. eq. 14) with Min-SNR-gamma weighting (Hang et al. 2023).
+
+    With a ``teacher`` UNet, ``kd_weight`` times the same weighted squared distance to the teacher's
+    prediction on the same noisy latent is added: the output-level knowledge distillation of BK-SDM
+    (Kim et al. 2023), which hands the small UNet the large one's denoising path in the shared latent.
+    """
     import torch
     from relaydiff.embedded.models import build_scheduler
 
@@ -419,10 +426,17 @@ def _diffusion_loss_fn(
         if cfg.snr_gamma > 0:  # 4. Min-SNR weights min(SNR, gamma) / SNR
             snr = snr_all[t]
             w = torch.clamp(snr, max=cfg.snr_gamma) / snr
-            loss = (w * per).mean()
         else:
-            loss = per.mean()
-        return loss, {"mse": per.mean().item()}
+            w = torch.ones(bs)
+        loss = (w * per).mean()
+        extra = {"mse": per.mean().item()}
+        if teacher is not None and kd_weight > 0:  # 5. ||eps_teacher - eps_theta||^2
+            with torch.no_grad():
+                eps_t = teacher(zt, t, encoder_hidden_states=ctx).sample
+            kd = (eps - eps_t).pow(2).mean(dim=(1, 2, 3))
+            loss = loss + kd_weight * (w * kd).mean()
+            extra["kd_mse"] = kd.mean().item()
+        return loss, extra
 
     return loss_fn
 
@@ -562,7 +576,13 @@ def _train_device(cfg: TrainConfig, out: Path, ckpt: Path, resume: bool) -> dict
     tok = CLIPTokenizer.from_pretrained(str(out / "tokenizer"), local_files_only=True)
     text = CLIPTextModel.from_pretrained(str(out / "text_encoder")).eval().requires_grad_(False)
     unet = build_unet(cfg.arch, cfg.arch.device)
-    loss_fn = _diffusion_loss_fn(cfg, "device", unet, text, tok, vae, train_text=False)
+    teacher = None
+    if cfg.device_kd_weight > 0:
+        from diffusers import UNet2DConditionModel
+
+        teacher = UNet2DConditionModel.from_pretrained(str(out / "unet")).eval().requires_grad_(False)
+    loss_fn = _diffusion_loss_fn(cfg, "device", unet, text, tok, vae, train_text=False, teacher=teacher,
+                                 kd_weight=cfg.device_kd_weight)
     res, ema = _run_stage(cfg, "device", {"unet": unet}, loss_fn, ckpt, resume)
     if ema is not None:
         ema.copy_to(list(unet.parameters()))
@@ -739,6 +759,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-aux-weight", type=float, default=None,
                    help="host stage: weight of the scene-parsing loss on the text encoder (default 0: off; "
                         "with --text-minutes the text encoder is pretrained on that loss first)")
+    p.add_argument("--device-kd-weight", type=float, default=None,
+                   help="device stage: weight of matching the host UNet's noise prediction on the same "
+                        "noisy latent (output distillation; default 0: off)")
     p.add_argument("--micro", action="store_true", help="seconds-long smoke run with tiny models")
     p.add_argument("--seed", type=int, default=0, help="run seed")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoints/ after the run")
@@ -764,6 +787,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.text_aux_weight >= 0:
             p.error(f"--text-aux-weight must be >= 0, got {args.text_aux_weight!r}")
         cfg = replace(cfg, text_aux_weight=args.text_aux_weight)
+    if args.device_kd_weight is not None:
+        if not args.device_kd_weight >= 0:
+            p.error(f"--device-kd-weight must be >= 0, got {args.device_kd_weight!r}")
+        cfg = replace(cfg, device_kd_weight=args.device_kd_weight)
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads!r}")
     cfg = replace(cfg, keep_checkpoints=args.keep_checkpoints, tune_threads=args.tune_threads,
