@@ -1,4 +1,4 @@
-"""Train the embedded ``tinyshapes`` family on a CPU: VAE, then text encoder + host UNet, then device UNet.
+"""Train the embedded ``tinyshapes`` family on a CPU: VAE, text encoder, text encoder + host UNet, device UNet.
 
 Data come from :func:`relaydiff.world.make_batch` on the fly (a fresh seed every step, nothing on
 disk). Every stage has a wall-clock budget and a step cap, whichever comes first; checkpoints
@@ -8,10 +8,11 @@ diffusers folder (``StableDiffusionPipeline.from_pretrained`` loads the host mod
 
 CLI: ``relaydiff family train --out DIR [--resume] [--minutes-budget M] [--micro] [--seed S]``.
 
-Optional: ``--text-minutes M`` pretrains the text encoder alone on parsing each caption's scene (its colours,
-shapes, sizes, position, relations, background: labels the world grammar gives for free) before the host
-stage, and ``--text-aux-weight W`` keeps that loss on during the host stage. Off by default: the committed
-family was trained without them, and its text encoder barely separates position words (README).
+The text stage (``--text-minutes M``, 5 by default; 0 skips it) pretrains the text encoder alone on parsing
+each caption's scene (its colours, shapes, sizes, position, relations, background: labels the world grammar
+gives for free) before the host stage, and ``--text-aux-weight W`` (0.1) keeps that loss on during the host
+stage. Without them joint training collapses the position words and the host ignores where things go
+(README). ``--device-kd-weight W`` (off) adds output distillation from the host to the device stage.
 """
 
 from __future__ import annotations
@@ -69,17 +70,17 @@ class TrainConfig:
                                             warmup_steps=200)
     )  # stage (b): text encoder + host UNet
     text: StageConfig = field(
-        default_factory=lambda: StageConfig(minutes=0.0, max_steps=1_000, batch_size=256, lr=1e-3,
+        default_factory=lambda: StageConfig(minutes=5.0, max_steps=1_000, batch_size=256, lr=1e-3,
                                             warmup_steps=50, ema_decay=0.0)
     )  # stage (a'): text encoder alone on scene parsing (text_aux); 0 minutes: off
     device: StageConfig = field(
-        default_factory=lambda: StageConfig(minutes=10.0, max_steps=100_000, batch_size=64, lr=1e-3,
+        default_factory=lambda: StageConfig(minutes=25.0, max_steps=100_000, batch_size=64, lr=1e-3,
                                             warmup_steps=200)
     )  # stage (c): device UNet, text encoder frozen
     kl_weight: float = 1e-5  # VAE KL weight (KL and reconstruction both summed per image)
     cfg_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
     snr_gamma: float = 5.0  # Min-SNR loss weighting gamma; 0 disables
-    text_aux_weight: float = 0.0  # host stage: weight of the scene-parsing loss on the text encoder; 0: off
+    text_aux_weight: float = 0.1  # host stage: weight of the scene-parsing loss on the text encoder; 0: off
     device_kd_weight: float = 0.0  # device stage: weight of matching the host UNet's noise prediction; 0: off
     n_objects_weights: tuple[float, float, float] = (0.35, 0.45, 0.2)  # P(1, 2, 3 objects) per step
     threads: int = 2  # torch threads (the most, with tune_threads)
@@ -104,7 +105,8 @@ class TrainConfig:
         stage = StageConfig(minutes=1.0, max_steps=25, batch_size=8, lr=3e-3, warmup_steps=2,
                             ema_decay=0.9)
         return cls(seed=seed, arch=arch, vae=replace(stage, ema_decay=0.0), host=stage,
-                   device=stage, text=replace(stage, minutes=0.0, ema_decay=0.0), checkpoint_every_s=1e9,
+                   device=stage, text=replace(stage, minutes=0.0, ema_decay=0.0), text_aux_weight=0.0,
+                   checkpoint_every_s=1e9,
                    log_every=5)
 
     def stage(self, name: str) -> StageConfig:
@@ -757,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
                        help=f"wall-clock minutes of stage {stage!r} (after --minutes-budget); a larger "
                        "value than a finished run's continues that stage on --resume")
     p.add_argument("--text-aux-weight", type=float, default=None,
-                   help="host stage: weight of the scene-parsing loss on the text encoder (default 0: off; "
+                   help="host stage: weight of the scene-parsing loss on the text encoder (default 0.1; 0: off; "
                         "with --text-minutes the text encoder is pretrained on that loss first)")
     p.add_argument("--device-kd-weight", type=float, default=None,
                    help="device stage: weight of matching the host UNet's noise prediction on the same "
