@@ -177,7 +177,7 @@ def test_micro_run_with_text_stage_and_aux_loss(tmp_path: Path) -> None:
     assert "aux_parse_acc" in stages["host"]  # the host stage kept the parsing loss on
 
 
-def test_device_distillation_loss_is_the_distance_to_the_teacher(tmp_path: Path) -> None:
+def test_device_stage_distillation_and_timestep_range(tmp_path: Path) -> None:
     import torch
     from dataclasses import replace
 
@@ -215,3 +215,19 @@ def test_device_distillation_loss_is_the_distance_to_the_teacher(tmp_path: Path)
     assert same_extra["kd_mse"] == 0.0 and same == pytest.approx(plain)
     differ, differ_extra = run(other, 2.0)
     assert differ_extra["kd_mse"] > 0 and differ > plain
+
+    class Recorder(torch.nn.Module):  # the UNet, noting the timesteps it is asked about
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.seen = unet, []
+
+        def forward(self, z: Any, t: Any, encoder_hidden_states: Any) -> Any:
+            self.seen.append(t)
+            return self.inner(z, t, encoder_hidden_states=encoder_hidden_states)
+
+    rec = Recorder()
+    with torch.no_grad():
+        for step in range(4):
+            _diffusion_loss_fn(cfg, "device", rec, text, tok, vae, train_text=False, max_timestep=300)(step)
+    seen = torch.cat(rec.seen)
+    assert int(seen.max()) < 300 and len(seen) == 4 * cfg.device.batch_size

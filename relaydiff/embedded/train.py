@@ -82,6 +82,7 @@ class TrainConfig:
     snr_gamma: float = 5.0  # Min-SNR loss weighting gamma; 0 disables
     text_aux_weight: float = 0.1  # host stage: weight of the scene-parsing loss on the text encoder; 0: off
     device_kd_weight: float = 0.0  # device stage: weight of matching the host UNet's noise prediction; 0: off
+    device_max_timestep: int = 0  # device stage: train only on timesteps below this (a relay finisher); 0: all
     n_objects_weights: tuple[float, float, float] = (0.35, 0.45, 0.2)  # P(1, 2, 3 objects) per step
     threads: int = 2  # torch threads (the most, with tune_threads)
     tune_threads: bool = False  # time 1..threads every 100 steps and keep the fastest (for a shared CPU)
@@ -392,13 +393,14 @@ def _report(res: _StageResult) -> dict[str, Any]:
 def _diffusion_loss_fn(
     cfg: TrainConfig, stage: str, unet: "torch.nn.Module", text_encoder: "torch.nn.Module",
     tokenizer: Any, vae: Any, train_text: bool, teacher: "torch.nn.Module | None" = None,
-    kd_weight: float = 0.0,
+    kd_weight: float = 0.0, max_timestep: int = 0,
 ) -> Callable[[int], tuple["torch.Tensor", dict[str, float]]]:
     """Epsilon-prediction loss (Ho et al. eq. 14) with Min-SNR-gamma weighting (Hang et al. 2023).
 
     With a ``teacher`` UNet, ``kd_weight`` times the same weighted squared distance to the teacher's
     prediction on the same noisy latent is added: the output-level knowledge distillation of BK-SDM
     (Kim et al. 2023), which hands the small UNet the large one's denoising path in the shared latent.
+    ``max_timestep`` > 0 samples timesteps below it only (a model that only ever finishes relays).
     """
     import torch
     from relaydiff.embedded.models import build_scheduler
@@ -408,6 +410,7 @@ def _diffusion_loss_fn(
     snr_all = ac / (1 - ac)
     sf = vae.config.scaling_factor
     n_train = sched.config.num_train_timesteps
+    t_hi = max_timestep if 0 < max_timestep < n_train else n_train
     bs = cfg.stage(stage).batch_size
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -421,7 +424,7 @@ def _diffusion_loss_fn(
         with torch.set_grad_enabled(train_text):
             ctx = text_encoder(ids)[0]
         noise = torch.randn_like(z0)
-        t = torch.randint(0, n_train, (bs,))
+        t = torch.randint(0, t_hi, (bs,))
         zt = sched.add_noise(z0, noise, t)  # 1. forward process q(z_t | z_0)
         eps = unet(zt, t, encoder_hidden_states=ctx).sample  # 2. predict the noise
         per = (eps - noise).pow(2).mean(dim=(1, 2, 3))  # 3. ||eps - eps_theta||^2
@@ -584,7 +587,7 @@ def _train_device(cfg: TrainConfig, out: Path, ckpt: Path, resume: bool) -> dict
 
         teacher = UNet2DConditionModel.from_pretrained(str(out / "unet")).eval().requires_grad_(False)
     loss_fn = _diffusion_loss_fn(cfg, "device", unet, text, tok, vae, train_text=False, teacher=teacher,
-                                 kd_weight=cfg.device_kd_weight)
+                                 kd_weight=cfg.device_kd_weight, max_timestep=cfg.device_max_timestep)
     res, ema = _run_stage(cfg, "device", {"unet": unet}, loss_fn, ckpt, resume)
     if ema is not None:
         ema.copy_to(list(unet.parameters()))
@@ -764,6 +767,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device-kd-weight", type=float, default=None,
                    help="device stage: weight of matching the host UNet's noise prediction on the same "
                         "noisy latent (output distillation; default 0: off)")
+    p.add_argument("--device-max-timestep", type=int, default=None,
+                   help="device stage: train on timesteps below T only, a model that only finishes relays "
+                        "(default 0: all)")
     p.add_argument("--micro", action="store_true", help="seconds-long smoke run with tiny models")
     p.add_argument("--seed", type=int, default=0, help="run seed")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoints/ after the run")
@@ -793,6 +799,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.device_kd_weight >= 0:
             p.error(f"--device-kd-weight must be >= 0, got {args.device_kd_weight!r}")
         cfg = replace(cfg, device_kd_weight=args.device_kd_weight)
+    if args.device_max_timestep is not None:
+        if not 0 <= args.device_max_timestep <= 1000:
+            p.error(f"--device-max-timestep must be in 0..1000, got {args.device_max_timestep!r}")
+        cfg = replace(cfg, device_max_timestep=args.device_max_timestep)
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads!r}")
     cfg = replace(cfg, keep_checkpoints=args.keep_checkpoints, tune_threads=args.tune_threads,
