@@ -231,3 +231,19 @@ def test_device_stage_distillation_and_timestep_range(tmp_path: Path) -> None:
             _diffusion_loss_fn(cfg, "device", rec, text, tok, vae, train_text=False, max_timestep=300)(step)
     seen = torch.cat(rec.seen)
     assert int(seen.max()) < 300 and len(seen) == 4 * cfg.device.batch_size
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--text-aux-weight", "-1"], "--text-aux-weight must be >= 0, got -1.0"),
+    (["--device-kd-weight", "nan"], "--device-kd-weight must be >= 0, got nan"),
+    (["--device-max-timestep", "1001"], "--device-max-timestep must be in 0..1000, got 1001"),
+    (["--device-minutes", "0"], "--device-minutes must be > 0, got 0.0"),
+])
+def test_family_train_rejects_bad_options(argv: list[str], named: str, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "fam"), "--micro", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+    assert not (tmp_path / "fam").exists()
