@@ -72,7 +72,7 @@ class BundleConfig:
     relay_step: int = 8  # k: the device runs [k, N); INT8 calibration is drawn from these steps
     steps: int = 25  # N
     components: tuple[str, ...] = COMPONENTS  # which device components to export
-    calibration_prompts: int = 4  # world prompts of the relay-aware calibration set
+    calibration_prompts: int = 48  # relay-aware calibration prompts; 4 under-cover the trained device (README)
     eval_prompts: int = 2  # held-out relays for the build-time parity figures
     coreml_target: str = "iOS18"  # CoreML deployment target
     zip: bool = True  # also write <out>.zip

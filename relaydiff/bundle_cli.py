@@ -44,7 +44,8 @@ def add_parsers(sub: Any) -> None:
     b.add_argument("--relay-step", type=int, default=None,
                    help="hand-off step k: INT8 calibration covers device steps [k, N) (default 8, or the student's)")
     b.add_argument("--steps", type=int, default=None, help="denoising steps N (default 25, or the student's)")
-    b.add_argument("--calibration-prompts", type=int, default=4, help="world prompts of the relay-aware calibration set")
+    b.add_argument("--calibration-prompts", type=int, default=48,
+                   help="world prompts of the relay-aware calibration set (default 48)")
     b.add_argument("--coreml-target", default="iOS18", choices=("iOS17", "iOS18"))
     b.add_argument("--onnx-int8", default="w8a16", choices=("w8a16", "w8a8"),
                    help="ONNX static INT8 of unet_step: int8 weights, 16- or 8-bit activations (default w8a16)")
