@@ -47,7 +47,7 @@ class ExecuTorchInt8Config:
     """Options of one PT2E quantization."""
 
     per_channel: bool = True  # per-output-channel weight scales
-    max_calibration: int = 64  # at most this many calibration inputs are run through the observers
+    max_calibration: int = 1024  # at most this many calibration inputs (spread over the set) go through the observers
     float_modules: tuple[str, ...] = DEFAULT_FLOAT_MODULES  # modules whose ops stay float (unmatched names are ignored)
 
 
@@ -128,6 +128,17 @@ def _float_modules_quantizer(inner: Any, modules: Sequence[str]) -> Any:
     return FloatModules()
 
 
+def spread(items: Sequence[Any], n: int) -> list[Any]:
+    """At most ``n`` of ``items``, evenly spaced over the whole sequence (not its first ``n``: those are the first
+    prompts' relays only)."""
+    if n < 1:
+        raise ValueError(f"max_calibration must be >= 1, got {n!r}")
+    if len(items) <= n:
+        return list(items)
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
+
+
 def quantize_pt2e(component: Component, model: LoadedModel, calibration: Sequence[Inputs],
                   config: ExecuTorchInt8Config | None = None) -> Any:
     """``component`` captured, annotated by the XNNPACK quantizer (minus ``config.float_modules``), calibrated on
@@ -157,7 +168,7 @@ def quantize_pt2e(component: Component, model: LoadedModel, calibration: Sequenc
                 quantizer = _float_modules_quantizer(quantizer, float_modules)
             prepared = prepare_pt2e(captured, quantizer)
             stage = "calibration"
-            for x in calibration[: config.max_calibration]:
+            for x in spread(calibration, config.max_calibration):
                 prepared(*_args(signature, x))
             stage = "convert_pt2e"
             return convert_pt2e(prepared)

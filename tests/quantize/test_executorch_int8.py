@@ -71,3 +71,14 @@ def test_float_modules_keep_their_convolutions_float(tiny_pair: Any, calibration
     in_float = {p for p in mixed if p.startswith(f"unet.up_blocks.{last}.") or p in ("unet.conv_out",)}
     assert in_float and not any(mixed[p] for p in in_float)
     assert all(q for p, q in mixed.items() if p not in in_float)
+
+
+def test_calibration_is_spread_over_the_whole_set() -> None:
+    from relaydiff.quantize.executorch_int8 import spread
+
+    items = list(range(100))  # e.g. 17 device steps of each of several prompts, in prompt order
+    picked = spread(items, 10)
+    assert picked == [0, 10, 20, 30, 40, 50, 60, 70, 80, 90]  # every part of the set, not items[:10]
+    assert spread(items[:7], 10) == items[:7]
+    with pytest.raises(ValueError, match="max_calibration must be >= 1, got 0"):
+        spread(items, 0)
