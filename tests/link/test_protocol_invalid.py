@@ -70,7 +70,7 @@ def ready_pair() -> tuple[Connection, Connection]:
     return device, h
 
 
-def refuse(conn: Connection, data: bytes, code: ErrorCode, match: str = "") -> RemoteProtocolError:
+def refuse(conn: Connection, data: bytes, code: ErrorCode, match: str | None = None) -> RemoteProtocolError:
     conn.receive_data(data)
     with pytest.raises(RemoteProtocolError, match=match) as info:
         conn.next_event()
