@@ -12,7 +12,8 @@ The text stage (``--text-minutes M``, 5 by default; 0 skips it) pretrains the te
 each caption's scene (its colours, shapes, sizes, position, relations, background: labels the world grammar
 gives for free) before the host stage, and ``--text-aux-weight W`` (0.1) keeps that loss on during the host
 stage. Without them joint training collapses the position words and the host ignores where things go
-(README). ``--device-kd-weight W`` (off) adds output distillation from the host to the device stage.
+(README). ``--device-kd-weight W`` (off) adds output distillation from the host to the device stage, and
+``--device-max-timestep T`` (off) trains the device only on timesteps below T.
 """
 
 from __future__ import annotations
