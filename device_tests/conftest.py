@@ -136,7 +136,7 @@ def bundle_dir(built: tuple[Path, Path | None]) -> Path:
 
 @pytest.fixture(scope="session")
 def manifest(bundle_dir: Path) -> dict[str, Any]:
-    from relaydiff.export.bundle import read_manifest
+    from relaydiff.runtime.bundle import read_manifest
 
     return read_manifest(bundle_dir)
 
@@ -144,7 +144,7 @@ def manifest(bundle_dir: Path) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def family_dir(built: tuple[Path, Path | None], manifest: dict[str, Any]) -> Path:
     """The bundle's family folder (its config hash is the manifest's), or a skip saying how to give it."""
-    from relaydiff.export.bench import find_family
+    from relaydiff.runtime.bundle import find_family
 
     folder = find_family(built[0], manifest, built[1])
     if folder is None:
@@ -203,8 +203,8 @@ def entry(artifact_key: tuple[str, str, str], manifest: dict[str, Any]) -> dict[
 @pytest.fixture(scope="session")
 def open_file(bundle_dir: Path) -> Callable[..., Any]:
     """open_file(entry, file=None) -> ArtifactSession, cached per file; a skip naming the reason where the runtime is absent."""
-    from relaydiff.export.base import RuntimeUnavailableError
-    from relaydiff.export.bench import open_session
+    from relaydiff.runtime.bundle import open_session
+    from relaydiff.runtime.sessions import RuntimeUnavailableError
 
     cache: dict[str, Any] = {}
 

@@ -77,7 +77,7 @@ def test_coreml_spec(entry: dict[str, Any], bundle_dir: Path) -> None:
 @pytest.mark.artifacts(target="coreml", component=("unet_step", "vae_decoder"))
 def test_coreml_runtime_parity(entry: dict[str, Any], pair: tuple[Any, Any], samples: dict[str, list[dict[str, Any]]],
                                open_file: Callable[..., Any]) -> None:
-    from relaydiff.export.base import psnr_db
+    from relaydiff.core.metrics import psnr_db
     from relaydiff.export.components import component_for
 
     comp = component_for(entry["component"], pair[1])

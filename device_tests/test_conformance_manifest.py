@@ -10,7 +10,7 @@ import pytest
 
 
 def test_verify_passes(bundle_dir: Path) -> None:
-    from relaydiff.export.bundle import verify
+    from relaydiff.runtime.bundle import verify
 
     report = verify(bundle_dir)
     assert report.ok, "\n".join(report.problems)

@@ -64,7 +64,8 @@ def test_int8_prompt_accuracy_within_two_points(trained_family: Path, entry: dic
                                                 pair: tuple[Any, Any], open_file: Callable[..., Any]) -> None:
     from relaydiff.core.relay import RelayRequest, decode, resume, snapshots
     from relaydiff.evaluate import eval_prompts
-    from relaydiff.quantize.parity import ArtifactUNet, is_student
+    from relaydiff.quantize.parity import is_student
+    from relaydiff.runtime.artifact_denoiser import ArtifactUNet
 
     host, device = pair
     k, n = manifest["relay"]["relay_step"], manifest["relay"]["steps"]

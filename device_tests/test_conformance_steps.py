@@ -19,8 +19,8 @@ FP32_MAX_ABS = 1e-3
 def test_artifact_matches_torch_per_call(
     entry: dict[str, Any], pair: tuple[Any, Any], samples: dict[str, list[dict[str, Any]]], open_file: Callable[..., Any]
 ) -> None:
-    from relaydiff.export.base import psnr_db
-    from relaydiff.export.bench import runnable_files
+    from relaydiff.core.metrics import psnr_db
+    from relaydiff.runtime.bundle import runnable_files
     from relaydiff.export.components import component_for
 
     device = pair[1]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
-import math
 import platform
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,6 +22,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 import numpy as np
 
 from relaydiff.core.errors import RelaydiffError
+from relaydiff.core.metrics import Tolerance, compare
+from relaydiff.runtime.sessions import RuntimeUnavailableError
 
 if TYPE_CHECKING:
     from relaydiff.core.family import LoadedModel
@@ -48,10 +49,6 @@ class UnknownNameError(RelaydiffError, LookupError):
 
 class InputSpecError(RelaydiffError, TypeError):
     """Inputs handed to an exported model do not match its declared inputs (names, dtypes, shapes)."""
-
-
-class RuntimeUnavailableError(RelaydiffError):
-    """The runtime of an artifact cannot run on this machine (e.g. CoreML off macOS)."""
 
 
 @dataclass(frozen=True)
@@ -168,39 +165,6 @@ class Signature:
             tuple(TensorSpec.from_json(s) for s in data["inputs"]),
             tuple(TensorSpec.from_json(s) for s in data["outputs"]),
         )
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """How close an exported output must be to the torch fp32 reference. At least one bound is set."""
-
-    max_abs: float | None = None  # largest allowed |artifact - reference| over all elements
-    min_psnr_db: float | None = None  # smallest allowed PSNR (apple/ml-stable-diffusion's quality gate)
-
-    def __post_init__(self) -> None:
-        if self.max_abs is None and self.min_psnr_db is None:
-            raise ValueError("a tolerance needs max_abs, min_psnr_db or both")
-
-    def describe(self) -> str:
-        parts = []
-        if self.max_abs is not None:
-            parts.append(f"max abs error <= {self.max_abs:g}")
-        if self.min_psnr_db is not None:
-            parts.append(f"PSNR >= {self.min_psnr_db:g} dB")
-        return " and ".join(parts)
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def psnr_db(got: np.ndarray, ref: np.ndarray) -> float:
-    """PSNR of ``got`` against ``ref`` with the reference's peak |value|, as ml-stable-diffusion computes it.
-
-    Written here because no installed library exposes it for arbitrary tensors (skimage is not a dependency).
-    """
-    peak = float(np.abs(ref).max())
-    rmse = float(np.sqrt(np.mean((got.astype(np.float64) - ref.astype(np.float64)) ** 2)))
-    return 20.0 * math.log10((peak + 1e-5) / (rmse + 1e-10))
 
 
 # --------------------------------------------------------------------------------------------- artifacts
@@ -365,13 +329,10 @@ def compare_outputs(
         if not np.isfinite(out).all():
             mismatches.append(Mismatch(where, spec.name, "non-finite", "finite values", f"{int((~np.isfinite(out)).sum())} non-finite"))
             continue
-        err = float(np.abs(out.astype(np.float64) - ref.astype(np.float64)).max()) if out.size else 0.0
-        psnr = psnr_db(out, ref)
-        ok = (tolerance.max_abs is None or err <= tolerance.max_abs) and (
-            tolerance.min_psnr_db is None or psnr >= tolerance.min_psnr_db
-        )
-        checks.append(OutputCheck(where, spec.name, err, psnr, ok))
-        if not ok:
+        c = compare(out, ref, tolerance)
+        err, psnr = c.max_abs, c.psnr_db
+        checks.append(OutputCheck(where, spec.name, err, psnr, c.passed))
+        if not c.passed:
             mismatches.append(
                 Mismatch(where, spec.name, "tolerance", tolerance.describe(),
                          f"max abs error {err:.3g}, PSNR {psnr:.1f} dB over shape {out.shape}")
@@ -446,7 +407,7 @@ class Exporter(abc.ABC):
             "unet_variant": model.ref.variant,
             "exporter_options": self.options(),
             "export_seconds": round(seconds, 3),
-            "versions": _versions(),
+            "versions": tool_versions(),
             **extra,
         }
         artifact = Artifact(
@@ -576,7 +537,8 @@ def list_exporters() -> list[str]:
     return EXPORTERS.names()
 
 
-def _versions() -> dict[str, str]:
+def tool_versions() -> dict[str, str]:
+    """Versions of Python and of the export toolchain's packages that are installed (recorded in artifact metadata)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}

@@ -10,7 +10,7 @@ to torch. Per (target, precision) holding both ``unet_step`` and ``vae_decoder``
 device side of a relay: steps [k, N) through ``relay.resume`` with the artifact as the UNet, then the
 artifact decoder, against the same with torch.
 
-The sessions (:class:`ArtifactSession`) are shared with the conformance tests in ``device_tests/``.
+The artifacts run in :class:`relaydiff.runtime.sessions.ArtifactSession`, as on the device and in ``device_tests/``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 
 from relaydiff.core.errors import RelaydiffError
-from relaydiff.export.bundle import BundleError, family_config_hash, read_manifest, schema_problems
+from relaydiff.runtime.bundle import BundleError, find_family, load_fixture, open_session, read_manifest, runnable_files, schema_problems
+from relaydiff.runtime.sessions import ArtifactSession, runtime_unavailable
 
 Arrays = Mapping[str, np.ndarray]
-MACOS_ONLY = "skipped: runtime needs macOS"
 
 
 @dataclass(frozen=True)
@@ -53,140 +53,7 @@ class BenchConfig:
                 raise RelaydiffError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-# ------------------------------------------------------------------------------------------------ sessions
-
-
-def runtime_unavailable(target: str) -> str | None:
-    """Why this machine cannot run ``target`` artifacts ("skipped: ..."), or None when it can."""
-    if target == "coreml":
-        if sys.platform != "darwin":
-            return MACOS_ONLY
-        module = "coremltools"
-    else:
-        module = {"onnx": "onnxruntime", "executorch": "executorch.runtime"}.get(target)
-        if module is None:
-            return f"skipped: unknown target {target!r}"
-    import importlib
-
-    try:
-        importlib.import_module(module)
-    except ImportError as exc:
-        return f"skipped: {module} is not installed ({exc})"
-    return None
-
-
-class ArtifactSession:
-    """One artifact file loaded into its runtime; call it with inputs by declared name, get outputs by declared name.
-
-    Raises (on construction):
-        RuntimeUnavailableError: the target's runtime does not exist on this machine.
-    """
-
-    def __init__(self, path: Path, target: str, inputs: Sequence[str], outputs: Sequence[str], *, threads: int = 1) -> None:
-        from relaydiff.export.base import RuntimeUnavailableError
-
-        reason = runtime_unavailable(target)
-        if reason is not None:
-            raise RuntimeUnavailableError(f"{path.name}: {reason}")
-        self.path = path
-        self.target = target
-        self.inputs = list(inputs)
-        self.outputs = list(outputs)
-        t0 = time.perf_counter()
-        if target == "onnx":
-            import onnxruntime as ort
-
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-            self._session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-            self._call: Callable[[Arrays], list[Any]] = self._run_onnx
-        elif target == "executorch":
-            from executorch.runtime import Runtime
-
-            self._method = Runtime.get().load_program(path).load_method("forward")
-            self._call = self._run_executorch
-        else:
-            import coremltools as ct
-
-            self._model = ct.models.MLModel(str(path))
-            self._call = self._run_coreml
-        self.load_seconds = time.perf_counter() - t0
-
-    def __call__(self, inputs: Arrays) -> dict[str, np.ndarray]:
-        outs = self._call(inputs)
-        if len(outs) != len(self.outputs):
-            raise RelaydiffError(f"{self.path.name} returned {len(outs)} outputs; the manifest declares {len(self.outputs)}")
-        return dict(zip(self.outputs, outs, strict=True))
-
-    def _run_onnx(self, inputs: Arrays) -> list[Any]:
-        return self._session.run(self.outputs, {n: np.ascontiguousarray(inputs[n]) for n in self.inputs})
-
-    def _run_executorch(self, inputs: Arrays) -> list[Any]:
-        import torch
-
-        outs = self._method.execute([torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in self.inputs])
-        return [o.detach().numpy().copy() for o in outs]
-
-    def _run_coreml(self, inputs: Arrays) -> list[Any]:
-        out = self._model.predict({n: np.ascontiguousarray(inputs[n]) for n in self.inputs})
-        return [np.asarray(out[n]) for n in self.outputs]
-
-
-def runnable_files(entry: Mapping[str, Any]) -> list[str]:
-    """The bundle-relative files of one manifest artifact that run on their own: the primary file, and its .ort sibling."""
-    files = [entry["file"]]
-    if entry["target"] == "onnx":
-        files += [e["file"] for e in entry.get("extra_files", ()) if e["file"].endswith(".ort")]
-    return files
-
-
-def open_session(root: Path, entry: Mapping[str, Any], file: str | None = None, *, threads: int = 1) -> ArtifactSession:
-    """Load one runnable file of a manifest artifact (default: its primary file)."""
-    target = "onnx" if (file or entry["file"]).endswith(".ort") else entry["target"]
-    return ArtifactSession(root / (file or entry["file"]), target, [t["name"] for t in entry["inputs"]],
-                           [t["name"] for t in entry["outputs"]], threads=threads)
-
-
-def load_fixture(root: Path, manifest: Mapping[str, Any], component: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(inputs, torch fp32 reference outputs) of the bundle's parity fixture for ``component``."""
-    from safetensors.numpy import load_file
-
-    for e in manifest["parity_fixtures"]:
-        if e["component"] == component:
-            data = load_file(str(root / e["file"]))
-            inputs = {k[len("input."):]: v for k, v in data.items() if k.startswith("input.")}
-            return inputs, {k[len("reference."):]: v for k, v in data.items() if k.startswith("reference.")}
-    raise BundleError(f"the bundle has no parity fixture for component {component!r}")
-
-
-def find_family(root: Path, manifest: Mapping[str, Any], family: Path | None = None) -> Path | None:
-    """The family folder the bundle was built from: ``family`` if given, else the one its artifacts' metadata records.
-
-    A folder counts only if its config hash is the manifest's (a family folder rebuilt differently is not the reference).
-
-    Raises:
-        BundleError: ``family`` was given but is not the bundle's family.
-    """
-    want = manifest["family"]["config_hash"]
-    if family is not None:
-        if not family.is_dir():
-            raise BundleError(f"family folder '{family}' does not exist")
-        got, _ = family_config_hash(family)
-        if got != want:
-            raise BundleError(f"family '{family}' has config hash {got[:16]}...; the bundle was built from {want[:16]}...")
-        return family
-    for art in manifest["artifacts"]:
-        for e in art.get("extra_files", ()):
-            if not e["file"].endswith(".json"):
-                continue
-            try:
-                recorded = json.loads((root / e["file"]).read_text()).get("metadata", {}).get("family_root")
-            except (OSError, json.JSONDecodeError):
-                continue
-            if recorded and Path(recorded).is_dir() and family_config_hash(Path(recorded))[0] == want:
-                return Path(recorded)
-    return None
+# ------------------------------------------------------------------------------------------------ inputs
 
 
 def load_pair(folder: Path, manifest: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -245,7 +112,8 @@ def _relay_device_half(host: Any, device: Any, manifest: Mapping[str, Any], unet
 
     from relaydiff.core.relay import decode, resume
     from relaydiff.quantize.calibration import hand_offs
-    from relaydiff.quantize.parity import ArtifactUNet, eval_config, is_student  # the proxy parity.relay_parity runs the relay with
+    from relaydiff.quantize.parity import eval_config, is_student
+    from relaydiff.runtime.artifact_denoiser import ArtifactUNet  # the proxy parity.relay_parity runs the relay with
 
     relay = manifest["relay"]
     _prompt, state = next(hand_offs(host, device, eval_config(relay["relay_step"], relay["steps"], prompts=1)))

@@ -3,15 +3,12 @@
 A bundle folder holds ``<target>/<precision>/<files>``, ``parity/<component>.safetensors`` (inputs
 drawn from a held-out relay and the torch fp32 outputs on them), ``manifest.json`` and
 ``manifest.sha256``; :func:`build` also writes ``<folder>.zip``. The manifest (schema:
-``manifest.schema.json`` beside this file) says, for every artifact, its file, sha256, size, target,
+``relaydiff/runtime/manifest.schema.json``) says, for every artifact, its file, sha256, size, target,
 precision, component, inputs/outputs, the relay-step range its INT8 calibration covered, the parity
 measured at build time, and for the whole bundle the family id and config hash, the scheduler config
 and timestep grid, the latent shape and VAE scaling, and tool versions.
 
-:func:`verify` re-checks sizes, hashes and the schema, refuses files outside the folder and files the
-manifest does not list, and re-runs parity where the runtime exists on this OS (ONNX via onnxruntime,
-.pte via ExecuTorch; CoreML only on macOS). Nothing in a bundle is unpickled or evaluated: the manifest
-is capped JSON and the fixtures are safetensors.
+Reading and verifying a bundle is the runtime's job (:mod:`relaydiff.runtime.bundle`, re-exported here).
 """
 
 from __future__ import annotations
@@ -21,24 +18,33 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from relaydiff.core.errors import RelaydiffError
-from relaydiff.export.base import Tolerance, UnknownNameError, psnr_db
+from relaydiff.export.base import UnknownNameError
+from relaydiff.runtime.bundle import (  # noqa: F401  (re-exported: the read side of a bundle lives in the runtime)
+    COMPONENTS,
+    FORMAT,
+    MANIFEST,
+    MANIFEST_HASH,
+    MAX_MANIFEST_BYTES,
+    PRECISIONS,
+    TARGETS,
+    VERSION,
+    BundleError,
+    VerifyReport,
+    family_config_hash,
+    fixture_parity,
+    read_manifest,
+    schema_problems,
+    sha256_path,
+    verify,
+)
 
-FORMAT = "relaydiff-bundle"
-VERSION = 1
-MANIFEST = "manifest.json"
-MANIFEST_HASH = "manifest.sha256"
-MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB: a manifest of 64 artifacts is ~100 KiB
-SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
-TARGETS = ("onnx", "coreml", "executorch")
-PRECISIONS = ("fp32", "int8")
-COMPONENTS = ("unet_step", "vae_decoder", "text_encoder")
 # INT8 method per component for ONNX: static QDQ (relay-aware calibration) for the UNet; dynamic for the
 # decoder and text encoder (static INT8 of the tiny decoder cost ~20 dB of image PSNR, dynamic none).
 ONNX_INT8_METHODS = {"unet_step": "static", "vae_decoder": "dynamic", "text_encoder": "dynamic"}
@@ -48,17 +54,6 @@ ONNX_INT8_METHODS = {"unet_step": "static", "vae_decoder": "dynamic", "text_enco
 # int8 either way, so the size gain is the same; W8A16 runs as Q/DQ + float kernels on a CPU (slower), and
 # natively on phone NPUs that take 16-bit activations.
 ONNX_ACTIVATIONS = {"w8a16": "QInt16", "w8a8": "QUInt8"}
-_FAMILY_CONFIGS = ("model_index.json", "family.json", "scheduler/scheduler_config.json", "vae/config.json",
-                   "text_encoder/config.json", "tokenizer/tokenizer_config.json")
-
-
-class BundleError(RelaydiffError):
-    """A bundle could not be built, or did not verify (``problems`` lists every finding)."""
-
-    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
-        self.problems = tuple(problems)
-        lines = "".join(f"\n  - {p}" for p in self.problems)
-        super().__init__(f"{message}{lines}")
 
 
 @dataclass(frozen=True)
@@ -101,34 +96,6 @@ def check_names(kind: str, got: Sequence[str], known: Sequence[str]) -> None:
 # ------------------------------------------------------------------------------------------------ hashing
 
 
-def sha256_path(path: Path) -> tuple[str, int]:
-    """(sha256, bytes) of a file, or of a folder (.mlpackage) as the hash of its sorted (relative path, file hash) list."""
-    if path.is_file():
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest(), path.stat().st_size
-    if path.is_dir():
-        h, size = hashlib.sha256(), 0
-        for p in sorted(q for q in path.rglob("*") if q.is_file()):
-            digest, n = sha256_path(p)
-            h.update(f"{p.relative_to(path).as_posix()}\0{digest}\n".encode())
-            size += n
-        return h.hexdigest(), size
-    raise FileNotFoundError(str(path))
-
-
-def family_config_hash(root: Path) -> tuple[str, list[str]]:
-    """sha256 over the family's config files (and every UNet config.json), with the files hashed."""
-    files = [f for f in _FAMILY_CONFIGS if (root / f).is_file()]
-    files += sorted(p.relative_to(root).as_posix() for p in root.glob("unet*/config.json"))
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.encode() + b"\0" + (root / f).read_bytes() + b"\0")
-    return h.hexdigest(), files
-
-
 def _entry(root: Path, path: Path, **extra: Any) -> dict[str, Any]:
     digest, size = sha256_path(path)
     return {"file": path.relative_to(root).as_posix(), "sha256": digest, "size": size, **extra}
@@ -148,7 +115,7 @@ def build(config: BundleConfig, *, progress: bool = True, log: Callable[[str], N
 
     from relaydiff.core import family
     from relaydiff.core.schedulers import build_scheduler
-    from relaydiff.export.base import _versions
+    from relaydiff.export.base import tool_versions
 
     say = log or (lambda _m: None)
     out = config.out
@@ -227,7 +194,7 @@ def build(config: BundleConfig, *, progress: bool = True, log: Callable[[str], N
                   **({"student": student} if student is not None else {})},
         "artifacts": artifacts,
         "parity_fixtures": fixture_entries,
-        "tools": {**_versions(), "relaydiff": _relaydiff_version()},
+        "tools": {**tool_versions(), "relaydiff": _relaydiff_version()},
         "skipped": skipped,
     }
     problems = schema_problems(manifest)
@@ -354,7 +321,7 @@ def _student_section(device: Any, config: BundleConfig) -> dict[str, Any] | None
 def _measure(target: str, artifact: Any, fixture: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """Run the artifact on its fixture where this OS can; return the figures (or why not)."""
     from relaydiff.export import get_exporter
-    from relaydiff.export.base import RuntimeUnavailableError
+    from relaydiff.runtime.sessions import RuntimeUnavailableError
 
     exporter = get_exporter(target) if target != "coreml" else None
     if exporter is None:
@@ -369,27 +336,12 @@ def _measure(target: str, artifact: Any, fixture: Mapping[str, np.ndarray]) -> d
         got = exporter.run(artifact, inputs)
     except RuntimeUnavailableError as exc:
         return {"run": False, "reason": str(exc)}
-    return _compare(got, fixture, artifact.tolerance)
-
-
-def _compare(got: Mapping[str, np.ndarray], fixture: Mapping[str, np.ndarray], tol: Tolerance) -> dict[str, Any]:
-    out: dict[str, Any] = {"run": True, "passed": True}
-    for key, ref in fixture.items():
-        if not key.startswith("reference."):
-            continue
-        name = key[len("reference."):]
-        y = np.asarray(got[name])
-        err = float(np.abs(y - ref).max()) if y.shape == ref.shape else float("inf")
-        p = psnr_db(y, ref) if y.shape == ref.shape else float("-inf")
-        ok = np.isfinite(err) and (tol.max_abs is None or err <= tol.max_abs) and (tol.min_psnr_db is None or p >= tol.min_psnr_db)
-        out[name] = {"max_abs": round(err, 7), "psnr_db": round(p, 3)}
-        out["passed"] = bool(out["passed"] and ok)
-    return out
+    return fixture_parity(got, fixture, artifact.tolerance)
 
 
 def _relay_figures(host: Any, device: Any, artifact: Any, config: BundleConfig, held: Any) -> dict[str, Any]:
-    from relaydiff.export.bench import ArtifactSession
     from relaydiff.quantize.parity import relay_parity
+    from relaydiff.runtime.sessions import ArtifactSession
 
     sig = artifact.signature
     run = ArtifactSession(artifact.path, artifact.exporter, [s.name for s in sig.inputs], [s.name for s in sig.outputs])
@@ -413,234 +365,3 @@ def _relaydiff_version() -> str:
         return version("relaydiff")
     except PackageNotFoundError:
         return "unknown"
-
-
-# --------------------------------------------------------------------------------------------------- schema
-
-
-def load_schema() -> dict[str, Any]:
-    return json.loads(SCHEMA_PATH.read_text())
-
-
-def schema_problems(manifest: Any, schema: Mapping[str, Any] | None = None) -> list[str]:
-    """Every place ``manifest`` breaks the manifest schema, as "path: problem" lines.
-
-    Uses the ``jsonschema`` package when it is installed; otherwise a small validator of the subset of
-    JSON Schema the manifest schema uses (type, enum, required, properties, additionalProperties,
-    items, maxItems, minimum, maxLength, pattern, $ref to $defs), written because jsonschema is not a
-    dependency yet.
-    """
-    schema = schema or load_schema()
-    try:
-        import jsonschema
-    except ImportError:
-        return _Mini(schema).check(manifest, schema, "$")
-    validator = jsonschema.Draft202012Validator(schema)
-    return [f"$.{'.'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in validator.iter_errors(manifest)]
-
-
-class _Mini:
-    _TYPES: dict[str, Callable[[Any], bool]] = {
-        "object": lambda v: isinstance(v, dict),
-        "array": lambda v: isinstance(v, list),
-        "string": lambda v: isinstance(v, str),
-        "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        "boolean": lambda v: isinstance(v, bool),
-        "null": lambda v: v is None,
-    }
-
-    def __init__(self, root: Mapping[str, Any]) -> None:
-        self.root = root
-
-    def check(self, value: Any, schema: Mapping[str, Any], path: str) -> list[str]:
-        import re
-
-        if "$ref" in schema:
-            name = schema["$ref"].rsplit("/", 1)[-1]
-            return self.check(value, self.root["$defs"][name], path)
-        out: list[str] = []
-        if "enum" in schema and value not in schema["enum"]:
-            return [f"{path}: {value!r} is not one of {schema['enum']}"]
-        if "type" in schema:
-            types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-            if not any(self._TYPES[t](value) for t in types):
-                return [f"{path}: {type(value).__name__} is not of type {' or '.join(types)}"]
-        if isinstance(value, dict):
-            for key in schema.get("required", ()):
-                if key not in value:
-                    out.append(f"{path}: {key!r} is a required property")
-            props = schema.get("properties", {})
-            extra = schema.get("additionalProperties", True)
-            for key, v in value.items():
-                if key in props:
-                    out += self.check(v, props[key], f"{path}.{key}")
-                elif extra is False:
-                    out.append(f"{path}: additional property {key!r} is not allowed")
-                elif isinstance(extra, dict):
-                    out += self.check(v, extra, f"{path}.{key}")
-        if isinstance(value, list):
-            if "maxItems" in schema and len(value) > schema["maxItems"]:
-                out.append(f"{path}: {len(value)} items; at most {schema['maxItems']} are allowed")
-            if "items" in schema:
-                for i, v in enumerate(value):
-                    out += self.check(v, schema["items"], f"{path}[{i}]")
-        if isinstance(value, str):
-            if "maxLength" in schema and len(value) > schema["maxLength"]:
-                out.append(f"{path}: string longer than {schema['maxLength']}")
-            if "pattern" in schema and not re.search(schema["pattern"], value):
-                out.append(f"{path}: {value!r} does not match {schema['pattern']!r}")
-        if "minimum" in schema and self._TYPES["number"](value) and value < schema["minimum"]:
-            out.append(f"{path}: {value} is less than the minimum {schema['minimum']}")
-        return out
-
-
-# --------------------------------------------------------------------------------------------------- verify
-
-
-@dataclass
-class VerifyReport:
-    """What :func:`verify` checked and found."""
-
-    bundle: Path
-    problems: list[str] = field(default_factory=list)  # each names the file it is about
-    checked_files: int = 0
-    parity: list[dict[str, Any]] = field(default_factory=list)  # one row per artifact: target, precision, component, figures
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def to_json(self) -> dict[str, Any]:
-        return {"bundle": str(self.bundle), "ok": self.ok, "problems": self.problems, "checked_files": self.checked_files,
-                "parity": self.parity}
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """Read ``manifest.json`` (capped at MAX_MANIFEST_BYTES, JSON only).
-
-    Raises:
-        BundleError: missing, oversized or not a JSON object.
-    """
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise BundleError(f"'{path}' is missing: not a bundle folder")
-    size = path.stat().st_size
-    if size > MAX_MANIFEST_BYTES:
-        raise BundleError(f"manifest.json is {size} bytes; the cap is {MAX_MANIFEST_BYTES}")
-    try:
-        data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"manifest.json is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BundleError(f"manifest.json must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-def verify(folder: str | Path, *, parity: bool = True) -> VerifyReport:
-    """Check a bundle folder: manifest hash and schema, every listed file's size and sha256, no unlisted files, parity.
-
-    Raises:
-        BundleError: the manifest cannot be read at all (every other finding goes into the report).
-    """
-    root = Path(folder).resolve()
-    report = VerifyReport(root)
-    manifest = read_manifest(root)
-    text = (root / MANIFEST).read_bytes()
-    hash_file = root / MANIFEST_HASH
-    if not hash_file.is_file():
-        report.problems.append(f"{MANIFEST_HASH}: missing")
-    elif hash_file.read_text().split()[:1] != [hashlib.sha256(text).hexdigest()]:
-        report.problems.append(f"{MANIFEST}: content does not match {MANIFEST_HASH} (the manifest was modified)")
-    schema_errs = schema_problems(manifest)
-    report.problems += [f"{MANIFEST}: schema: {e}" for e in schema_errs]
-    if schema_errs:
-        return report
-    listed: set[Path] = {root / MANIFEST, root / MANIFEST_HASH}
-    entries = [*manifest["parity_fixtures"]]
-    for art in manifest["artifacts"]:
-        entries += [art, *art["extra_files"]]
-    for e in entries:
-        path = _inside(root, e["file"])
-        if path is None:
-            report.problems.append(f"{e['file']}: path leaves the bundle folder")
-            continue
-        listed.add(path)
-        if not path.exists():
-            report.problems.append(f"{e['file']}: missing")
-            continue
-        digest, size = sha256_path(path)
-        report.checked_files += 1
-        if size != e["size"]:
-            report.problems.append(f"{e['file']}: size {size} differs from the manifest's {e['size']}")
-        if digest != e["sha256"]:
-            report.problems.append(f"{e['file']}: sha256 {digest[:16]}... differs from the manifest's {e['sha256'][:16]}...")
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p not in listed and not any(d in listed for d in p.parents):
-            report.problems.append(f"{p.relative_to(root).as_posix()}: not listed in the manifest")
-    if parity and report.ok:
-        _verify_parity(root, manifest, report)
-    return report
-
-
-def _inside(root: Path, rel: str) -> Path | None:
-    if rel.startswith("/") or "\\" in rel or any(part in ("..", "") for part in rel.split("/")):
-        return None
-    path = (root / rel).resolve()
-    return path if path.is_relative_to(root) else None
-
-
-def _verify_parity(root: Path, manifest: Mapping[str, Any], report: VerifyReport) -> None:
-    """Re-run every artifact this OS can run on its component's fixture, against the stored torch outputs."""
-    from safetensors.numpy import load_file
-
-    fixtures = {e["component"]: load_file(str(root / e["file"])) for e in manifest["parity_fixtures"]}
-    for art in manifest["artifacts"]:
-        row = {k: art[k] for k in ("target", "precision", "component", "file")}
-        fixture = fixtures.get(art["component"])
-        if fixture is None:
-            report.problems.append(f"{art['file']}: no parity fixture for component {art['component']!r}")
-            continue
-        tol = Tolerance(**{k: v for k, v in art["tolerance"].items() if v is not None})
-        inputs = {k[len("input."):]: v for k, v in fixture.items() if k.startswith("input.")}
-        try:
-            got = _run(root / art["file"], art["target"], art, inputs)
-        except _NoRuntime as exc:
-            row["run"] = False
-            row["reason"] = str(exc)
-            report.parity.append(row)
-            continue
-        row.update(_compare(got, fixture, tol))
-        report.parity.append(row)
-        if not row["passed"]:
-            report.problems.append(f"{art['file']}: parity outside tolerance ({tol.describe()}): {row}")
-
-
-class _NoRuntime(Exception):
-    pass
-
-
-def _run(path: Path, target: str, art: Mapping[str, Any], inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    names = [t["name"] for t in art["outputs"]]
-    if target == "onnx":
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        feed = {i.name: np.ascontiguousarray(inputs[i.name]) for i in session.get_inputs()}
-        return dict(zip(names, session.run(names, feed), strict=True))
-    if target == "executorch":
-        import torch
-        from executorch.runtime import Runtime
-
-        method = Runtime.get().load_program(path).load_method("forward")
-        outs = method.execute([torch.from_numpy(np.ascontiguousarray(inputs[t["name"]])) for t in art["inputs"]])
-        return {n: o.detach().numpy().copy() for n, o in zip(names, outs, strict=True)}
-    from relaydiff.export.coreml import CoreMLExporter
-
-    reason = CoreMLExporter().runtime_unavailable_reason()
-    if reason is not None:
-        raise _NoRuntime(reason)
-    import coremltools as ct
-
-    out = ct.models.MLModel(str(path)).predict(dict(inputs))
-    return {n: np.asarray(out[n]) for n in names}

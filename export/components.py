@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from relaydiff.export.base import Registry, Signature, TensorSpec, Tolerance, UnknownNameError, torch_reference
+from relaydiff.core.metrics import Tolerance
+from relaydiff.export.base import Registry, Signature, TensorSpec, UnknownNameError, torch_reference
 
 if TYPE_CHECKING:
     import torch

@@ -88,7 +88,7 @@ class OnnxExporter(Exporter):
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         files["optimized"] = optimized
         if self.write_ort:
-            files.update(_convert_to_ort(path))
+            files.update(convert_to_ort(path))
         runnable = tuple(r for r in ("onnx", "optimized", "ort") if r in files)
         return files, runnable, {"exported_with": exported_with, "description": component.description}
 
@@ -128,7 +128,7 @@ class OnnxExporter(Exporter):
             "relaydiff.exported_with": exported_with,
         }
         del proto.metadata_props[:]
-        _strip_node_metadata(proto)
+        strip_node_metadata(proto)
         for key, value in props.items():
             proto.metadata_props.add(key=key, value=value)
         proto.doc_string = component.description
@@ -168,7 +168,7 @@ def _ort_spec(arg: Any) -> TensorSpec:
     return TensorSpec(arg.name, dtype, tuple(d if isinstance(d, int) else str(d) for d in arg.shape))
 
 
-def _convert_to_ort(path: Path) -> dict[str, Path]:
+def convert_to_ort(path: Path) -> dict[str, Path]:
     """Run onnxruntime's ORT-format converter on one .onnx file; return the .ort and its operator config."""
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
@@ -225,7 +225,7 @@ def _export_with_optimum(component: Component, model: LoadedModel, signature: Si
     return f"optimum.exporters.onnx.export ({type(config).__name__}, opset={opset}, fixed shapes) + its validate_model_outputs"
 
 
-def _strip_node_metadata(proto: Any) -> None:
+def strip_node_metadata(proto: Any) -> None:
     """Drop per-node debugging metadata (the dynamo exporter's stack traces and module paths; about 40% of a small
     UNet's file) and doc strings, in the graph and in its functions; the computation is untouched."""
     graphs = [proto.graph]

@@ -23,9 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from relaydiff.core.errors import RelaydiffError
+from relaydiff.runtime.artifact_denoiser import Inputs, unet_step_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +33,6 @@ if TYPE_CHECKING:
     from relaydiff.core.state import RelayState
 
 MODES = ("relay", "whole")  # relay-aware (host [0,k), device [k,N)) or whole device-only trajectories
-Inputs = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -124,30 +122,6 @@ class _RecordingUNet:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, **kw: Any) -> Any:
         self._record(x, t, encoder_hidden_states)
         return self._unet(x, t, encoder_hidden_states=encoder_hidden_states, **kw)
-
-
-def unet_step_inputs(x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, guidance_scale: float) -> Inputs:
-    """The ``unet_step`` component's inputs for one loop call, already scaled.
-
-    A CFG batch [x, x] against [uncond, cond] gives the guided form (sample, timestep, text_embeds (2, L, D),
-    guidance_scale); a batch of one against the conditional embeddings, as a distilled student's loop
-    calls it, gives the distilled form (sample, timestep, text_embeds (1, L, D)).
-    """
-    if x.shape[0] == 1 and embeds.shape[0] == 1:
-        return {
-            "sample": x.detach().float().numpy().copy(),
-            "timestep": np.array([float(t)], np.float32),
-            "text_embeds": embeds.detach().float().numpy().copy(),
-        }
-    if embeds.shape[0] != 2 or x.shape[0] != 2:
-        raise RelaydiffError(f"unet_step takes a CFG batch of 2 or a student's batch of 1; the loop passed "
-                             f"latents of batch {x.shape[0]} and embeddings of batch {embeds.shape[0]}")
-    return {
-        "sample": x[:1].detach().float().numpy().copy(),
-        "timestep": np.array([float(t)], np.float32),
-        "text_embeds": embeds.detach().float().numpy().copy(),
-        "guidance_scale": np.array([guidance_scale], np.float32),
-    }
 
 
 def hand_offs(host: LoadedModel, device: LoadedModel, config: CalibrationConfig) -> Iterator[tuple[str, RelayState]]:

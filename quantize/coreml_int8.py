@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from relaydiff.export.base import Artifact, ExportError, Tolerance, _versions
+from relaydiff.core.metrics import Tolerance
+from relaydiff.export.base import Artifact, ExportError, tool_versions
 from relaydiff.export.coreml import mil_op_counts
 
 WEIGHT_OPS = ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale")  # int8 weights (iOS<=17, iOS18+)
@@ -69,7 +70,7 @@ def compress_coreml(fp: Artifact, out_dir: str | Path, config: CoreMLCompressCon
         "quantization": {"tool": "coremltools.optimize.coreml", "mode": config.mode, "weight_threshold": config.weight_threshold},
         "compression_ops": ops,
         "quantize_seconds": round(time.perf_counter() - t0, 3),
-        "versions": _versions(),
+        "versions": tool_versions(),
     }
     artifact = Artifact(
         exporter="coreml", component=fp.component, signature=fp.signature, files={"mlpackage": path}, runnable=("mlpackage",),

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from relaydiff.export.base import Artifact, ExportError, Tolerance, _versions
+from relaydiff.core.metrics import Tolerance
+from relaydiff.export.base import Artifact, ExportError, tool_versions
 from relaydiff.export.executorch import Lowering
 from relaydiff.quantize.calibration import Inputs
 from relaydiff.quantize.onnx_int8 import INT8_TOLERANCES
@@ -232,7 +233,7 @@ def export_int8(component: Component, model: LoadedModel, calibration: Sequence[
                              "max_calibration": config.max_calibration, "float_modules": float_modules,
                              "float_parameters": float_params, "parameters": sum(p.numel() for p in root.parameters())},
             "calibration": calibration_summary, "export_seconds": round(time.perf_counter() - t0, 3),
-            "versions": _versions(), **lowering.delegation(),
+            "versions": tool_versions(), **lowering.delegation(),
         },
     )
     artifact.write_metadata()

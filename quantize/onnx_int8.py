@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from relaydiff.export.base import Artifact, ExportError, Tolerance, _versions
+from relaydiff.core.metrics import Tolerance
+from relaydiff.export.base import Artifact, ExportError, tool_versions
 from relaydiff.quantize.calibration import CalibrationSet, Inputs
 
 METHODS = ("static", "dynamic")
@@ -150,15 +151,15 @@ def quantize_onnx(
     _stamp(path, fp32, config)
     files = {"onnx": path}
     if config.write_ort:  # ORT's converter takes QDQ and dynamic-INT8 graphs as they are (Fixed style fuses QDQ into QLinear ops)
-        from relaydiff.export.onnx import _convert_to_ort
+        from relaydiff.export.onnx import convert_to_ort
 
-        files.update(_convert_to_ort(path))
+        files.update(convert_to_ort(path))
     metadata = {
         **{k: v for k, v in fp32.metadata.items() if k in ("family_id", "family_root", "unet_variant", "description")},
         "quantization": {"tool": "onnxruntime.quantization", **dataclasses.asdict(config)},
         "calibration": calibration.summary() if (calibration is not None and config.method == "static") else None,
         "quantize_seconds": round(time.perf_counter() - t0, 3),
-        "versions": _versions(),
+        "versions": tool_versions(),
         "fp32_size": src_size(fp32),
         "int8_size": int(path.stat().st_size),
     }
@@ -232,9 +233,9 @@ def _stamp(path: Path, fp32: Artifact, config: OnnxInt8Config) -> None:
     props["relaydiff.precision"] = "int8"
     props["relaydiff.quantization"] = json.dumps(dataclasses.asdict(config))
     del proto.metadata_props[:]
-    from relaydiff.export.onnx import _strip_node_metadata
+    from relaydiff.export.onnx import strip_node_metadata
 
-    _strip_node_metadata(proto)
+    strip_node_metadata(proto)
     for key, value in props.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)

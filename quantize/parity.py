@@ -14,61 +14,20 @@ the artifact, so the sampler math is the one the relay uses.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from relaydiff.core.errors import RelaydiffError
-from relaydiff.export.base import psnr_db
-from relaydiff.quantize.calibration import CalibrationConfig, CalibrationSet, capture, hand_offs, unet_step_inputs
+from relaydiff.core.metrics import image_psnr, psnr_db
+from relaydiff.quantize.calibration import CalibrationConfig, CalibrationSet, capture, hand_offs
+from relaydiff.runtime.artifact_denoiser import ArtifactUNet
+from relaydiff.runtime.sessions import Runner
 
 if TYPE_CHECKING:
     import torch
 
     from relaydiff.core.family import LoadedModel
-
-Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]  # inputs by declared name -> outputs by name
-
-
-class ArtifactUNet:
-    """Stands in for ``model.unet`` in the relay loop: one ``unet_step`` call per step, CFG done inside the artifact.
-
-    It returns the guided noise with batch 1, so the loop skips its own CFG combination. Without CFG (the
-    loop passes batch 1) the artifact gets [cond, cond] and g = 1, so it returns the conditional noise.
-    A ``distilled`` artifact (a student's ``unet_step``: no guidance input) gets the loop's batch-1 call as is.
-    Attribute reads (``config``) go to ``unet``: the torch UNet, or any object with a ``config``.
-    """
-
-    def __init__(self, unet: Any, run: Runner, guidance_scale: float, *, distilled: bool = False) -> None:
-        self._unet = unet
-        self._run = run
-        self._g = guidance_scale
-        self._distilled = distilled
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._unet, name)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, **_kw: Any) -> Any:
-        import torch
-
-        single = x.shape[0] == 1 and encoder_hidden_states.shape[0] == 1
-        if self._distilled:
-            if not single:
-                raise RelaydiffError(f"a distilled unet_step takes one conditional pass; the loop passed a batch of {x.shape[0]}")
-            inputs = unet_step_inputs(x, t, encoder_hidden_states, self._g)
-        elif single:  # no CFG: eps_c + 1 * (eps_c - eps_c)
-            inputs = unet_step_inputs(torch.cat([x, x]), t, torch.cat([encoder_hidden_states] * 2), 1.0)
-        else:
-            inputs = unet_step_inputs(x, t, encoder_hidden_states, self._g)
-        out = self._run(inputs)["noise_pred"]
-        return _Sample(torch.from_numpy(np.ascontiguousarray(out)))
-
-
-@dataclass(frozen=True)
-class _Sample:
-    sample: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -146,7 +105,7 @@ def relay_parity(
         latent = resume(proxy, state).latents.float().numpy()
         lat_err = max(lat_err, float(np.abs(latent - ref_latent).max()))
         image = (decoder({"latent": latent})["image"] if decoder is not None else torch_decode(latent))
-        psnrs.append(_image_psnr(image, torch_decode(ref_latent)))
+        psnrs.append(min(image_psnr(image, torch_decode(ref_latent)), 100.0))  # capped: identical images
     return RelayParity(
         relay_step=min(config.relay_steps), steps=config.steps, prompts=config.prompts,
         denoiser_max_abs=d_abs, denoiser_psnr_db=d_psnr, image_psnr_db=min(psnrs),
@@ -157,9 +116,3 @@ def relay_parity(
 def is_student(model: Any) -> bool:
     """True when ``model`` is a distilled student (its ``unet_step`` artifacts take one conditional pass)."""
     return getattr(model, "student", None) is not None
-
-
-def _image_psnr(got: np.ndarray, ref: np.ndarray) -> float:
-    """PSNR of images in [0, 1] with peak 1 (capped at 100 dB for identical images)."""
-    mse = float(np.mean((got.astype(np.float64) - ref.astype(np.float64)) ** 2))
-    return 100.0 if mse <= 1e-10 else float(10.0 * np.log10(1.0 / mse))

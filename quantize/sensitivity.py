@@ -43,7 +43,8 @@ def probe(family_dir: Path | None = None, variant: str | None = None, relay_step
     from tqdm.auto import tqdm
 
     from relaydiff.core import family
-    from relaydiff.export.base import psnr_db, torch_reference
+    from relaydiff.core.metrics import psnr_db
+    from relaydiff.export.base import torch_reference
     from relaydiff.export.components import component_for
     from relaydiff.quantize.calibration import CalibrationConfig, capture
     from relaydiff.quantize.executorch_int8 import ExecuTorchInt8Config, _args, quantize_pt2e, resolve_module_paths

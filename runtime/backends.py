@@ -215,8 +215,7 @@ class BundleBackend:
                 ``unet_step`` or ``vae_decoder`` artifact for this target and precision, or ``family_dir`` is not its family.
             RuntimeUnavailableError: the target's runtime is not installed.
         """
-        from relaydiff.export.bench import find_family, open_session
-        from relaydiff.export.bundle import PRECISIONS, BundleError, read_manifest, verify
+        from relaydiff.runtime.bundle import PRECISIONS, BundleError, find_family, open_session, read_manifest, verify
 
         if precision not in PRECISIONS:
             raise RelaydiffError(f"unknown precision {precision!r}; known precisions: {', '.join(PRECISIONS)}")
@@ -266,7 +265,7 @@ class BundleBackend:
         import transformers
 
         from relaydiff.core.family import read_json
-        from relaydiff.export.bench import open_session
+        from relaydiff.runtime.bundle import open_session
 
         index = read_json(family / "model_index.json")
 
@@ -309,7 +308,7 @@ class BundleBackend:
 
     def finish(self, state: RelayState) -> torch.Tensor:
         from relaydiff.core.relay import resume
-        from relaydiff.quantize.parity import ArtifactUNet
+        from relaydiff.runtime.artifact_denoiser import ArtifactUNet
 
         self.check_state(state)
         model = replace(self.model, unet=ArtifactUNet(self.model.unet, self._guarded(self._unet), state.guidance_scale,

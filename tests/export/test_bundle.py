@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from relaydiff.export.bundle import BundleConfig, build, schema_problems, verify
+from relaydiff.export.bundle import BundleConfig, build
+from relaydiff.runtime.bundle import schema_problems, verify
 
 SLOW = pytest.mark.skipif(not os.environ.get("RELAYDIFF_SLOW"), reason="slow (ExecuTorch lowering): set RELAYDIFF_SLOW=1")
 
@@ -118,7 +119,7 @@ def test_manifest_escaping_the_folder_is_refused(copy: Path) -> None:
 
 
 def test_unlisted_file_and_oversized_manifest(copy: Path) -> None:
-    from relaydiff.export.bundle import MAX_MANIFEST_BYTES, BundleError
+    from relaydiff.runtime.bundle import MAX_MANIFEST_BYTES, BundleError
 
     (copy / "onnx" / "extra.py").write_text("print('hi')\n")
     assert any(p == "onnx/extra.py: not listed in the manifest" for p in verify(copy).problems)
@@ -152,7 +153,7 @@ def test_bad_names_list_the_known_ones(tiny_family: Path, tmp_path: Path, argv: 
 
 
 def test_non_empty_out_is_refused(tiny_family: Path, tmp_path: Path) -> None:
-    from relaydiff.export.bundle import BundleError
+    from relaydiff.runtime.bundle import BundleError
 
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(BundleError, match="not empty"):

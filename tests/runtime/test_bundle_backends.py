@@ -129,7 +129,7 @@ def test_a_state_with_other_latent_channels_is_refused(onnx_fp32, handoff) -> No
 
 
 def test_without_its_family_the_bundle_relays_but_cannot_generate_alone(bundle, handoff, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr("relaydiff.export.bench.find_family", lambda *_a, **_k: None)  # as on a phone: no family folder
+    monkeypatch.setattr("relaydiff.runtime.bundle.find_family", lambda *_a, **_k: None)  # as on a phone: no family folder
     backend = create_backend("onnx", bundle_dir=bundle)
     assert DeviceRuntime(backend).steps_per_second() > 0  # the Hello still gets a speed
     assert backend.finish(handoff[0]).shape == handoff[1].shape
