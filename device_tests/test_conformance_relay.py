@@ -9,7 +9,6 @@ fp32 torch needs a trained family and is skipped for random-weight ones.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -64,8 +63,7 @@ def test_int8_prompt_accuracy_within_two_points(trained_family: Path, entry: dic
                                                 pair: tuple[Any, Any], open_file: Callable[..., Any]) -> None:
     from relaydiff.core.relay import RelayRequest, decode, resume, snapshots
     from relaydiff.evaluate import eval_prompts
-    from relaydiff.quantize.parity import is_student
-    from relaydiff.runtime.artifact_denoiser import ArtifactUNet
+    from relaydiff.quantize.parity import artifact_side
 
     host, device = pair
     k, n = manifest["relay"]["relay_step"], manifest["relay"]["steps"]
@@ -75,8 +73,7 @@ def test_int8_prompt_accuracy_within_two_points(trained_family: Path, entry: dic
     for i, prompt in enumerate(prompts):
         state, _ = snapshots(host, RelayRequest(prompt, relay_step=k, steps=n, seed=i), [k])[k]
         ref_images.append(decode(device, resume(device, state).latents)[0])
-        proxy = dataclasses.replace(device, unet=ArtifactUNet(device.unet, unet, state.guidance_scale, distilled=is_student(device)))
-        latents = resume(proxy, state).latents
+        latents = resume(artifact_side(device, unet), state).latents
         if dec is None:
             art_images.append(decode(device, latents)[0])
         else:

@@ -15,7 +15,6 @@ The artifacts run in :class:`relaydiff.runtime.sessions.ArtifactSession`, as on 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import sys
@@ -112,12 +111,11 @@ def _relay_device_half(host: Any, device: Any, manifest: Mapping[str, Any], unet
 
     from relaydiff.core.relay import decode, resume
     from relaydiff.quantize.calibration import hand_offs
-    from relaydiff.quantize.parity import eval_config, is_student
-    from relaydiff.runtime.artifact_denoiser import ArtifactUNet  # the proxy parity.relay_parity runs the relay with
+    from relaydiff.quantize.parity import artifact_side, eval_config  # the device side parity.relay_parity runs the relay with
 
     relay = manifest["relay"]
     _prompt, state = next(hand_offs(host, device, eval_config(relay["relay_step"], relay["steps"], prompts=1)))
-    model = device if unet is None else dataclasses.replace(device, unet=ArtifactUNet(device.unet, unet, state.guidance_scale, distilled=is_student(device)))
+    model = device if unet is None else artifact_side(device, unet)
 
     def run() -> Any:
         with torch.inference_mode():

@@ -7,7 +7,7 @@ produced. So the relay-aware set is captured from real relays:
 
 1. for each world prompt, the host model runs steps [0, k) (``relaydiff.core.relay.snapshots``, one
    host trajectory serves every k in ``relay_steps``);
-2. the device model resumes [k, N) (``relaydiff.core.relay.resume``) with a recording proxy around
+2. the device model resumes [k, N) (``relaydiff.core.relay.resume``) with a recording denoiser around
    its UNet, which stores the ``unet_step`` component's inputs (sample, timestep, [uncond, cond]
    embeddings, guidance) at each device step, exactly as the device loop calls the UNet;
 3. the final latent of each relay is a ``vae_decoder`` calibration input; the prompt's token ids are a
@@ -29,6 +29,7 @@ from relaydiff.runtime.artifact_denoiser import Inputs, unet_step_inputs
 if TYPE_CHECKING:
     import torch
 
+    from relaydiff.core.denoiser import Conditioning, Denoiser, LatentSpec
     from relaydiff.core.family import LoadedModel
     from relaydiff.core.state import RelayState
 
@@ -106,22 +107,24 @@ class CalibrationSet:
         }
 
 
-class _RecordingUNet:
-    """Stands in for ``model.unet`` inside the relay loop and calls ``record(x, t, embeds)`` before each call.
+class RecordingDenoiser:
+    """A :class:`~relaydiff.core.denoiser.Denoiser` that calls ``record(x, t, text_embeds)`` before each call of the one it wraps."""
 
-    Attribute access (``config``, ``dtype``...) goes to the wrapped UNet, so the loop's checks see the real model.
-    """
-
-    def __init__(self, unet: Any, record: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]) -> None:
-        self._unet = unet
+    def __init__(self, inner: Denoiser, record: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]) -> None:
+        self.inner = inner
         self._record = record
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._unet, name)
+    @property
+    def latent_spec(self) -> LatentSpec:
+        return self.inner.latent_spec
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, **kw: Any) -> Any:
-        self._record(x, t, encoder_hidden_states)
-        return self._unet(x, t, encoder_hidden_states=encoder_hidden_states, **kw)
+    @property
+    def text_embed_dim(self) -> int:
+        return self.inner.text_embed_dim
+
+    def __call__(self, latent: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        self._record(latent, timestep, conditioning.text_embeds)
+        return self.inner(latent, timestep, conditioning)
 
 
 def hand_offs(host: LoadedModel, device: LoadedModel, config: CalibrationConfig) -> Iterator[tuple[str, RelayState]]:
@@ -152,7 +155,7 @@ def capture(host: LoadedModel, device: LoadedModel, config: CalibrationConfig, *
     """
     from tqdm.auto import tqdm
 
-    from relaydiff.core.relay import resume
+    from relaydiff.core.relay import relay_side, resume
     from relaydiff.export.components import example_token_ids
 
     out = CalibrationSet(config, {"unet_step": [], "vae_decoder": [], "text_encoder": []})
@@ -166,8 +169,8 @@ def capture(host: LoadedModel, device: LoadedModel, config: CalibrationConfig, *
             out.step_indices.append(next(order))
             out.timesteps.append(int(t))
 
-        recorder = dataclasses.replace(device, unet=_RecordingUNet(device.unet, record))
-        final = resume(recorder, state)
+        side = relay_side(device)
+        final = resume(dataclasses.replace(side, denoiser=RecordingDenoiser(side.denoiser, record)), state)
         out.samples["vae_decoder"].append({"latent": final.latents.float().numpy().copy()})
         if prompt not in out.prompts:
             out.prompts.append(prompt)

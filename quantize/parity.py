@@ -7,8 +7,8 @@ Two figures, both against the torch fp32 reference:
 - *final image PSNR*: the whole device half run with the artifact's UNet (and optionally its decoder)
   from the same host hand-off, so that errors compound over the device steps as they would on a phone.
 
-The device loop is ``relaydiff.core.relay.resume`` itself with the UNet replaced by a proxy that calls
-the artifact, so the sampler math is the one the relay uses.
+The device loop is ``relaydiff.core.relay.resume`` itself with the artifact as the device side's denoiser
+(:func:`artifact_side`), so the sampler math is the one the relay uses.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ import numpy as np
 
 from relaydiff.core.metrics import image_psnr, psnr_db
 from relaydiff.quantize.calibration import CalibrationConfig, CalibrationSet, capture, hand_offs
-from relaydiff.runtime.artifact_denoiser import ArtifactUNet
+from relaydiff.runtime.artifact_denoiser import ArtifactDenoiser
 from relaydiff.runtime.sessions import Runner
 
 if TYPE_CHECKING:
     import torch
 
     from relaydiff.core.family import LoadedModel
+    from relaydiff.core.relay import RelaySide
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,7 @@ def relay_parity(
     psnrs, lat_err = [], 0.0
     for i, (_prompt, state) in enumerate(hand_offs(host, device, config)):
         ref_latent = recorded.for_component("vae_decoder")[i]["latent"]
-        proxy = dataclasses.replace(device, unet=ArtifactUNet(device.unet, unet, state.guidance_scale, distilled=is_student(device)))
-        latent = resume(proxy, state).latents.float().numpy()
+        latent = resume(artifact_side(device, unet), state).latents.float().numpy()
         lat_err = max(lat_err, float(np.abs(latent - ref_latent).max()))
         image = (decoder({"latent": latent})["image"] if decoder is not None else torch_decode(latent))
         psnrs.append(min(image_psnr(image, torch_decode(ref_latent)), 100.0))  # capped: identical images
@@ -111,6 +111,15 @@ def relay_parity(
         denoiser_max_abs=d_abs, denoiser_psnr_db=d_psnr, image_psnr_db=min(psnrs),
         image_psnr_db_mean=float(np.mean(psnrs)), latent_max_abs=lat_err,
     )
+
+
+def artifact_side(device: LoadedModel, unet: Runner) -> RelaySide:
+    """The torch device model's relay side with ``unet`` (its ``unet_step`` artifact, run by a session) as the denoiser."""
+    from relaydiff.core.relay import relay_side
+
+    side = relay_side(device)
+    spec, dim = side.denoiser.latent_spec, side.denoiser.text_embed_dim
+    return dataclasses.replace(side, denoiser=ArtifactDenoiser(unet, spec, dim, distilled=is_student(device)))
 
 
 def is_student(model: Any) -> bool:

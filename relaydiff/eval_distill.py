@@ -16,7 +16,7 @@ host-only, UNet passes and device seconds per image; a grid of images (rows prom
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,27 +41,24 @@ class DistillEvalConfig:
             raise RelaydiffError(f"prompts must be a positive integer, got {self.prompts!r}")
 
 
-class _Guided:
-    """A UNet called like a student's (latent batch 1, conditional embeddings) that runs CFG inside (the exported
-    ``unet_step`` module: eps_u + g (eps_c - eps_u))."""
+class _GuidedTeacher:
+    """The teacher UNet as a student-like Denoiser (one call per jump on the conditional embeddings) that runs CFG
+    inside, as the exported ``unet_step`` module does: eps_u + g (eps_c - eps_u)."""
 
-    def __init__(self, unet: Any, uncond: Any, guidance_scale: float) -> None:
+    def __init__(self, teacher: Any, uncond: Any, guidance_scale: float) -> None:
         import torch
 
+        from relaydiff.core.denoiser import unet_denoiser
         from relaydiff.export.modules import UNetStep
 
-        self.step, self.uncond, self.g = UNetStep(unet), uncond, torch.tensor([guidance_scale])
-        self.config = unet.config
+        plain = unet_denoiser(teacher)
+        self.latent_spec, self.text_embed_dim = plain.latent_spec, plain.text_embed_dim
+        self.step, self.uncond, self.g = UNetStep(teacher.unet), uncond, torch.tensor([guidance_scale])
 
-    def __call__(self, x: Any, t: Any, encoder_hidden_states: Any, **_kw: Any) -> Any:
+    def __call__(self, latent: Any, timestep: Any, conditioning: Any) -> Any:
         import torch
 
-        return _Out(self.step(x, t, torch.cat([self.uncond, encoder_hidden_states]), self.g))
-
-
-@dataclass(frozen=True)
-class _Out:
-    sample: Any
+        return self.step(latent, timestep, torch.cat([self.uncond, conditioning.text_embeds]), self.g)
 
 
 def run_distill_eval(family_dir: Path, cfg: DistillEvalConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -111,7 +108,7 @@ def run_distill_eval(family_dir: Path, cfg: DistillEvalConfig, *, progress: bool
                 elif half in students:
                     latents = resume(students[half], state).latents
                 else:
-                    guided = _Guided(teacher.unet, state.negative_prompt_embeds.float(), g)
+                    guided = _GuidedTeacher(teacher, state.negative_prompt_embeds.float(), g)
                     latents = student_finish(guided, few, state.latents, state.timesteps, k, state.prompt_embeds.float(),
                                              teacher.scheduler_config, state.sampler)
             seconds[half] = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""The device UNet as an exported ``unet_step`` artifact, called where the relay loop calls a UNet.
+"""The device UNet as an exported ``unet_step`` artifact, behind the same Denoiser interface as a torch UNet.
 
 ``unet_step`` computes classifier-free guidance inside the graph (one call per step on the latent,
 [uncond, cond] embeddings and the scale); a distilled student's ``unet_step`` is one conditional pass.
@@ -8,8 +8,7 @@ exactly these inputs, so what is calibrated is what runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +17,8 @@ from relaydiff.runtime.sessions import Runner
 
 if TYPE_CHECKING:
     import torch
+
+    from relaydiff.core.denoiser import Conditioning, LatentSpec
 
 Inputs = dict[str, np.ndarray]
 
@@ -46,40 +47,66 @@ def unet_step_inputs(x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, gui
     }
 
 
-class ArtifactUNet:
-    """Stands in for ``model.unet`` in the relay loop: one ``unet_step`` call per step, CFG done inside the artifact.
+class ArtifactDenoiser:
+    """A bundle's ``unet_step`` artifact as a :class:`~relaydiff.core.denoiser.GuidedDenoiser`.
 
-    It returns the guided noise with batch 1, so the loop skips its own CFG combination. Without CFG (the
-    loop passes batch 1) the artifact gets [cond, cond] and g = 1, so it returns the conditional noise.
-    A ``distilled`` artifact (a student's ``unet_step``: no guidance input) gets the loop's batch-1 call as is.
-    Attribute reads (``config``) go to ``unet``: the torch UNet, or any object with a ``config``.
+    :meth:`guided` is one artifact call per step: the latent, [uncond, cond] embeddings and the scale, guidance
+    computed inside the graph. A plain call (batch 1: no CFG, or a student's jump) runs the guided graph on
+    [cond, cond] with g = 1, which is the conditional output, or a ``distilled`` artifact (a student's
+    ``unet_step``: one conditional pass, no guidance input) as is.
     """
 
-    def __init__(self, unet: Any, run: Runner, guidance_scale: float, *, distilled: bool = False) -> None:
-        self._unet = unet
+    def __init__(self, run: Runner, latent_spec: LatentSpec, text_embed_dim: int, *, distilled: bool = False) -> None:
+        """
+        Args:
+            run: calls the artifact with inputs by declared name (an ArtifactSession, or anything alike).
+            latent_spec: the latent space it was exported for.
+            text_embed_dim: D of its (B, L, D) ``text_embeds`` input.
+            distilled: the artifact is a student's ``unet_step`` (inputs sample, timestep, text_embeds (1, L, D)).
+        """
         self._run = run
-        self._g = guidance_scale
-        self._distilled = distilled
+        self._spec = latent_spec
+        self._text_dim = int(text_embed_dim)
+        self.distilled = distilled
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._unet, name)
+    @property
+    def latent_spec(self) -> LatentSpec:
+        return self._spec
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, **_kw: Any) -> Any:
+    @property
+    def text_embed_dim(self) -> int:
+        return self._text_dim
+
+    def __call__(self, latent: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         import torch
 
-        single = x.shape[0] == 1 and encoder_hidden_states.shape[0] == 1
-        if self._distilled:
-            if not single:
-                raise RelaydiffError(f"a distilled unet_step takes one conditional pass; the loop passed a batch of {x.shape[0]}")
-            inputs = unet_step_inputs(x, t, encoder_hidden_states, self._g)
-        elif single:  # no CFG: eps_c + 1 * (eps_c - eps_c)
-            inputs = unet_step_inputs(torch.cat([x, x]), t, torch.cat([encoder_hidden_states] * 2), 1.0)
-        else:
-            inputs = unet_step_inputs(x, t, encoder_hidden_states, self._g)
-        out = self._run(inputs)["noise_pred"]
-        return _Sample(torch.from_numpy(np.ascontiguousarray(out)))
+        _only_text(conditioning)
+        if latent.shape[0] != 1 or conditioning.batch != 1:
+            raise RelaydiffError(f"a unet_step artifact takes one latent per call; got a batch of {latent.shape[0]} "
+                                 f"against {conditioning.batch} embeddings")
+        emb = conditioning.text_embeds
+        if self.distilled:
+            return self._call(unet_step_inputs(latent, timestep, emb, 1.0))
+        return self._call(unet_step_inputs(torch.cat([latent, latent]), timestep, torch.cat([emb, emb]), 1.0))  # eps_c + 1 (eps_c - eps_c)
+
+    def guided(self, latent: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, uncond: Conditioning,
+               guidance_scale: float) -> torch.Tensor:
+        import torch
+
+        _only_text(cond)
+        _only_text(uncond)
+        if self.distilled:
+            raise RelaydiffError("a distilled unet_step has its guidance baked in: it takes one conditional pass, not a CFG pair")
+        return self._call(unet_step_inputs(torch.cat([latent, latent]), timestep,
+                                           torch.cat([uncond.text_embeds, cond.text_embeds]), guidance_scale))
+
+    def _call(self, inputs: Inputs) -> torch.Tensor:
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(self._run(inputs)["noise_pred"]))
 
 
-@dataclass(frozen=True)
-class _Sample:
-    sample: torch.Tensor
+def _only_text(conditioning: Conditioning) -> None:
+    extra = [n for n in ("pooled_text_embeds", "time_ids", "pooled_projections") if getattr(conditioning, n) is not None]
+    if extra:
+        raise RelaydiffError(f"the unet_step artifact takes text embeddings only; the conditioning also has {', '.join(extra)}")

@@ -13,7 +13,7 @@ import hashlib
 import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -141,46 +141,6 @@ class TorchBackend:
 # ---------------------------------------------------------------------------------------- bundle backends
 
 
-@dataclass(frozen=True)
-class _Config:
-    """Stands in for a diffusers model config: the fields relay.py reads from ``model.unet.config``."""
-
-    in_channels: int
-    cross_attention_dim: int
-    sample_size: int
-
-
-@dataclass(frozen=True)
-class _Namespace:
-    config: Any
-
-
-@dataclass
-class _BundleModel:
-    """The attributes of a LoadedModel that relay.start/resume read, filled from a bundle (duck-typed: no torch modules)."""
-
-    ref: Any
-    unet: Any  # an ArtifactUNet (or _Namespace with the config) over the bundle's unet_step
-    vae: Any  # unused: decoding goes through the vae_decoder artifact
-    text_encoder: Any  # callable(input_ids) -> (last_hidden_state,), or None (no device-only generation)
-    tokenizer: Any  # a transformers tokenizer, or None
-    scheduler_config: dict[str, Any]
-    family_id: str
-    vae_scale_factor: int
-    student: dict[str, Any] | None = None  # the manifest's relay.student: a distilled student's jumps (relay.resume reads it)
-
-
-class _OnnxTextEncoder:
-    """``text_encoder(ids)[0]`` over the bundle's text_encoder artifact (what relay.encode_prompt calls)."""
-
-    def __init__(self, session: Any) -> None:
-        self._session = session
-
-    def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor]:
-        out = self._session({"input_ids": input_ids.numpy().astype(np.int32)})["last_hidden_state"]
-        return (torch.from_numpy(np.ascontiguousarray(out)),)
-
-
 class BundleBackend:
     """Runs a built bundle's ``unet_step`` and ``vae_decoder`` artifacts for one target and precision.
 
@@ -188,7 +148,7 @@ class BundleBackend:
     no unlisted files); each artifact is loaded into its runtime once. A relayed state is checked
     against the manifest (family id, latent shape, text-embedding shape, noise schedule, and the
     timestep grid when it uses the bundle's sampler and N), then steps [k, N) run through
-    ``relay.resume`` with the artifact as the UNet and the final latent goes through the artifact decoder.
+    ``relay.resume`` with the artifact as the denoiser and the final latent goes through the artifact decoder.
 
     Device-only generation (``begin``/``encode_prompt``) needs a tokenizer, which bundles do not carry:
     it is read from the bundle's family folder (``family_dir``, else the folder recorded in the bundle
@@ -215,6 +175,9 @@ class BundleBackend:
                 ``unet_step`` or ``vae_decoder`` artifact for this target and precision, or ``family_dir`` is not its family.
             RuntimeUnavailableError: the target's runtime is not installed.
         """
+        from relaydiff.core.denoiser import LatentSpec
+        from relaydiff.core.relay import RelaySide
+        from relaydiff.runtime.artifact_denoiser import ArtifactDenoiser
         from relaydiff.runtime.bundle import PRECISIONS, BundleError, find_family, open_session, read_manifest, verify
 
         if precision not in PRECISIONS:
@@ -253,15 +216,21 @@ class BundleBackend:
             raise BundleError(f"{entries['unet_step']['file']}: input 'sample' has shape {list(self.latent_shape)}; "
                               f"the manifest's latent shape is {manifest['latent']['shape']}")
         image_h = int(manifest["latent"]["image_shape"][2])
-        config = _Config(in_channels=self.latent_shape[1], cross_attention_dim=self.embeds_shape[2], sample_size=self.latent_shape[2])
+        scheduler_config = dict(manifest["scheduler"]["config"])
+        latent = manifest["latent"]
+        spec = LatentSpec.from_configs(
+            {"in_channels": self.latent_shape[1], "sample_size": list(self.latent_shape[2:])},
+            {"scaling_factor": latent["vae_scaling_factor"], "shift_factor": latent.get("vae_shift_factor")}, scheduler_config)
+        denoiser = ArtifactDenoiser(self._guarded(self._unet), spec, self.embeds_shape[2], distilled=self.distilled)
+        self.side = RelaySide(denoiser, scheduler_config, self.family_id, image_h // self.latent_shape[2], student)
         family = find_family(root, manifest, Path(family_dir) if family_dir is not None else None)
-        tokenizer, text_encoder = self._text_side(family, entries.get("text_encoder"), threads) if family else (None, None)
-        self.model = _BundleModel(ref=None, unet=_Namespace(config), vae=None, text_encoder=text_encoder, tokenizer=tokenizer,
-                                  scheduler_config=dict(manifest["scheduler"]["config"]), family_id=self.family_id,
-                                  vae_scale_factor=image_h // self.latent_shape[2], student=student)
+        self._tokenizer: Any = None
+        self._text_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
+        if family is not None:
+            self._tokenizer, self._text_encoder = self._text_side(family, entries.get("text_encoder"), threads)
 
-    def _text_side(self, family: Path, entry: dict[str, Any] | None, threads: int) -> tuple[Any, Any]:
-        """(tokenizer, text encoder): the family's tokenizer, the bundle's text encoder (else the family's torch one)."""
+    def _text_side(self, family: Path, entry: dict[str, Any] | None, threads: int) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor]]:
+        """(tokenizer, token ids -> embeddings): the family's tokenizer, the bundle's text encoder (else the family's torch one)."""
         import transformers
 
         from relaydiff.core.family import read_json
@@ -275,11 +244,18 @@ class BundleBackend:
 
         tokenizer = cls("tokenizer", "CLIPTokenizer").from_pretrained(str(family), subfolder="tokenizer", local_files_only=True)
         if entry is not None:
-            return tokenizer, _OnnxTextEncoder(self._guarded(open_session(self.root, entry, threads=threads)))
-        encoder = cls("text_encoder", "CLIPTextModel").from_pretrained(str(family), subfolder="text_encoder", local_files_only=True)
-        return tokenizer, encoder.eval().requires_grad_(False)
+            session = self._guarded(open_session(self.root, entry, threads=threads))
 
-    def _guarded(self, session: Any) -> Callable[[Any], dict[str, np.ndarray]]:
+            def artifact(ids: torch.Tensor) -> torch.Tensor:
+                out = session({"input_ids": ids.numpy().astype(np.int32)})["last_hidden_state"]
+                return torch.from_numpy(np.ascontiguousarray(out))
+
+            return tokenizer, artifact
+        encoder = cls("text_encoder", "CLIPTextModel").from_pretrained(str(family), subfolder="text_encoder", local_files_only=True)
+        encoder = encoder.eval().requires_grad_(False)
+        return tokenizer, lambda ids: encoder(ids)[0]
+
+    def _guarded(self, session: Callable[[Any], dict[str, np.ndarray]]) -> Callable[[Any], dict[str, np.ndarray]]:
         if self._lock is None:
             return session
         lock = self._lock
@@ -293,28 +269,28 @@ class BundleBackend:
     # ------------------------------------------------------------------------------------------ Backend
 
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-        from relaydiff.core.relay import encode_prompt
+        from relaydiff.core.relay import encode_texts
 
-        self._need_text("encode a prompt")
-        return encode_prompt(self.model, prompt, negative_prompt)  # type: ignore[arg-type]
+        if self._tokenizer is None or self._text_encoder is None:
+            raise self._no_text("encode a prompt")
+        return encode_texts(self._tokenizer, self._text_encoder, prompt, negative_prompt)
 
     def begin(self, request: RelayRequest) -> RelayState:
-        from relaydiff.core.relay import start
+        from relaydiff.core.relay import start_from
 
-        self._need_text("generate on the device alone")
-        state = start(self.model, replace(request, relay_step=0))  # type: ignore[arg-type]  (step 0: no UNet call)
+        if self._tokenizer is None:
+            raise self._no_text("generate on the device alone")
+        embeds = self.encode_prompt(request.prompt, request.negative_prompt)
+        state = start_from(self.side, replace(request, relay_step=0), embeds)  # step 0: no denoiser call
         self.check_state(state)
         return state
 
     def finish(self, state: RelayState) -> torch.Tensor:
         from relaydiff.core.relay import resume
-        from relaydiff.runtime.artifact_denoiser import ArtifactUNet
 
         self.check_state(state)
-        model = replace(self.model, unet=ArtifactUNet(self.model.unet, self._guarded(self._unet), state.guidance_scale,
-                                                      distilled=self.distilled))
         with torch.inference_mode():
-            return resume(model, state).latents  # type: ignore[arg-type]
+            return resume(self.side, state).latents
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         if tuple(latents.shape[1:]) != self.latent_shape[1:]:
@@ -328,13 +304,12 @@ class BundleBackend:
     def probe_state(self, request: RelayRequest) -> RelayState:
         """A step-0 state for timing the denoiser (DeviceRuntime.steps_per_second): the prompt encoded when the
         backend can, else zero text embeddings of the bundle's shape (a bundle without a family still announces a speed)."""
-        if self.model.tokenizer is not None:
+        if self._tokenizer is not None:
             return self.begin(request)
-        from relaydiff.core.relay import start
+        from relaydiff.core.relay import start_from
 
         zeros = torch.zeros(self.embeds_shape)
-        model = replace(self.model, tokenizer=_ZeroTokenizer(), text_encoder=lambda _ids: (zeros,))
-        return start(model, replace(request, relay_step=0))  # type: ignore[arg-type]
+        return start_from(self.side, replace(request, relay_step=0), (zeros, zeros))
 
     # ------------------------------------------------------------------------------------------ checks
 
@@ -357,32 +332,17 @@ class BundleBackend:
                 raise RelaydiffError(
                     f"relay {name} embeddings have shape {list(t.shape)}; the bundle's unet_step takes {list(self.embeds_shape)}"
                 )
-        check_state_for(self.model, state)  # type: ignore[arg-type]  (noise-schedule keys, channels, embedding width)
+        check_state_for(self.side, state)  # noise-schedule keys, channels, embedding width
         sched = self.manifest["scheduler"]
         same_grid = (state.sampler, state.num_inference_steps) == (sched["sampler"], sched["steps"])
         if same_grid and state.timesteps.tolist() != sched["timesteps"]:
             raise RelaydiffError(f"relay timestep grid {state.timesteps.tolist()} differs from the bundle's {sched['timesteps']}")
 
-    def _need_text(self, what: str) -> None:
-        if self.model.tokenizer is None:
-            raise RelaydiffError(
-                f"cannot {what}: bundle '{self.root}' carries no tokenizer and its family folder was not found; pass "
-                f"family_dir= (--family) with family {self.family_id} to generate without a host"
-            )
-
-
-class _ZeroTokenizer:
-    """Token ids of zeros: only for the speed probe of a backend without a tokenizer."""
-
-    model_max_length = 1
-
-    def __call__(self, _text: str, **_kw: Any) -> Any:
-        return _Ids(torch.zeros((1, 1), dtype=torch.long))
-
-
-@dataclass(frozen=True)
-class _Ids:
-    input_ids: torch.Tensor
+    def _no_text(self, what: str) -> RelaydiffError:
+        return RelaydiffError(
+            f"cannot {what}: bundle '{self.root}' carries no tokenizer and its family folder was not found; pass "
+            f"family_dir= (--family) with family {self.family_id} to generate without a host"
+        )
 
 
 @register_backend("onnx")

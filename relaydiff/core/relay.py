@@ -8,18 +8,24 @@ Each step is the standard one (Ho et al. 2020, with the scheduler's update rule)
 2. predict noise for the conditional and, with CFG, the unconditional embeddings in one batch;
 3. combine: eps = eps_uncond + g * (eps_cond - eps_uncond) (Ho & Salimans 2022, eq. 6);
 4. take the sampler's update x_t -> x_{t-1} (``scheduler.step``).
+
+The model is used only through :class:`relaydiff.core.denoiser.Denoiser`; a :class:`RelaySide` is what
+the loop needs of one side (its denoiser, noise schedule, family id, VAE factor and, for a distilled
+student, its spec), so a torch family model and a bundle's artifacts run the same loop. A
+:class:`~relaydiff.core.denoiser.GuidedDenoiser` does steps 2-3 itself in one call.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from relaydiff.core.denoiser import Conditioning, Denoiser, GuidedDenoiser, unet_denoiser
 from relaydiff.core.errors import CompatibilityError, RelaydiffError, RelayStateError
 from relaydiff.core.family import LoadedModel
 from relaydiff.core.schedulers import (
@@ -33,6 +39,27 @@ from relaydiff.core.schedulers import (
 from relaydiff.core.state import RelayState
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, timestep, latents after the step)
+TextEncoder = Callable[[torch.Tensor], torch.Tensor]  # token ids (1, L) -> per-token embeddings (1, L, D)
+
+
+@dataclass(frozen=True)
+class RelaySide:
+    """What the relay loop needs of one side of a relay: no tokenizer, VAE or torch module, only the denoiser and facts."""
+
+    denoiser: Denoiser  # the model the loop calls once (or, with CFG on a plain denoiser, on a batch of two) per step
+    scheduler_config: Mapping[str, Any]  # the family's scheduler config: the noise schedule and timestep-grid settings
+    family_id: str  # the latent space the side belongs to (RelayState.family_id)
+    vae_scale_factor: int  # image pixels per latent pixel
+    student: dict[str, Any] | None = None  # a distilled student's relaydiff_student.json: its jumps (its denoiser takes one conditional pass each)
+
+
+def relay_side(model: LoadedModel) -> RelaySide:
+    """A loaded family model as the loop sees it: its UNet as a Denoiser, plus its schedule, family id and student."""
+    return RelaySide(unet_denoiser(model), model.scheduler_config, model.family_id, model.vae_scale_factor, model.student)
+
+
+def _side(model: LoadedModel | RelaySide) -> RelaySide:
+    return model if isinstance(model, RelaySide) else relay_side(model)
 
 
 @dataclass(frozen=True)
@@ -83,26 +110,31 @@ def _cfg(guidance_scale: float) -> bool:
 @torch.no_grad()
 def encode_prompt(model: LoadedModel, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """Text embeddings (cond, uncond), each (1, L, D), from the model's own tokenizer and text encoder."""
-    tok = model.tokenizer
+    return encode_texts(model.tokenizer, lambda ids: model.text_encoder(ids)[0], prompt, negative_prompt)
+
+
+@torch.no_grad()
+def encode_texts(tokenizer: Any, encoder: TextEncoder, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Text embeddings (cond, uncond), each (1, L, D): ``tokenizer`` pads to its max length, ``encoder`` embeds the ids."""
     out = []
     for text in (prompt, negative_prompt):
-        ids = tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        out.append(model.text_encoder(ids.input_ids)[0].float())
+        ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+        out.append(encoder(ids.input_ids).float())
     return out[0], out[1]
 
 
-def _latent_shape(model: LoadedModel, req: RelayRequest) -> tuple[int, int, int, int]:
-    f = model.vae_scale_factor
-    size = int(model.unet.config.sample_size) * f
-    h, w = req.height or size, req.width or size
+def _latent_shape(side: RelaySide, req: RelayRequest) -> tuple[int, int, int, int]:
+    f = side.vae_scale_factor
+    spec = side.denoiser.latent_spec
+    h, w = req.height or spec.sample_size[0] * f, req.width or spec.sample_size[1] * f
     if h % f or w % f:
         raise RelaydiffError(f"image size {h}x{w} must be a multiple of the VAE factor {f}")
-    return (1, int(model.unet.config.in_channels), h // f, w // f)
+    return (1, spec.channels, h // f, w // f)
 
 
 @torch.no_grad()
 def denoise(
-    model: LoadedModel,
+    denoiser: Denoiser,
     scheduler: Any,
     latents: torch.Tensor,
     state_embeds: tuple[torch.Tensor, torch.Tensor | None],
@@ -115,19 +147,23 @@ def denoise(
     progress: bool = False,
     desc: str = "denoise",
 ) -> torch.Tensor:
-    """Run steps [start, end) of ``scheduler.timesteps`` with ``model.unet``."""
+    """Run steps [start, end) of ``scheduler.timesteps`` with ``denoiser``."""
     from tqdm.auto import tqdm
 
-    cond, uncond = state_embeds
-    embeds = torch.cat([uncond, cond]) if _cfg(guidance_scale) and uncond is not None else cond
+    cond, uncond = Conditioning(state_embeds[0]), None if state_embeds[1] is None else Conditioning(state_embeds[1])
+    guided = uncond is not None and _cfg(guidance_scale)
+    both = Conditioning.cat([uncond, cond]) if guided and uncond is not None else cond
     for i in tqdm(range(start, end), desc=desc, disable=not progress or end <= start, leave=False):
         t = scheduler.timesteps[i]
-        x = torch.cat([latents, latents]) if embeds.shape[0] != latents.shape[0] else latents
-        x = scheduler.scale_model_input(x, t)  # step 1
-        eps = model.unet(x, t, encoder_hidden_states=embeds).sample  # step 2
-        if eps.shape[0] != latents.shape[0]:
-            eps_uncond, eps_cond = eps.chunk(2)
-            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # step 3
+        if guided and uncond is not None and isinstance(denoiser, GuidedDenoiser):  # steps 2-3 in one call
+            eps = denoiser.guided(scheduler.scale_model_input(latents, t), t, cond, uncond, guidance_scale)  # step 1
+        else:
+            x = torch.cat([latents, latents]) if guided else latents
+            x = scheduler.scale_model_input(x, t)  # step 1
+            eps = denoiser(x, t, both)  # step 2
+            if guided:
+                eps_uncond, eps_cond = eps.chunk(2)
+                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # step 3
         latents = scheduler.step(eps, t, latents, generator=generator).prev_sample  # step 4
         if on_step is not None:
             on_step(i, int(t), latents)
@@ -159,29 +195,55 @@ def snapshots(
     Also returns the host compute seconds spent to reach each k (prompt encoding included),
     so that evaluating many relay steps costs one host trajectory instead of one per k.
     """
+    return _snapshots(relay_side(model), req, at, lambda: encode_prompt(model, req.prompt, req.negative_prompt),
+                      on_step=on_step, progress=progress)
+
+
+def start_from(
+    side: RelaySide,
+    req: RelayRequest,
+    embeds: tuple[torch.Tensor, torch.Tensor],
+    *,
+    on_step: StepCallback | None = None,
+    progress: bool = False,
+) -> RelayState:
+    """:func:`start` with the prompt already encoded (``embeds`` = (cond, uncond), each (1, L, D)), for a side without a text encoder."""
+    state, _ = _snapshots(side, req, [req.relay_step], lambda: embeds, on_step=on_step, progress=progress)[req.relay_step]
+    return state
+
+
+def _snapshots(
+    side: RelaySide,
+    req: RelayRequest,
+    at: list[int] | tuple[int, ...],
+    encode: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    on_step: StepCallback | None,
+    progress: bool,
+) -> dict[int, tuple[RelayState, float]]:
     ks = sorted(set(at))
     for k in ks:
         if not 0 <= k <= req.steps:
             raise RelaydiffError(f"relay step {k!r} is outside [0, {req.steps}]")
     t0 = time.perf_counter()
-    scheduler = build_scheduler(req.sampler, model.scheduler_config)
+    scheduler = build_scheduler(req.sampler, dict(side.scheduler_config))
     scheduler.set_timesteps(req.steps)
-    cond, uncond = encode_prompt(model, req.prompt, req.negative_prompt)
+    cond, uncond = encode()
     generator = torch.Generator("cpu").manual_seed(req.seed)
     from diffusers.utils.torch_utils import randn_tensor
 
-    latents = randn_tensor(_latent_shape(model, req), generator=generator, dtype=torch.float32)
+    latents = randn_tensor(_latent_shape(side, req), generator=generator, dtype=torch.float32)
     latents = latents * scheduler.init_noise_sigma
     out: dict[int, tuple[RelayState, float]] = {}
     done = 0
     for k in ks:
         latents = denoise(
-            model, scheduler, latents, (cond, uncond), req.guidance_scale, done, k, generator,
+            side.denoiser, scheduler, latents, (cond, uncond), req.guidance_scale, done, k, generator,
             on_step=on_step, progress=progress, desc="host steps",
         )
         done = k
         elapsed = time.perf_counter() - t0
-        out[k] = (_make_state(model, req, scheduler, latents, k, cond, uncond, generator), elapsed)
+        out[k] = (_make_state(side, req, scheduler, latents, k, cond, uncond, generator), elapsed)
     return out
 
 
@@ -205,9 +267,10 @@ def start_batch(
 
     if not requests:
         return []
+    side = relay_side(model)
     first = requests[0]
     for r in requests[1:]:
-        if (r.steps, r.sampler, _latent_shape(model, r)) != (first.steps, first.sampler, _latent_shape(model, first)):
+        if (r.steps, r.sampler, _latent_shape(side, r)) != (first.steps, first.sampler, _latent_shape(side, first)):
             raise RelaydiffError(
                 "batched host requests must share steps, sampler and size; got "
                 f"{(r.steps, r.sampler, r.height, r.width)!r} and {(first.steps, first.sampler, first.height, first.width)!r}"
@@ -220,13 +283,13 @@ def start_batch(
         sch.set_timesteps(r.steps)
         cond, uncond = encode_prompt(model, r.prompt, r.negative_prompt)
         gen = torch.Generator("cpu").manual_seed(r.seed)
-        lat = randn_tensor(_latent_shape(model, r), generator=gen, dtype=torch.float32) * sch.init_noise_sigma
+        lat = randn_tensor(_latent_shape(side, r), generator=gen, dtype=torch.float32) * sch.init_noise_sigma
         schedulers.append(sch), generators.append(gen), conds.append(cond), unconds.append(uncond), latents.append(lat)
     out: list[tuple[RelayState, float] | None] = [None] * n
 
     def finish(j: int) -> None:
         r = requests[j]
-        state = _make_state(model, r, schedulers[j], latents[j], r.relay_step, conds[j], unconds[j], generators[j])
+        state = _make_state(side, r, schedulers[j], latents[j], r.relay_step, conds[j], unconds[j], generators[j])
         out[j] = (state, time.perf_counter() - t0)
 
     for j, r in enumerate(requests):
@@ -246,7 +309,7 @@ def start_batch(
                 xs.append(x)
                 embeds.append(conds[j])
                 sizes.append(1)
-        eps_all = model.unet(torch.cat(xs), t, encoder_hidden_states=torch.cat(embeds)).sample
+        eps_all = side.denoiser(torch.cat(xs), t, Conditioning(torch.cat(embeds)))
         offset = 0
         for j, size in zip(active, sizes):
             eps = eps_all[offset : offset + size]
@@ -260,7 +323,7 @@ def start_batch(
 
 
 def _make_state(
-    model: LoadedModel,
+    side: RelaySide,
     req: RelayRequest,
     scheduler: Any,
     latents: torch.Tensor,
@@ -287,23 +350,24 @@ def _make_state(
         prompt=req.prompt,
         negative_prompt=req.negative_prompt,
         seed=req.seed,
-        family_id=model.family_id,
+        family_id=side.family_id,
     )
 
 
-def check_state_for(model: LoadedModel, state: RelayState) -> None:
-    """Check that ``model`` can continue ``state``: same noise schedule and latent channels."""
+def check_state_for(model: LoadedModel | RelaySide, state: RelayState) -> None:
+    """Check that ``model`` can continue ``state``: same noise schedule, latent channels and text-embedding width."""
+    side = _side(model)
     for key in NOISE_SCHEDULE_KEYS:
-        mine = model.scheduler_config.get(key, "epsilon" if key == "prediction_type" else None)
+        mine = side.scheduler_config.get(key, "epsilon" if key == "prediction_type" else None)
         theirs = state.scheduler_config.get(key, "epsilon" if key == "prediction_type" else None)
         if isinstance(mine, tuple):
             mine = list(mine)
         if mine != theirs:
             raise CompatibilityError(f"scheduler.{key}", theirs, mine)
-    channels = int(model.unet.config.in_channels)
+    channels = side.denoiser.latent_spec.channels
     if state.latents.shape[1] != channels:
         raise RelayStateError(f"relay latent has {state.latents.shape[1]} channels; the device UNet expects {channels}")
-    dim = int(model.unet.config.cross_attention_dim)
+    dim = side.denoiser.text_embed_dim
     if state.prompt_embeds.shape[-1] != dim:
         raise RelayStateError(
             f"relay text embeddings have width {state.prompt_embeds.shape[-1]}; the device UNet expects {dim}"
@@ -311,15 +375,19 @@ def check_state_for(model: LoadedModel, state: RelayState) -> None:
 
 
 def resume(
-    model: LoadedModel,
+    model: LoadedModel | RelaySide,
     state: RelayState,
     *,
     end: int | None = None,
     on_step: StepCallback | None = None,
     progress: bool = False,
 ) -> RelayState:
-    """Device half: rebuild the sampler from the state, run steps [k, end) (default: to N), return the new state."""
-    check_state_for(model, state)
+    """Device half: rebuild the sampler from the state, run steps [k, end) (default: to N), return the new state.
+
+    ``model`` is a loaded family model, or any :class:`RelaySide` (e.g. a bundle's artifact denoiser).
+    """
+    side = _side(model)
+    check_state_for(side, state)
     n = state.num_inference_steps
     end = n if end is None else end
     if not state.step_index <= end <= n:
@@ -341,16 +409,16 @@ def resume(
     if state.generator_state is not None:
         generator = torch.Generator("cpu")
         generator.set_state(state.generator_state)
-    if getattr(model, "student", None) is not None:  # a distilled student: its own coarse jumps, guidance baked in
+    if side.student is not None:  # a distilled student: its own coarse jumps, guidance baked in
         if end != n:
             raise RelaydiffError(f"a distilled student finishes the whole trajectory; end must be {n}, got {end}")
         from relaydiff.core.student import student_finish
 
-        latents = student_finish(model.unet, model.student, state.latents, state.timesteps, state.step_index,
+        latents = student_finish(side.denoiser, side.student, state.latents, state.timesteps, state.step_index,
                                  state.prompt_embeds.float(), state.scheduler_config, state.sampler)
     else:
         latents = denoise(
-            model, scheduler, state.latents.float(), (state.prompt_embeds.float(), _opt_float(state.negative_prompt_embeds)),
+            side.denoiser, scheduler, state.latents.float(), (state.prompt_embeds.float(), _opt_float(state.negative_prompt_embeds)),
             state.guidance_scale, state.step_index, end, generator, on_step=on_step, progress=progress, desc="device steps",
         )
     hist, hist_ints = export_history(scheduler)

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from relaydiff.core.denoiser import Conditioning, Denoiser
 from relaydiff.core.errors import RelaydiffError, RelayStateError
 
 STUDENT_FILE = "relaydiff_student.json"
@@ -132,16 +133,17 @@ def student_eps(student: dict[str, Any], x: torch.Tensor, eps: torch.Tensor, t: 
 
 
 @torch.no_grad()
-def student_finish(unet: Any, student: dict[str, Any], latents: torch.Tensor, timesteps: torch.Tensor, k: int,
+def student_finish(denoiser: Denoiser, student: dict[str, Any], latents: torch.Tensor, timesteps: torch.Tensor, k: int,
                    cond: torch.Tensor, scheduler_config: dict[str, Any], sampler: str) -> torch.Tensor:
-    """Run the student from grid step ``k`` of ``timesteps`` to the end; one UNet pass per jump."""
+    """Run the student from grid step ``k`` of ``timesteps`` to the end; one denoiser pass (conditional only) per jump."""
     if sampler != student["sampler"]:
         raise RelayStateError(f"the student was distilled on the {student['sampler']!r} sampler; the relay state uses {sampler!r}")
     n = len(timesteps)
     if k >= n:
         return latents
     x = latents.float()
+    conditioning = Conditioning(cond)
     for t, a_t, a_s in jump_alphas(timesteps, coarse_indices(n, k, int(student["student_steps"])), scheduler_config):
-        eps = unet(x, torch.tensor(t), encoder_hidden_states=cond).sample
+        eps = denoiser(x, torch.tensor(t), conditioning)
         x = ddim_jump(x, student_eps(student, x, eps, t, a_t), a_t, a_s)
     return x

@@ -7,6 +7,7 @@ session from the tiny family the host fixtures use, so a host and the bundle sha
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 
 from relaydiff.core.errors import RelaydiffError
 from relaydiff.core.relay import RelayRequest, start
+from relaydiff.runtime.artifact_denoiser import ArtifactDenoiser
 from relaydiff.runtime.backends import create_backend
 from relaydiff.runtime.device import DeviceRuntime
 from relaydiff.runtime.settings import GenerationSettings
@@ -208,8 +210,10 @@ def test_a_student_bundle_finishes_in_one_pass_per_jump_like_torch(student_bundl
     host, student, folder = student_bundle
     backend = create_backend("onnx", bundle_dir=folder, precision="fp32")
     calls: list[dict[str, np.ndarray]] = []
-    run = backend._unet
-    backend._unet = lambda inputs: calls.append(inputs) or run(inputs)  # count the artifact's passes
+    run, plain = backend._unet, backend.side.denoiser
+    counting = ArtifactDenoiser(lambda inputs: calls.append(inputs) or run(inputs),  # count the artifact's passes
+                                plain.latent_spec, plain.text_embed_dim, distilled=backend.distilled)
+    backend.side = dataclasses.replace(backend.side, denoiser=counting)
     state = start(host, RelayRequest("a red circle on a blue field", guidance_scale=5.0, seed=3, **RELAY))
     latents = backend.finish(state)
     ref = create_backend("torch", model=student).finish(state)
