@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     log_path = None if verbose else (args.log_file or default_log_path(command.replace(" ", "-")))
     code, error = 2, None
     try:
-        with capture(log_path, verbose=verbose):
+        with capture(log_path, verbose=verbose, quiet=bool(getattr(args, "json", False))):
             code, error = _run(args), None
     except _Failed as failed:
         code, error = failed.code, failed.text

@@ -95,6 +95,33 @@ class _StreamProxy(io.TextIOBase):
         getattr(_current(), self.which).flush()
 
 
+class _ProgressSplit(io.TextIOBase):
+    """sys.stderr during a plain (not --json) run: tqdm's writes reach the console, any other library's the log.
+
+    Hand-written because tqdm has no process-wide output setting and libraries create their own bars and
+    handlers on whatever sys.stderr is when they run; the caller's module tells the two apart.
+    """
+
+    def __init__(self, console: IO[str], log_file: IO[str]) -> None:
+        self.console, self.log_file = console, log_file
+
+    def write(self, s: str) -> int:
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        stream = self.console if caller == "tqdm" or caller.startswith("tqdm.") else self.log_file
+        return stream.write(s)
+
+    def flush(self) -> None:
+        self.console.flush()
+        self.log_file.flush()
+
+    def isatty(self) -> bool:
+        return self.console.isatty()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.console, "encoding", None) or "utf-8"
+
+
 _handler: logging.Handler | None = None
 
 
@@ -138,12 +165,13 @@ def _dup_stream(stream: IO[str]) -> tuple[IO[str], int | None]:
 
 
 @contextlib.contextmanager
-def capture(log_path: Path | None, *, verbose: bool) -> Iterator[Path | None]:
+def capture(log_path: Path | None, *, verbose: bool, quiet: bool = False) -> Iterator[Path | None]:
     """Run the body with library output captured; yields the log file's path (None when verbose).
 
-    Not verbose: file descriptors 1 and 2, ``sys.stdout`` and ``sys.stderr`` point at ``log_path`` (an empty
-    log is removed afterwards). Verbose: descriptor 1 and ``sys.stdout`` point at stderr. Either way
-    :func:`result` and :func:`message` reach the real streams.
+    Not verbose: file descriptors 1 and 2 and ``sys.stdout`` point at ``log_path`` (an empty log is removed
+    afterwards), and so does ``sys.stderr`` when ``quiet`` (--json; else it stays the console, for progress
+    bars). Verbose: descriptor 1 and ``sys.stdout`` point at stderr. Either way :func:`result` and
+    :func:`message` reach the real streams.
     """
     global _streams
     saved = _streams
@@ -163,7 +191,11 @@ def capture(log_path: Path | None, *, verbose: bool) -> Iterator[Path | None]:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             sink = open(log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed in finally)
             target_fd = sink.fileno()
-            sys.stdout = sys.stderr = sink
+            sys.stdout = sink
+            if quiet:  # --json: nothing of the libraries on the console
+                sys.stderr = sink
+            else:  # progress bars stay on the console; everything else written to sys.stderr goes to the log
+                sys.stderr = _ProgressSplit(real_err, sink)
             file_handler = logging.StreamHandler(sink)
             file_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
             file_handler.addFilter(_LibraryFilter())
