@@ -1,7 +1,7 @@
 """Which modules of the device UNet step does ExecuTorch's W8A8 hurt? Leave one set in float at a time and measure.
 
-    python -m relaydiff.quantize.sensitivity [--family DIR] [--variant device|student] [--relay-step 8] [--steps 25]
-                                             [--probe MODULES]... [--json]
+    relaydiff quantize sensitivity [--family DIR] [--variant device|student] [--relay-step 8] [--steps 25]
+                                   [--probe MODULES]... [--json]
 
 Each probe quantizes the ``unet_step`` with PT2E and the XNNPACK quantizer (:func:`relaydiff.quantize.executorch_int8.quantize_pt2e`,
 relay-aware calibration) with the probe's modules left in float, runs the converted module in torch (simulated
@@ -13,7 +13,6 @@ The default probes are: nothing float, each child of the UNet, and :data:`DEFAUL
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -83,33 +82,3 @@ def probe(family_dir: Path | None = None, variant: str | None = None, relay_step
         })
     return {"family": str(root_dir), "variant": variant or "device", "relay_step": relay_step, "steps": steps,
             "calibration_prompts": calibration_prompts, "eval_prompts": eval_prompts, "rows": rows}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Print a table (or JSON) of the probes."""
-    from relaydiff.quantize.compare import report_cli
-
-    p = argparse.ArgumentParser(prog="python -m relaydiff.quantize.sensitivity", description=__doc__.split("\n")[0])
-    p.add_argument("--family", type=Path, default=None, help="family folder (default: the embedded family)")
-    p.add_argument("--variant", default=None, help="device variant (default: the family's default device)")
-    p.add_argument("--relay-step", type=int, default=8)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--probe", action="append", default=None, metavar="MODULES",
-                   help="comma list of module paths kept float together ('none': quantize all); repeatable")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    args = p.parse_args(argv)
-    probes = None if args.probe is None else [() if m == "none" else tuple(s for s in m.split(",") if s) for m in args.probe]
-
-    def table(report: dict[str, Any]) -> list[str]:
-        lines = [f"{'float modules':60s} {'params':>7s} {'denoiser':>9s} {'last step':>9s} {'image worst/mean':>17s}"]
-        for r in report["rows"]:
-            name = ", ".join(r["float"]) or "(none: all W8A8)"
-            lines.append(f"{name[:60]:60s} {r['float_parameter_share']:7.1%} {r['denoiser_psnr_db']:8.2f}  "
-                         f"{r['last_step_psnr_db']:8.2f}  {r['image_psnr_db']:7.2f} / {r['image_psnr_db_mean']:.2f}")
-        return lines
-
-    return report_cli(lambda: probe(args.family, args.variant, args.relay_step, args.steps, probes, progress=not args.json),
-                      args.json, table)
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -73,7 +73,7 @@ def service_main():  # type: ignore[no-untyped-def]
     import argparse
 
     from relaydiff.core.errors import RelaydiffError
-    from relaydiff.service_cli import COMMANDS, add_parsers
+    from relaydiff.cli.service import COMMANDS, add_parsers
 
     def main(argv: list[str]) -> int:
         parser = argparse.ArgumentParser(prog="relaydiff")

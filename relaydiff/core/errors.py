@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -14,16 +15,32 @@ class FamilyNotFoundError(RelaydiffError):
 
 
 class CompatibilityError(RelaydiffError):
-    """Host and device models cannot relay: one field differs between them."""
+    """Host and device models (or a relay state and a device) cannot relay: the fields that differ.
 
-    def __init__(self, field: str, host_value: Any, device_value: Any) -> None:
+    ``mismatches`` lists every differing field as ``(field, host value, device value)``; ``field``,
+    ``host_value`` and ``device_value`` are the first of them.
+    """
+
+    def __init__(self, field: str, host_value: Any, device_value: Any, *,
+                 more: Sequence[tuple[str, Any, Any]] = (), subject: str = "host and device models") -> None:
+        self.mismatches: list[tuple[str, Any, Any]] = [(field, host_value, device_value), *more]
         self.field = field
         self.host_value = host_value
         self.device_value = device_value
-        super().__init__(
-            f"host and device models cannot relay: {field} differs "
-            f"(host: {host_value!r}, device: {device_value!r})"
-        )
+        parts = [f"{f} (host: {h!r}, device: {d!r})" for f, h, d in self.mismatches]
+        head = (f"{subject} cannot relay: "
+                + (f"{field} differs " if len(parts) == 1 else f"{len(parts)} fields differ: "))
+        super().__init__(head + (f"(host: {host_value!r}, device: {device_value!r})" if len(parts) == 1 else "; ".join(parts)))
+
+    @classmethod
+    def of(cls, mismatches: Sequence[tuple[str, Any, Any]], *, subject: str = "host and device models") -> CompatibilityError:
+        """The error for a non-empty list of ``(field, host value, device value)``."""
+        (field, host, device), *more = mismatches
+        return cls(field, host, device, more=more, subject=subject)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """Every mismatch as ``{"field", "host", "device"}``."""
+        return [{"field": f, "host": h, "device": d} for f, h, d in self.mismatches]
 
 
 class RelayStateError(RelaydiffError):

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from relaydiff.core.errors import CompatibilityError, FamilyNotFoundError, RelaydiffError
 from relaydiff.core.schedulers import NOISE_SCHEDULE_KEYS
+
+logger = logging.getLogger(__name__)
 
 FAMILY_FILE = "family.json"
 FAMILY_FORMAT = "relaydiff-family/1"
@@ -109,19 +112,97 @@ def tokenizer_hash(root: Path) -> str:
     return h.hexdigest()[:16]
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_weights_cache: dict[tuple[str, int, int], str] = {}
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight files ``from_pretrained`` loads from ``folder`` (no variant): safetensors before .bin."""
+    if not folder.is_dir():
+        raise FamilyNotFoundError(f"model folder missing: '{folder}'")
+    for suffix in _WEIGHT_SUFFIXES:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix == suffix and p.name.count(".") == 1)
+        if files:
+            return files
+    raise FamilyNotFoundError(f"no weights in '{folder}': expected a *.safetensors (or *.bin) file")
+
+
+def _file_hash(path: Path) -> str:
+    """A hash of a weight file's tensors (name, dtype, shape, bytes; safetensors metadata ignored), or of a
+    .bin file's bytes (never unpickled). Cached per (path, size, mtime)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _weights_cache:
+        return _weights_cache[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if path.suffix == ".safetensors":
+            # the header is parsed here (8-byte length + JSON) rather than by loading tensors: no torch, no copy
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            try:
+                if not 0 < n <= min(st.st_size - 8, 100_000_000):
+                    raise ValueError(f"header length {n}")
+                header = json.loads(f.read(n))
+                header.pop("__metadata__", None)
+                entries = sorted((name, e["dtype"], list(e["shape"]), *e["data_offsets"]) for name, e in header.items())
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+                raise RelaydiffError(f"'{path}' is not a valid safetensors file: {exc}") from None
+            base = 8 + n
+            for name, dtype, shape, a, b in entries:
+                h.update(json.dumps([name, dtype, shape]).encode())
+                f.seek(base + int(a))
+                h.update(f.read(int(b) - int(a)))
+        else:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    _weights_cache[key] = digest = h.hexdigest()[:16]
+    return digest
+
+
+def weights_hash(folder: Path) -> str:
+    """A content hash of the weights in a model subfolder (e.g. ``vae/``, ``text_encoder/``)."""
+    files = _weight_files(folder)
+    if len(files) == 1:
+        return _file_hash(files[0])
+    return hashlib.sha256("".join(_file_hash(p) for p in files).encode()).hexdigest()[:16]
+
+
+def latent_spec(root: Path) -> dict[str, Any]:
+    """What the latent space is: channels, scaling and shift of the VAE, and the noise schedule it is noised on."""
+    vae = read_json(root / "vae" / "config.json")
+    sched = read_json(root / "scheduler" / "scheduler_config.json")
+    spec: dict[str, Any] = {
+        "latent_channels": vae.get("latent_channels", 4),
+        "scaling_factor": vae.get("scaling_factor", 0.18215),
+        "shift_factor": vae.get("shift_factor"),
+    }
+    for key in NOISE_SCHEDULE_KEYS:
+        spec[key] = sched.get(key, "epsilon" if key == "prediction_type" else None)
+    return spec
+
+
 def family_id(ref: ModelRef) -> str:
-    """A short id of the shared latent space: family name plus a hash of VAE, tokenizer and noise schedule."""
+    """The family id: a content hash of what host and device must share (VAE weights, text encoder weights and
+    tokenizer, noise schedule, latent spec). The folder name plays no part; it is only a label."""
+    root = ref.root
+    content = {
+        "vae": weights_hash(root / "vae"),
+        "text_encoder": weights_hash(root / "text_encoder"),
+        "tokenizer": tokenizer_hash(root),
+        "latent": latent_spec(root),
+    }
+    return "fam-" + hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def family_label(ref: ModelRef) -> str:
+    """A human label for the family of ``ref``: family.json's name, else the folder name."""
     info = family_info(ref.root) or {}
-    name = str(info.get("name", ref.root.name))
-    vae = _config_hash(read_json(ref.root / "vae" / "config.json"))
-    sched = read_json(ref.root / "scheduler" / "scheduler_config.json")
-    sched_hash = _config_hash({k: sched.get(k) for k in NOISE_SCHEDULE_KEYS})
-    digest = hashlib.sha256(f"{vae}{tokenizer_hash(ref.root)}{sched_hash}".encode()).hexdigest()[:12]
-    return f"{name}-{digest}"
+    return str(info.get("name", ref.root.name))
 
 
 def relay_fields(ref: ModelRef) -> dict[str, Any]:
-    """The config values that decide whether two models can relay, read from configs only (no weights)."""
+    """The values that decide whether two models can relay: configs, plus content hashes of the shared weights."""
     unet = read_json(ref.root / ref.unet_subfolder / "config.json")
     vae = read_json(ref.root / "vae" / "config.json")
     text = read_json(ref.root / "text_encoder" / "config.json")
@@ -135,7 +216,9 @@ def relay_fields(ref: ModelRef) -> dict[str, Any]:
         "vae.scaling_factor": vae.get("scaling_factor", 0.18215),
         "vae.shift_factor": vae.get("shift_factor"),
         "vae.config_hash": _config_hash(vae),
+        "vae.weights_hash": weights_hash(ref.root / "vae"),
         "text_encoder.hidden_size": text.get("hidden_size"),
+        "text_encoder.weights_hash": weights_hash(ref.root / "text_encoder"),
         "tokenizer.hash": tokenizer_hash(ref.root),
         "tokenizer.model_max_length": tok_cfg.get("model_max_length"),
     }
@@ -145,31 +228,186 @@ def relay_fields(ref: ModelRef) -> dict[str, Any]:
     return fields
 
 
+def mismatches(host: ModelRef, device: ModelRef) -> list[tuple[str, Any, Any]]:
+    """Every reason ``host`` cannot hand a latent to ``device``, as ``(field, host value, device value)``."""
+    hf, df = relay_fields(host), relay_fields(device)
+    found = [(key, hf[key], df[key]) for key in hf if hf[key] != df[key]]
+    for ref, fields in ((host, hf), (device, df)):
+        unet = read_json(ref.root / ref.unet_subfolder / "config.json")
+        if unet.get("in_channels", 4) != fields["vae.latent_channels"]:
+            found.append((f"{ref.variant} unet.in_channels vs vae.latent_channels",
+                          unet.get("in_channels", 4), fields["vae.latent_channels"]))
+        cad = unet.get("cross_attention_dim")
+        if cad != hf["text_encoder.hidden_size"]:
+            found.append((f"{ref.variant} unet.cross_attention_dim vs host text_encoder.hidden_size",
+                          cad, hf["text_encoder.hidden_size"]))
+    return found
+
+
 def check_pair(host: ModelRef, device: ModelRef) -> None:
     """Check that ``host`` can hand a latent to ``device``.
 
     Raises:
-        CompatibilityError: naming the first field that differs and both values.
+        CompatibilityError: listing every field that differs, with both values.
     """
-    hf, df = relay_fields(host), relay_fields(device)
-    for key in hf:
-        if hf[key] != df[key]:
-            raise CompatibilityError(key, hf[key], df[key])
-    for ref, fields in ((host, hf), (device, df)):
-        unet = read_json(ref.root / ref.unet_subfolder / "config.json")
-        if unet.get("in_channels", 4) != fields["vae.latent_channels"]:
-            raise CompatibilityError(
-                f"{ref.variant} unet.in_channels vs vae.latent_channels",
-                unet.get("in_channels", 4),
-                fields["vae.latent_channels"],
-            )
-        cad = unet.get("cross_attention_dim")
-        if cad != hf["text_encoder.hidden_size"]:
-            raise CompatibilityError(
-                f"{ref.variant} unet.cross_attention_dim vs host text_encoder.hidden_size",
-                cad,
-                hf["text_encoder.hidden_size"],
-            )
+    found = mismatches(host, device)
+    if found:
+        raise CompatibilityError.of(found)
+
+
+def check_state(model: LoadedModel, state: Any) -> None:
+    """Check that ``model`` can continue relay ``state`` (a :class:`relaydiff.core.state.RelayState`): the same
+    family id (a content hash of the shared weights and latent spec), noise schedule, latent channels and
+    text-embedding width. Every path that consumes a state runs this.
+
+    Raises:
+        CompatibilityError: listing every mismatch as (field, state's value, device's value).
+    """
+    found: list[tuple[str, Any, Any]] = []
+    if state.family_id != model.family_id:
+        found.append(("family_id", state.family_id, model.family_id))
+    for key in NOISE_SCHEDULE_KEYS:
+        default = "epsilon" if key == "prediction_type" else None
+        theirs, mine = state.scheduler_config.get(key, default), model.scheduler_config.get(key, default)
+        mine = list(mine) if isinstance(mine, tuple) else mine
+        if theirs != mine:
+            found.append((f"scheduler.{key}", theirs, mine))
+    channels = int(model.unet.config.in_channels)
+    if int(state.latents.shape[1]) != channels:
+        found.append(("latent channels", int(state.latents.shape[1]), channels))
+    width = int(model.unet.config.cross_attention_dim)
+    if int(state.prompt_embeds.shape[-1]) != width:
+        found.append(("text embedding width", int(state.prompt_embeds.shape[-1]), width))
+    if found:
+        raise CompatibilityError.of(found, subject="the relay state and this device")
+
+
+# diffusers scheduler class (and config) -> our sampler name (relaydiff.core.schedulers.SAMPLERS)
+_FOLDER_SAMPLERS = {
+    "DDIMScheduler": "ddim",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "PNDMScheduler": "pndm",
+    "UniPCMultistepScheduler": "unipc",
+}
+
+
+def folder_sampler(ref: ModelRef) -> str | None:
+    """The sampler name of the model folder's own scheduler, or None when the relay cannot carry it."""
+    sched = read_json(ref.root / "scheduler" / "scheduler_config.json")
+    name = str(sched.get("_class_name", ""))
+    if name == "DPMSolverMultistepScheduler":
+        algo = sched.get("algorithm_type", "dpmsolver++")
+        return {"dpmsolver++": "dpmpp_2m", "sde-dpmsolver++": "dpmpp_2m_sde"}.get(algo)
+    return _FOLDER_SAMPLERS.get(name)
+
+
+def default_sampler(ref: ModelRef) -> str:
+    """The sampler a request uses when none is named: the folder's own scheduler where supported, else DDIM."""
+    from relaydiff.core.schedulers import SAMPLERS
+
+    name = folder_sampler(ref)
+    if name is not None and name in SAMPLERS:
+        return name
+    sched = read_json(ref.root / "scheduler" / "scheduler_config.json")
+    logger.info("the scheduler of '%s' (%s) cannot be relayed; sampling with ddim", ref.root, sched.get("_class_name"))
+    return "ddim"
+
+
+def require_family(path: str | Path, *, needed: str = "a host and a device") -> Path:
+    """``path``, refused when it is a plain pipeline folder (model_index.json but no family.json): it holds one
+    UNet where ``needed`` is a pair. A missing folder is left to the caller's own check (and message).
+
+    Raises:
+        RelaydiffError: a plain pipeline folder, naming what is missing.
+    """
+    root = Path(path).expanduser()
+    if (root / "model_index.json").is_file() and family_info(root) is None:
+        raise RelaydiffError(
+            f"'{root}' is a plain diffusers pipeline folder (no {FAMILY_FILE}): it has one UNet, and this needs "
+            f"{needed}; build a family with `relaydiff family init --host DIR --device DIR --out DIR`, "
+            "or pass --host DIR --device DIR where the command takes them")
+    return root
+
+
+_PIPELINE_PARTS = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+                   "tokenizer", "scheduler/scheduler_config.json")
+
+
+def _require_pipeline(path: Path, role: str) -> Path:
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FamilyNotFoundError(f"--{role} folder not found: '{root}'")
+    missing = [part for part in _PIPELINE_PARTS if not (root / part).exists()]
+    if missing:
+        raise FamilyNotFoundError(f"--{role} '{root}' is not a diffusers pipeline folder: missing {', '.join(missing)}")
+    return root
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    """Hard-link a file where the filesystem allows (model weights are large), else copy it."""
+    import os
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def init_family(host: Path, device: Path, out: Path, *, variants: dict[str, Path] | None = None,
+                name: str | None = None) -> Path:
+    """Build a family folder from two plain diffusers pipeline folders (plus extra device variants).
+
+    The host folder gives the shared parts (VAE, text encoder, tokenizer, scheduler) and the ``host`` UNet; the
+    device folder the ``device`` UNet (``unet_device/``); each extra variant NAME=DIR its UNet (``unet_NAME/``).
+    Every device folder must pass the relay check against the host. The folder is assembled in a temporary
+    folder beside ``out`` and renamed into place, so a refusal leaves nothing behind.
+
+    Raises:
+        FamilyNotFoundError: a folder is missing, or is not a pipeline folder (naming what it lacks).
+        CompatibilityError: a device folder cannot relay with the host (listing every mismatch).
+        RelaydiffError: ``out`` exists and is not empty, or a bad variant name.
+    """
+    import shutil
+    import tempfile
+
+    host_dir = _require_pipeline(host, "host")
+    devices = {"device": _require_pipeline(device, "device")}
+    for vname, vdir in (variants or {}).items():
+        if not vname.replace("_", "").isalnum() or vname in ("host", "device"):
+            raise RelaydiffError(f"variant name {vname!r} must be letters, digits and underscores, and not host or device")
+        devices[vname] = _require_pipeline(vdir, f"variant {vname}")
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RelaydiffError(f"--out '{out}' exists and is not an empty folder")
+    host_ref = ModelRef(host_dir, "unet", "host")
+    for vname, vdir in devices.items():
+        found = mismatches(host_ref, ModelRef(vdir, "unet", vname))
+        if found:
+            raise CompatibilityError.of(found, subject=f"host '{host_dir}' and {vname} '{vdir}'")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shutil.copytree(host_dir, tmp / "f", copy_function=_link_or_copy,
+                        ignore=shutil.ignore_patterns(FAMILY_FILE, "unet_*"))
+        table = {"host": "unet"}
+        for vname, vdir in devices.items():
+            sub = "unet_device" if vname == "device" else f"unet_{vname}"
+            shutil.copytree(vdir / "unet", tmp / "f" / sub, copy_function=_link_or_copy)
+            table[vname] = sub
+        info = {"format": FAMILY_FORMAT, "name": name or out.name, "variants": table,
+                "default_host": "host", "default_device": "device",
+                "sources": {"host": host_dir.name, **{k: v.name for k, v in devices.items()}}}
+        (tmp / "f" / FAMILY_FILE).write_text(json.dumps(info, indent=1) + "\n")
+        check_pair(resolve(tmp / "f", role="host"), resolve(tmp / "f", role="device"))
+        if out.exists():
+            out.rmdir()
+        (tmp / "f").rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 @dataclass

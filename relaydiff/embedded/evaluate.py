@@ -1,6 +1,6 @@
 """Quick prompt-accuracy check of a trained family with the classical scorer.
 
-``python -m relaydiff.embedded.evaluate DIR [--n 50] [--steps 25] [--guidance 5]`` prints host-only,
+``relaydiff family evaluate DIR [--n 50] [--steps 25] [--guidance 5]`` prints host-only,
 device-only and relay (host for the first k of the steps) accuracies on one- and two-object prompts, and
 for each how often each of the scorer's checks failed (object found, shape, size, position, relation,
 background, count): where a family falls short, not only how much.
@@ -111,16 +111,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from relaydiff.world import sample_prompts
 
-    p = argparse.ArgumentParser(prog="python -m relaydiff.embedded.evaluate")
-    p.add_argument("family", type=Path)
+    p = argparse.ArgumentParser(prog="relaydiff family evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("family", type=Path, help="family folder")
     p.add_argument("--n", type=int, default=50, help="prompts per object count")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--k", type=float, default=0.3, help="host share of steps in relay mode")
-    p.add_argument("--modes", default="host,device,relay")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--grid-dir", type=Path, default=None)
-    p.add_argument("--device-subfolder", default="unet_device")
+    p.add_argument("--modes", default="host,device,relay", help="comma list of host, device, relay")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--grid-dir", type=Path, default=None, help="write a PNG grid per mode here (default: none)")
+    p.add_argument("--device-subfolder", default="unet_device", help="device UNet subfolder")
     p.add_argument("--text", action="store_true", help="also print how far apart the text encoder puts prompts "
                    "that differ only in position, colour or shape")
     args = p.parse_args(argv)
@@ -151,7 +151,3 @@ def main(argv: list[str] | None = None) -> int:
                     args.grid_dir / f"{mode}_{n_obj}obj.png")
     print(json.dumps({"accuracy": results, "failed_checks": failures, "text_separation": separation}))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

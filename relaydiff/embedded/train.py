@@ -752,7 +752,8 @@ def train_family(cfg: TrainConfig, out_dir: str | Path, resume: bool = True) -> 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI for ``relaydiff family train`` (``argv`` are the arguments after ``family train``)."""
-    p = argparse.ArgumentParser(prog="relaydiff family train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="relaydiff family train", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="family folder to write")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from checkpoints in --out (default: on)")
@@ -811,7 +812,3 @@ def main(argv: list[str] | None = None) -> int:
     out = train_family(cfg, args.out, resume=args.resume)
     print(f"wrote {out}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -28,13 +28,11 @@ def one_torch_thread() -> Any:
 
 
 def _cli(argv: list[str]) -> int:
-    import argparse
+    """The bundle command as relaydiff.cli dispatches it, without the CLI's error handling (errors raise)."""
+    from relaydiff.cli import build_parser
 
-    from relaydiff.bundle_cli import add_parsers, cmd_bundle
-
-    parser = argparse.ArgumentParser(prog="relaydiff")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    return cmd_bundle(parser.parse_args(argv))
+    args = build_parser().parse_args(argv)
+    return args.func(args)
 
 
 @pytest.fixture(scope="module")

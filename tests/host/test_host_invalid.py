@@ -7,7 +7,7 @@ import pytest
 from relaydiff.core.errors import RelaydiffError
 from relaydiff.host.controller import HostConfig, HostServer
 from relaydiff.host.policy import FixedPolicy
-from relaydiff.service_cli import parse_listen
+from relaydiff.cli.service import parse_listen
 
 
 @pytest.mark.parametrize("kwargs, match", [

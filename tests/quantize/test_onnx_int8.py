@@ -89,16 +89,16 @@ def test_static_needs_calibration(fp32_onnx: Any, tmp_path: Any) -> None:
 
 
 def test_calibration_comparison_covers_both_schemes_and_sets(tiny_family: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """python -m relaydiff.quantize.compare: W8A16 and W8A8, relay-aware and whole-trajectory sets of equal prompts."""
+    """relaydiff quantize compare: W8A16 and W8A8, relay-aware and whole-trajectory sets of equal prompts."""
     import json as _json
 
-    from relaydiff.quantize.compare import main as compare_main
+    from relaydiff.cli import main
 
-    assert compare_main(["--family", str(tiny_family), "--relay-step", "3", "--steps", "6", "--prompts", "1", "--eval-prompts", "1", "--json"]) == 0
+    assert main(["quantize", "compare", "--family", str(tiny_family), "--relay-step", "3", "--steps", "6", "--prompts", "1", "--eval-prompts", "1", "--json"]) == 0
     report = _json.loads(capsys.readouterr().out)
     got = {(r["scheme"], r["calibration"]): r for r in report["rows"]}
     assert set(got) == {("w8a16", "relay"), ("w8a16", "whole"), ("w8a8", "relay"), ("w8a8", "whole")}
     assert got[("w8a16", "relay")]["samples"] == 3 and got[("w8a16", "whole")]["samples"] == 6  # device steps [3, 6) vs [0, 6)
     for r in report["rows"]:
         assert r["image_psnr_db"] > 0 and r["denoiser_max_abs"] >= 0 and r["bytes"] < report["fp32_bytes"]
-    assert compare_main(["--family", str(tiny_family / "nope")]) == 2
+    assert main(["quantize", "compare", "--family", str(tiny_family / "nope")]) == 2

@@ -1,4 +1,4 @@
-"""The ExecuTorch W8A8 sensitivity probe (python -m relaydiff.quantize.sensitivity) on the tiny random family."""
+"""The ExecuTorch W8A8 sensitivity probe (relaydiff quantize sensitivity) on the tiny random family."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from tests.quantize.conftest import K, STEPS
 
 
 def test_probe_reports_each_float_set(tiny_family: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from relaydiff.quantize.sensitivity import main
+    from relaydiff.cli import main
 
-    rc = main(["--family", str(tiny_family), "--relay-step", str(K), "--steps", str(STEPS), "--probe", "none",
+    rc = main(["quantize", "sensitivity", "--family", str(tiny_family), "--relay-step", str(K), "--steps", str(STEPS), "--probe", "none",
                "--probe", "unet.up_blocks.-1,unet.conv_out", "--json"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
@@ -41,7 +41,7 @@ def test_default_probes_cover_every_child(tiny_pair: Any) -> None:
 
 
 def test_bad_family_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from relaydiff.quantize.sensitivity import main
+    from relaydiff.cli import main
 
-    assert main(["--family", str(tmp_path / "missing"), "--probe", "none"]) == 2
+    assert main(["quantize", "sensitivity", "--family", str(tmp_path / "missing"), "--probe", "none"]) == 2
     assert "missing" in capsys.readouterr().err

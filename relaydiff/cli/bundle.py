@@ -1,16 +1,21 @@
 """``relaydiff bundle build`` and ``relaydiff bundle verify``: the command-line layer over ``relaydiff.export.bundle``.
 
-Hooked into ``relaydiff.cli`` with ``add_parsers(sub)`` and ``COMMANDS["bundle"] = cmd_bundle``. The
-library never sees argparse: each command builds a config and calls the library.
+The library never sees argparse: each command builds a config and calls the library. ``bundle verify`` exits
+1 when the bundle fails a check.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
+import logging
 from pathlib import Path
 from typing import Any
+
+from relaydiff.cli.common import add_json
+from relaydiff.cli.common import names as _names
+from relaydiff.cli.output import emit, message
+
+log = logging.getLogger(__name__)
 
 TARGETS = ("onnx", "coreml", "executorch")  # mirrors relaydiff.export.bundle.TARGETS (that module is imported lazily)
 PRECISIONS = ("fp32", "int8")
@@ -25,19 +30,16 @@ def _float_modules(value: str | None) -> tuple[str, ...] | None:
     return tuple(m.strip() for m in value.split(",") if m.strip())
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(n.strip() for n in text.split(",") if n.strip())
-
-
-def add_parsers(sub: Any) -> None:
+def register(sub: Any) -> None:
     """Add ``bundle`` with its ``build`` and ``verify`` actions to the ``relaydiff`` subparsers."""
     p = sub.add_parser("bundle", help="mobile bundles: `bundle build` exports + quantizes the device half; `bundle verify` checks one")
     actions = p.add_subparsers(dest="bundle_command", required=True)
 
     b = actions.add_parser("build", help="export the device half per target and precision, with manifest.json and DIR.zip")
-    b.add_argument("--family", help="family folder (default: the embedded family, or the tiny preset)")
-    b.add_argument("--targets", type=_names, default=("onnx",), help=f"comma list of {', '.join(TARGETS)} (default onnx)")
-    b.add_argument("--precision", type=_names, default=("fp32",), help=f"comma list of {', '.join(PRECISIONS)} (default fp32)")
+    b.add_argument("--family", help="family folder with a host and a device variant (default: the embedded family, "
+                                    "or the tiny preset); a plain pipeline folder is refused")
+    b.add_argument("--targets", type=_names, default=("onnx",), help=f"comma list of {', '.join(TARGETS)}")
+    b.add_argument("--precision", type=_names, default=("fp32",), help=f"comma list of {', '.join(PRECISIONS)}")
     b.add_argument("--components", type=_names, default=None, help="comma list (default unet_step,vae_decoder,text_encoder)")
     b.add_argument("--device-variant", default=None,
                    help="device UNet variant of the family, e.g. 'student' (a distilled student: one conditional pass per jump)")
@@ -45,26 +47,23 @@ def add_parsers(sub: Any) -> None:
                    help="hand-off step k: INT8 calibration covers device steps [k, N) (default 8, or the student's)")
     b.add_argument("--steps", type=int, default=None, help="denoising steps N (default 25, or the student's)")
     b.add_argument("--calibration-prompts", type=int, default=48,
-                   help="world prompts of the relay-aware calibration set (default 48)")
-    b.add_argument("--coreml-target", default="iOS18", choices=("iOS17", "iOS18"))
+                   help="world prompts of the relay-aware calibration set")
+    b.add_argument("--coreml-target", default="iOS18", choices=("iOS17", "iOS18"), help="CoreML deployment target")
     b.add_argument("--onnx-int8", default="w8a16", choices=("w8a16", "w8a8"),
-                   help="ONNX static INT8 of unet_step: int8 weights, 16- or 8-bit activations (default w8a16)")
+                   help="ONNX static INT8 of unet_step: int8 weights, 16- or 8-bit activations")
     b.add_argument("--executorch-float", default=None, metavar="MODULES",
                    help="ExecuTorch INT8: comma list of module paths left in float, 'none' to quantize all "
                         "(default unet.up_blocks.-1,unet.conv_norm_out,unet.conv_out: the full-resolution tail)")
     b.add_argument("--no-zip", action="store_true", help="do not write DIR.zip")
     b.add_argument("--out", required=True, help="bundle folder (empty or absent)")
-    b.add_argument("--json", action="store_true", help="print the manifest as JSON and no progress bars")
+    add_json(b, "print the manifest as one JSON document on stdout, no progress bars (library output goes to a log file)")
+    b.set_defaults(func=cmd_build)
 
     v = actions.add_parser("verify", help="recheck a bundle's hashes, schema and (where the runtime exists) parity")
     v.add_argument("dir", help="bundle folder")
     v.add_argument("--no-parity", action="store_true", help="hashes and schema only")
-    v.add_argument("--json", action="store_true", help="print the report as one JSON object")
-
-
-def cmd_bundle(args: argparse.Namespace) -> int:
-    """Dispatch ``relaydiff bundle <action>``; returns the exit status (RelaydiffError propagates to the CLI)."""
-    return {"build": cmd_build, "verify": cmd_verify}[args.bundle_command](args)
+    add_json(v, "print the report as one JSON document")
+    v.set_defaults(func=cmd_verify)
 
 
 def _relay_grid(family_dir: Path, variant: str | None, relay_step: int | None, steps: int | None) -> tuple[int, int]:
@@ -81,10 +80,11 @@ def _relay_grid(family_dir: Path, variant: str | None, relay_step: int | None, s
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from relaydiff.core.family import default_family_dir
+    from relaydiff.core.family import default_family_dir, require_family
     from relaydiff.export.bundle import COMPONENTS, BundleConfig, build
 
-    family_dir = Path(args.family) if args.family else default_family_dir()
+    family_dir = require_family(args.family, needed="a device variant to export (and a host for calibration)") \
+        if args.family else default_family_dir()
     relay_step, steps = _relay_grid(family_dir, args.device_variant, args.relay_step, args.steps)
     config = BundleConfig(
         family=family_dir,
@@ -101,16 +101,12 @@ def cmd_build(args: argparse.Namespace) -> int:
         coreml_target=args.coreml_target,
         zip=not args.no_zip,
     )
-    log = None if args.json else (lambda m: print(m, file=sys.stderr))
-    manifest = build(config, progress=not args.json, log=log)
-    if args.json:
-        print(json.dumps(manifest, sort_keys=True))
-    else:
-        for a in manifest["artifacts"]:
-            print(f"{a['target']:<10} {a['precision']:<5} {a['component']:<13} {a['size']:>10} B  {a['file']}")
-        for s in manifest["skipped"]:
-            print(f"skipped {s['target']}/{s['precision']}/{s.get('component', '')}: {s['reason']}")
-        print(f"wrote {config.out}/manifest.json" + ("" if args.no_zip else f" and {config.out}.zip"))
+    manifest = build(config, progress=not args.json, log=None if args.json else log.info)
+    lines = [f"{a['target']:<10} {a['precision']:<5} {a['component']:<13} {a['size']:>10} B  {a['file']}"
+             for a in manifest["artifacts"]]
+    lines += [f"skipped {s['target']}/{s['precision']}/{s.get('component', '')}: {s['reason']}" for s in manifest["skipped"]]
+    lines.append(f"wrote {config.out}/manifest.json" + ("" if args.no_zip else f" and {config.out}.zip"))
+    emit(args.json, manifest, lines)
     return 0
 
 
@@ -118,13 +114,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from relaydiff.export.bundle import verify
 
     report = verify(Path(args.dir), parity=not args.no_parity)
-    if args.json:
-        print(json.dumps(report.to_json(), sort_keys=True))
-    else:
-        for row in report.parity:
-            status = "not run: " + row["reason"] if not row.get("run") else ("ok" if row["passed"] else "FAILED")
-            print(f"parity {row['target']}/{row['precision']}/{row['component']}: {status}")
+    lines = []
+    for row in report.parity:
+        status = "not run: " + row["reason"] if not row.get("run") else ("ok" if row["passed"] else "FAILED")
+        lines.append(f"parity {row['target']}/{row['precision']}/{row['component']}: {status}")
+    if not args.json:
         for p in report.problems:
-            print(f"problem: {p}", file=sys.stderr)
-        print(f"{'OK' if report.ok else 'FAILED'}: {report.checked_files} files checked in {report.bundle}")
+            message(f"problem: {p}")
+    lines.append(f"{'OK' if report.ok else 'FAILED'}: {report.checked_files} files checked in {report.bundle}")
+    emit(args.json, report.to_json(), lines)
     return 0 if report.ok else 1

@@ -12,11 +12,11 @@ import json
 import os
 import secrets
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from relaydiff.cli.output import message, result
 from relaydiff.core.errors import RelaydiffError
 
 TOKEN_ENV = "RELAYDIFF_TOKEN"  # where --token defaults from
@@ -84,7 +84,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], lines: list[str]) -> None:
-    print(json.dumps(payload) if args.json else "\n".join(lines))
+    result(json.dumps(payload) if args.json else "\n".join(lines))
 
 
 def cmd_host(args: argparse.Namespace) -> int:
@@ -117,7 +117,7 @@ def cmd_host(args: argparse.Namespace) -> int:
                 pass  # not the main thread (or no signals here): --duration or the caller stops us
         t0 = time.monotonic()
         async with server:
-            print(f"relaydiff host listening on {server.url}" + (f" (token {token})" if generated else ""), file=sys.stderr, flush=True)
+            message(f"relaydiff host listening on {server.url}" + (f" (token {token})" if generated else ""))
             try:
                 await asyncio.wait_for(stop.wait(), args.duration)
             except TimeoutError:

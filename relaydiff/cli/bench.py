@@ -1,44 +1,47 @@
-"""``relaydiff bench <what>``: the command-line layer over the benchmarks (``bench device``: ``relaydiff.export.bench``).
-
-Hooked into ``relaydiff.cli`` with ``add_parsers(sub)`` and ``COMMANDS["bench"] = cmd_bench``. Each
-benchmark is a sub-command registered in ``BENCHMARKS``; the library never sees argparse.
+"""``relaydiff bench device | link``: the command-line layer over the benchmarks (``relaydiff.export.bench``,
+``relaydiff.host.bench``). The library never sees argparse.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from collections.abc import Callable
+import logging
 from pathlib import Path
 from typing import Any
 
+from relaydiff.cli.output import result
 
-def add_parsers(sub: Any) -> None:
+log = logging.getLogger(__name__)
+
+
+def register(sub: Any) -> None:
     """Add ``bench`` with its sub-commands (``device``, ``link``) to the ``relaydiff`` subparsers."""
     p = sub.add_parser("bench", help="benchmarks: `bench device` times a bundle's artifacts beside torch; `bench link` the link and host throughput")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
 
     d = bench_sub.add_parser("device", help="size, load time and per-call latency of a bundle's artifacts vs torch fp32")
     d.add_argument("--bundle", required=True, help="bundle folder written by `relaydiff bundle build`")
-    d.add_argument("--repeats", type=int, default=20, help="timed calls per artifact; the median is reported (default 20)")
-    d.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
-    d.add_argument("--threads", type=int, default=1, help="intra-op threads for onnxruntime and torch alike (default 1)")
+    d.add_argument("--repeats", type=int, default=20, help="timed calls per artifact; the median is reported")
+    d.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    d.add_argument("--threads", type=int, default=1, help="intra-op threads for onnxruntime and torch alike")
     d.add_argument("--family", help="family folder of the torch reference (default: the one recorded in the bundle)")
     d.add_argument("--no-relay", action="store_true", help="skip the device-half relay timing")
     d.add_argument("--no-memory", action="store_true", help="skip the peak-RSS runs (one fresh process per file)")
     d.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    d.set_defaults(func=cmd_device)
 
     n = bench_sub.add_parser("link", help="hand-off overhead vs ping RTT; host throughput host-only vs relay with many devices")
-    n.add_argument("--rounds", type=int, default=200, help="hand-offs and pings timed for the overhead (default 200)")
+    n.add_argument("--rounds", type=int, default=200, help="hand-offs and pings timed for the overhead")
     n.add_argument("--family", help="family for the throughput runs (default: the embedded family)")
-    n.add_argument("--devices", type=int, default=32, help="concurrent devices (default 32)")
-    n.add_argument("--requests-per-device", type=int, default=2, help="requests each device sends (default 2)")
-    n.add_argument("--steps", type=int, default=25, help="denoising steps N (default 25)")
-    n.add_argument("--fraction", type=float, default=0.3, help="relay at k = fraction x N (default 0.3)")
-    n.add_argument("--max-batch", type=int, default=8, help="host-step batch size of the batched runs (default 8)")
+    n.add_argument("--devices", type=int, default=32, help="concurrent devices")
+    n.add_argument("--requests-per-device", type=int, default=2, help="requests each device sends")
+    n.add_argument("--steps", type=int, default=25, help="denoising steps N")
+    n.add_argument("--fraction", type=float, default=0.3, help="relay at k = fraction x N")
+    n.add_argument("--max-batch", type=int, default=8, help="host-step batch size of the batched runs")
     n.add_argument("--no-throughput", action="store_true", help="measure the hand-off overhead only")
     n.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    n.set_defaults(func=cmd_link)
 
 
 def cmd_device(args: argparse.Namespace) -> int:
@@ -47,8 +50,8 @@ def cmd_device(args: argparse.Namespace) -> int:
     config = BenchConfig(bundle=Path(args.bundle), repeats=args.repeats, warmup=args.warmup, threads=args.threads,
                          family=Path(args.family) if args.family else None, relay=not args.no_relay,
                          memory=not args.no_memory)
-    report = bench_device(config, log=None if args.json else (lambda m: print(f"timing {m}", file=sys.stderr)))
-    print(json.dumps(report, sort_keys=True) if args.json else format_table(report))
+    report = bench_device(config, log=None if args.json else (lambda m: log.info("timing %s", m)))
+    result(json.dumps(report, sort_keys=True) if args.json else format_table(report))
     return 0
 
 
@@ -58,14 +61,6 @@ def cmd_link(args: argparse.Namespace) -> int:
     config = LinkBenchConfig(rounds=args.rounds, family=Path(args.family) if args.family else None, devices=args.devices,
                              requests_per_device=args.requests_per_device, steps=args.steps, fraction=args.fraction,
                              max_batch=args.max_batch, throughput=not args.no_throughput)
-    report = bench_link(config, log=None if args.json else (lambda m: print(f"running {m}", file=sys.stderr)))
-    print(json.dumps(report, sort_keys=True) if args.json else format_report(report))
+    report = bench_link(config, log=None if args.json else (lambda m: log.info("running %s", m)))
+    result(json.dumps(report, sort_keys=True) if args.json else format_report(report))
     return 0
-
-
-BENCHMARKS: dict[str, Callable[[argparse.Namespace], int]] = {"device": cmd_device, "link": cmd_link}
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Dispatch ``relaydiff bench <what>``; returns the exit status (RelaydiffError propagates to the CLI)."""
-    return BENCHMARKS[args.bench_command](args)
