@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,17 +36,19 @@ from relaydiff.core.errors import RelaydiffError
 from relaydiff.core.family import LoadedModel
 from relaydiff.core.state import RelayState
 from relaydiff.host.ledger import Ledger, Source
-from relaydiff.host.policy import Conditions, ContextualPolicy, FixedPolicy, Policy
+from relaydiff.host.policy import Conditions, ContextualPolicy, FixedPolicy, PersistentPolicy, Policy
 from relaydiff.link.config import LinkConfig
 from relaydiff.link.errors import ErrorCode, ProtocolError
 from relaydiff.link.events import Close, Error, Feedback, GenerateRequest, Hello, Ping, Pong, Progress, RelayHandoff, Result
 
-PROBE_PADDING = 64 * 1024  # bytes of the second probe Ping: its extra delay over the first measures bandwidth
-PROBE_WAIT_S = 1.0  # longest wait for the link probe before a contextual policy chooses without it
 from relaydiff.link.transport import Link, LinkClosed, LinkServer, serve
 from relaydiff.runtime.settings import GenerationSettings
 
+PROBE_PADDING = 64 * 1024  # bytes of the second probe Ping: its extra delay over the first measures bandwidth
+PROBE_WAIT_S = 1.0  # longest wait for the link probe before a contextual policy chooses without it
+
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,8 @@ class HostServer:
         self.policy: Policy = policy if policy is not None else FixedPolicy()
         if not isinstance(self.policy, Policy):
             raise TypeError(f"policy must implement choose() and observe(), got {type(self.policy).__name__}")
+        if isinstance(self.policy, PersistentPolicy):
+            self.policy.autosave = False  # this server saves the state itself, in a worker thread
         self.config = config if config is not None else HostConfig()
         if not isinstance(self.config, HostConfig):
             raise TypeError(f"config must be a HostConfig, got {type(self.config).__name__}")
@@ -142,6 +147,7 @@ class HostServer:
         self._drain_task: asyncio.Task[None] | None = None
         self.batch_sizes: list[int] = []  # requests per host run, in order (batching statistics)
         self.host_busy_s = 0.0  # wall seconds spent in host runs (host steps of every batch), for capacity figures
+        self._flush_task: asyncio.Task[None] | None = None  # saving a PersistentPolicy's state in a worker thread
 
     def conditions(self, network: tuple[float, float] | None = None) -> Conditions:
         """The serving conditions a contextual policy sees for a request arriving now (``network``: rtt_s, Mbit/s)."""
@@ -201,6 +207,10 @@ class HostServer:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        if self._flush_task is not None:
+            await self._flush_task
+        if isinstance(self.policy, PersistentPolicy) and self.policy.dirty:
+            await asyncio.to_thread(self.policy.flush)
 
     async def __aenter__(self) -> "HostServer":
         await self.start()
@@ -288,6 +298,17 @@ class HostServer:
             return
         self.ledger.get(key).feedback = feedback
         self.policy.observe(request, session.relay_steps[feedback.request_id], feedback)
+        if isinstance(self.policy, PersistentPolicy) and (self._flush_task is None or self._flush_task.done()):
+            self._flush_task = asyncio.create_task(self._flush_policy())
+
+    async def _flush_policy(self) -> None:
+        """Save the policy's state in a worker thread until nothing is left unsaved (the loop never writes files)."""
+        assert isinstance(self.policy, PersistentPolicy)
+        try:
+            while self.policy.dirty:
+                await asyncio.to_thread(self.policy.flush)
+        except Exception:  # the policy keeps its unsaved state; the next Feedback tries again
+            log.exception("saving the policy state failed")
 
     async def _send(self, session: _Session, event: Any) -> bool:
         """Send if the link is alive; False when it is not (the caller falls back)."""

@@ -20,6 +20,7 @@ from typing import Any
 from relaydiff.core.errors import RelaydiffError
 
 TOKEN_ENV = "RELAYDIFF_TOKEN"  # where --token defaults from
+POLICIES = ("fixed", "rule", "bandit")  # relaydiff host --policy
 
 
 def _add_settings_args(p: argparse.ArgumentParser) -> None:
@@ -38,7 +39,11 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--device-variant", help="variant the host finishes with when a device does not (default_device)")
     p.add_argument("--listen", default="127.0.0.1:8765", help="HOST:PORT to bind (default 127.0.0.1:8765; port 0 = any free)")
     p.add_argument("--token", help=f"link token devices must present (default ${TOKEN_ENV}, else a random one, printed)")
-    p.add_argument("--fraction", type=float, help="fixed share of the steps the host runs (default: from each request's quality preference)")
+    p.add_argument("--policy", choices=POLICIES,
+                   help="split policy: fixed (--fraction), rule (k from each request's quality preference) or bandit "
+                        "(learns from devices' feedback); default: fixed with --fraction, else rule")
+    p.add_argument("--fraction", type=float, help="share of the steps the host runs, for --policy fixed")
+    p.add_argument("--bandit-state", help="JSON Lines file the bandit loads (if it exists) and keeps its state in")
     p.add_argument("--result-timeout", type=float, default=120.0, help="longest wait for a device's result after a hand-off, s")
     p.add_argument("--workers", type=int, default=1, help="threads running model steps (default 1)")
     p.add_argument("--duration", type=float, help="stop after this many seconds (default: run until interrupted)")
@@ -83,13 +88,43 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _policy(args: argparse.Namespace) -> Any:
+    """The split policy of ``relaydiff host`` from --policy, --fraction and --bandit-state."""
+    from relaydiff.host.policy import FixedPolicy
+
+    name = args.policy or ("fixed" if args.fraction is not None else "rule")
+    if args.bandit_state is not None and name != "bandit":
+        raise RelaydiffError(f"--bandit-state applies to --policy bandit, not --policy {name}")
+    if name == "fixed":
+        if args.fraction is None:
+            raise RelaydiffError("--policy fixed needs --fraction F (the share of the steps the host runs, in [0, 1])")
+        return FixedPolicy(fraction=args.fraction)
+    if args.fraction is not None:
+        raise RelaydiffError(f"--fraction applies to --policy fixed, not --policy {name}")
+    if name == "rule":
+        return FixedPolicy()
+    from relaydiff.host.bandit import BanditConfig, BanditPolicy
+
+    if args.bandit_state is None:
+        return BanditPolicy(BanditConfig())
+    path = Path(args.bandit_state)
+    if path.exists():
+        bandit = BanditPolicy.load(path, state_path=path, autosave=False)
+    else:
+        bandit = BanditPolicy(BanditConfig(), state_path=path, autosave=False)
+    try:
+        bandit.flush()  # fail now, not at the first feedback, when the file cannot be written
+    except OSError as exc:
+        raise RelaydiffError(f"--bandit-state {str(path)!r} cannot be written: {exc.strerror or exc}") from None
+    return bandit
+
+
 def _emit(args: argparse.Namespace, payload: dict[str, Any], lines: list[str]) -> None:
     print(json.dumps(payload) if args.json else "\n".join(lines))
 
 
 def cmd_host(args: argparse.Namespace) -> int:
     from relaydiff.host.controller import HostConfig, HostServer
-    from relaydiff.host.policy import FixedPolicy
     from relaydiff.link.config import LinkConfig
 
     listen_host, port = parse_listen(args.listen)
@@ -102,9 +137,10 @@ def cmd_host(args: argparse.Namespace) -> int:
         settings=_settings(args), listen_host=listen_host, port=port, result_timeout_s=args.result_timeout,
         workers=args.workers, link=LinkConfig(),
     )
+    policy = _policy(args)
     server = HostServer.from_family(
         args.family, auth_token=token, host_variant=args.host_variant, device_variant=args.device_variant,
-        policy=FixedPolicy(fraction=args.fraction), config=config,
+        policy=policy, config=config,
     )
 
     async def run() -> float:
@@ -131,7 +167,9 @@ def cmd_host(args: argparse.Namespace) -> int:
         name = e.source.value if e.source is not None else "pending"
         by_source[name] = by_source.get(name, 0) + 1
     payload = {"requests": len(entries), "by_source": by_source, "refused_duplicates": len(server.ledger.refused),
-               "seconds": round(seconds, 2), "settings": config.settings.to_dict()}
+               "seconds": round(seconds, 2), "settings": config.settings.to_dict(), "policy": type(policy).__name__}
+    if args.bandit_state is not None:
+        payload["bandit_observations"] = len(policy.history)
     _emit(args, payload, [f"served {len(entries)} requests in {seconds:.1f} s: "
                           + ", ".join(f"{k} {v}" for k, v in sorted(by_source.items()))])
     return 0

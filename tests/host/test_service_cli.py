@@ -66,3 +66,62 @@ def test_device_command_without_a_token_is_a_clear_error(tiny_family, service_ma
     monkeypatch.delenv("RELAYDIFF_TOKEN", raising=False)
     code = service_main(["device", "--connect", "ws://127.0.0.1:1/", "--prompt", "x", "--family", str(tiny_family)])
     assert code == 2 and "no link token" in capsys.readouterr().out
+
+
+def test_host_command_learns_with_the_bandit_and_keeps_its_state(tiny_family, service_main, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import io
+
+    from relaydiff.host.bandit import BanditPolicy
+    from relaydiff.link.events import DeviceCapabilities, Feedback, GenerateRequest, Ping, RelayHandoff, Result, ResultKind
+    from relaydiff.link.transport import connect
+
+    port, state = free_port(), tmp_path / "bandit.jsonl"
+    host_argv = ["host", "--family", str(tiny_family), "--listen", f"127.0.0.1:{port}", "--token", "cli-token",
+                 "--policy", "bandit", "--bandit-state", str(state), "--steps", "4", "--duration", "6", "--json"]
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(service_main(host_argv)), daemon=True)
+    thread.start()
+    wait_for_port(port, timeout=60)
+
+    async def device() -> None:
+        caps = DeviceCapabilities(("torch",), "cli-bandit-device", "ab" * 32, 50.0)
+        link = await connect(f"ws://127.0.0.1:{port}/", auth_token="cli-token", capabilities=caps)
+        await link.send(GenerateRequest("r1", "a red circle", 0.5, 30.0))
+        while not isinstance(event := await link.recv(), RelayHandoff):
+            if isinstance(event, Ping):
+                await link.send(event.pong())
+        png = io.BytesIO()
+        Image.new("RGB", (4, 4)).save(png, format="PNG")
+        await link.send(Result("r1", ResultKind.PNG, png.getvalue()))
+        await link.send(Feedback("r1", latency_s=2.0, quality=0.75))
+        await asyncio.sleep(0.3)
+        await link.close()
+
+    asyncio.run(asyncio.wait_for(device(), 30))
+    thread.join(timeout=30)
+    assert codes == [0]
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["policy"] == "BanditPolicy" and summary["bandit_observations"] == 1
+    (obs,) = BanditPolicy.load(state).history
+    assert obs.context.device_steps_per_second == 50.0 and obs.context.steps == 4
+
+
+def test_host_command_policy_options_are_checked(tiny_family, service_main, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    base = ["host", "--family", str(tiny_family), "--listen", "127.0.0.1:0", "--token", "cli-token"]
+    cases = [
+        (["--policy", "fixed"], "--policy fixed needs --fraction"),
+        (["--policy", "rule", "--fraction", "0.5"], "--fraction applies to --policy fixed, not --policy rule"),
+        (["--policy", "rule", "--bandit-state", str(tmp_path / "b.jsonl")], "--bandit-state applies to --policy bandit"),
+        (["--policy", "bandit", "--bandit-state", str(tmp_path / "missing-dir" / "x" / "b.jsonl"), "--fraction", "0.2"],
+         "--fraction applies to --policy fixed"),
+    ]
+    for extra, message in cases:
+        assert service_main(base + extra) == 2
+        assert message in capsys.readouterr().out
+    (tmp_path / "junk.jsonl").write_text("not json\n")
+    assert service_main(base + ["--policy", "bandit", "--bandit-state", str(tmp_path / "junk.jsonl")]) == 2
+    assert "is not JSON" in capsys.readouterr().out
+    (tmp_path / "dir.jsonl").mkdir()
+    assert service_main(base + ["--policy", "bandit", "--bandit-state", str(tmp_path / "dir.jsonl")]) == 2
+    assert "bandit state file not found" in capsys.readouterr().out
