@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -152,11 +153,23 @@ class DeviceClient:
         )
 
     async def _relayed(self, link: Link, prompt: str) -> DeviceOutcome:
-        request_id = self._next_id()
+        """One relayed request; a ``busy`` host is asked again after its retry-after while the deadline allows."""
         t0 = time.perf_counter()
+        while True:
+            try:
+                return await self._attempt(link, prompt, t0)
+            except _Busy as busy:
+                remaining = self.deadline_s - (time.perf_counter() - t0)
+                if busy.retry_after_s >= remaining:
+                    raise _Fallback(busy.request_id, f"host busy (retry after {busy.retry_after_s:g} s): {busy}", True) from None
+                await asyncio.sleep(busy.retry_after_s)
+
+    async def _attempt(self, link: Link, prompt: str, t0: float) -> DeviceOutcome:
+        request_id = self._next_id()
         total: int | None = None  # N, from the host's Progress
         try:
-            await link.send(GenerateRequest(request_id, prompt, self.quality_preference, self.deadline_s))
+            deadline = self.deadline_s - (time.perf_counter() - t0)
+            await link.send(GenerateRequest(request_id, prompt, self.quality_preference, deadline))
             while True:
                 remaining = self.deadline_s - (time.perf_counter() - t0)
                 if remaining <= 0:
@@ -171,6 +184,8 @@ class DeviceClient:
                 elif isinstance(event, Result) and event.request_id == request_id:
                     return await self._host_only(event, prompt, t0, total)
                 elif isinstance(event, Error) and event.request_id == request_id:
+                    if event.code == ErrorCode.BUSY.value:
+                        raise _Busy(request_id, event.message)
                     raise _Fallback(request_id, f"host refused request {request_id!r}: {event.code}: {event.message}", True)
                 elif isinstance(event, (Close, Error)):
                     raise _Fallback(request_id, f"host ended the link before the hand-off ({type(event).__name__})")
@@ -216,6 +231,16 @@ class DeviceClient:
         except (LinkClosed, TimeoutError, ProtocolError):
             return False
         return True
+
+
+class _Busy(RelaydiffError):
+    """The host answered ``busy``; ``retry_after_s`` is read off the message's ``retry_after_s=`` prefix (1 s if absent)."""
+
+    def __init__(self, request_id: str, message: str) -> None:
+        self.request_id = request_id
+        match = re.match(r"retry_after_s=([0-9]+(?:\.[0-9]+)?)", message)
+        self.retry_after_s = min(float(match.group(1)), 3600.0) if match else 1.0
+        super().__init__(message)
 
 
 class _Fallback(RelaydiffError):

@@ -93,8 +93,9 @@ class Link:
                 message = await asyncio.wait_for(self.websocket.recv(), timeout)
             except ConnectionClosed as exc:
                 if exc.sent is not None and exc.sent.code == 1009:  # websockets enforced max_size for us
+                    cap = self.websocket.protocol.max_message_size
                     raise self.connection.remote_error(
-                        ErrorCode.MESSAGE_TOO_LARGE, f"message exceeds the cap of {self.config.max_message_bytes} bytes"
+                        ErrorCode.MESSAGE_TOO_LARGE, f"message exceeds the cap of {cap} bytes"
                     ) from None
                 raise LinkClosed(f"the socket closed ({exc})") from None
             if isinstance(message, str):
@@ -217,11 +218,14 @@ async def serve(
             return
         try:
             await link.send(link.connection.hello_ack(secrets.token_hex(8)))
+            websocket.protocol.max_message_size = config.max_message_bytes  # authenticated: the full cap from now on
             await handler(link)
         finally:
             await link.close()
 
-    server = await ws_serve(on_socket, host, port, ssl=ssl, **_ws_options(config))
+    # until a peer's Hello passes, websockets itself refuses any message above max_hello_bytes (unread, unparsed)
+    options = {**_ws_options(config), "max_size": config.max_hello_bytes}
+    server = await ws_serve(on_socket, host, port, ssl=ssl, **options)
     return LinkServer(server, secure=ssl is not None)
 
 

@@ -191,3 +191,20 @@ def test_serve_accepts_an_ssl_parameter() -> None:
         await server.close()
 
     run(main())
+
+
+def test_a_large_message_before_the_hello_is_refused_unread_and_the_cap_rises_after_it() -> None:
+    async def main() -> None:
+        async with await serve(host_handler, auth_token=TOKEN, config=CONFIG) as server:
+            async with ws_connect(server.url, proxy=None, max_size=None) as ws:
+                await ws.send(b"RDLK" + struct.pack("<HHII", 1, 4, 2, 1 << 20) + b"{}" + bytes(1 << 20))  # 1 MiB "hand-off"
+                await ws.wait_closed()
+                assert ws.close_code == 1009  # websockets refused it from the frame header: never buffered nor parsed
+            link = await connect(server.url, auth_token=TOKEN, capabilities=CAPS, config=CONFIG)
+            padding = bytes(256 * 1024)  # after the handshake the full cap applies
+            await link.send(Ping(5, 0.0, padding))
+            pong = await link.recv()
+            assert isinstance(pong, Pong) and pong.nonce == 5
+            await link.close()
+
+    run(main())

@@ -12,7 +12,8 @@ from relaydiff.core.relay import relay
 from relaydiff.host.ledger import Source
 from relaydiff.link.errors import PeerError
 from relaydiff.runtime.client import DEVICE_ONLY, HOST_ONLY, RELAY
-from relaydiff.runtime.device import decode_png
+from relaydiff.host.ledger import digest_bytes
+from relaydiff.runtime.device import decode_png, encode_png
 from relaydiff.runtime.settings import GenerationSettings
 
 SETTINGS = GenerationSettings(steps=4)
@@ -39,7 +40,7 @@ def test_relay_over_loopback_gives_the_in_process_image(tiny_pair, make_client, 
         assert np.array_equal(out.image, expected)
     entries = host.ledger.entries()
     assert [e.source for e in entries] == [Source.DEVICE, Source.DEVICE] and host.ledger.refused == []
-    assert all(np.array_equal(decode_png(e.png), o.image) for e, o in zip(entries, outcomes))
+    assert all(e.result_sha256 == digest_bytes(encode_png(o.image)) for e, o in zip(entries, outcomes))  # the ledger keeps digests
     assert [e.feedback.quality for e in entries] == [0.75, 0.75] and feedback == ["a red circle", "two blue squares"]
 
 
@@ -108,3 +109,36 @@ def test_a_state_the_device_cannot_use_is_finished_by_the_host(tiny_pair, device
     assert all("this device runs 'other-000000000000'" in o.fallback_reason for o in outcomes)
     assert [e.source for e in host.ledger.entries()] == [Source.HOST_FALLBACK, Source.HOST_FALLBACK]
     assert host.ledger.pending() == [] and host.ledger.refused == []
+
+
+def test_a_busy_host_is_asked_again_after_its_retry_after(make_client, make_host, link_config) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    from PIL import Image
+
+    from relaydiff.link.events import DeviceCapabilities, GenerateRequest, RelayHandoff, Result, ResultKind
+    from relaydiff.link.transport import connect
+
+    host = make_host(fraction=0.5, max_queue=1, busy_retry_after_s=0.4)
+    caps = DeviceCapabilities(("torch",), "queue-holder", "ab" * 32, 100.0)
+
+    async def main():  # type: ignore[no-untyped-def]
+        async with host:
+            holder = await connect(host.url, auth_token=TOKEN, capabilities=caps, config=link_config)
+            await holder.send(GenerateRequest("hold", "a red circle", 0.5, 30.0))
+            while not isinstance(await holder.recv(), RelayHandoff):
+                pass  # the host's only slot is taken until the holder answers
+
+            async def release() -> None:
+                await asyncio.sleep(0.6)
+                buf = io.BytesIO()
+                Image.new("RGB", (4, 4)).save(buf, format="PNG")
+                await holder.send(Result("hold", ResultKind.PNG, buf.getvalue()))
+
+            outcome, _ = await asyncio.gather(make_client(host.url, deadline_s=20.0).generate("a blue square"), release())
+            await holder.close()
+            return outcome
+
+    outcome = run(main())
+    assert outcome.mode == RELAY and outcome.fallback_reason is None
+    assert host.stats.busy >= 1 and host.stats.accepted == 2
