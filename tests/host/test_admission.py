@@ -202,3 +202,29 @@ def test_work_amplification_is_cancelled_and_an_honest_device_is_served(make_hos
     sources = [e.source for e in host.ledger.entries()]
     assert sources.count(Source.DEVICE) == 2 and sources.count(Source.CANCELLED) == attack_accepted
     assert host.ledger.pending() == []
+
+
+def test_a_bug_in_the_link_loop_is_logged_and_the_device_told(make_host, token, link_config, caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    host = make_host(fraction=0.5)
+
+    def broken_feedback(session, feedback) -> None:  # type: ignore[no-untyped-def]
+        raise KeyError("a host bug")
+
+    host._feedback = broken_feedback  # type: ignore[method-assign]
+
+    async def main():  # type: ignore[no-untyped-def]
+        async with host:
+            link = await connect(host.url, auth_token=token, capabilities=CAPS, config=link_config)
+            await link.send(GenerateRequest("r1", "a red circle", 0.5, 30.0))
+            assert isinstance(await next_for(link, "r1"), RelayHandoff)
+            await link.send(Result("r1", ResultKind.PNG, png()))
+            await link.send(Feedback("r1", 1.0, 0.5))
+            return await link.recv()
+
+    with caplog.at_level(logging.ERROR, logger="relaydiff.host.controller"):
+        reply = run(main())
+    assert isinstance(reply, Error) and reply.code == "internal" and reply.request_id is None and "KeyError" in reply.message
+    assert any("link s1 failed" in r.getMessage() and r.exc_info for r in caplog.records)
+    assert host.ledger.get("s1/r1").source is Source.DEVICE and host.ledger.pending() == []
