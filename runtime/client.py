@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import re
 import secrets
 import time
@@ -41,6 +42,7 @@ RELAY = "relay"  # the host ran steps [0, k), the device [k, N)
 HOST_ONLY = "host-only"  # the host ran every step; the device only decoded
 DEVICE_ONLY = "device-only"  # the device ran every step on its own (fallback)
 
+log = logging.getLogger(__name__)
 _UNREACHABLE = (OSError, TimeoutError, LinkClosed, InvalidHandshake, InvalidURI)  # connect() failing to reach a host
 
 
@@ -145,6 +147,7 @@ class DeviceClient:
         return outcomes
 
     async def _alone(self, request_id: str, prompt: str, reason: str) -> DeviceOutcome:
+        log.info("request %s: generating on the device alone: %s", request_id, reason)
         t0 = time.perf_counter()
         out = await asyncio.to_thread(self.runtime.generate, self.settings.request(prompt, 0))
         return DeviceOutcome(
@@ -182,21 +185,29 @@ class DeviceClient:
                 elif isinstance(event, RelayHandoff) and event.request_id == request_id:
                     break
                 elif isinstance(event, Result) and event.request_id == request_id:
-                    return await self._host_only(event, prompt, t0, total)
+                    try:
+                        return await self._host_only(event, prompt, t0, total)
+                    except Exception as exc:  # an unreadable or oversized image from the host: tell it, then go alone
+                        log.warning("request %s: cannot use the host's result: %s: %s", request_id, type(exc).__name__, exc)
+                        await self._send_quietly(link, Error(ErrorCode.REQUEST_FAILED.value,
+                                                             f"cannot use the result: {exc}"[:1000], request_id))
+                        raise _Fallback(request_id, f"cannot use the host's result: {exc}", True) from None
                 elif isinstance(event, Error) and event.request_id == request_id:
                     if event.code == ErrorCode.BUSY.value:
                         raise _Busy(request_id, event.message)
                     raise _Fallback(request_id, f"host refused request {request_id!r}: {event.code}: {event.message}", True)
                 elif isinstance(event, (Close, Error)):
                     raise _Fallback(request_id, f"host ended the link before the hand-off ({type(event).__name__})")
-        except (LinkClosed, TimeoutError, ProtocolError) as exc:
+        except (LinkClosed, TimeoutError, ProtocolError) as exc:  # a bad hand-off: recv already sent the host an Error
+            log.warning("request %s: link lost before the hand-off: %s: %s", request_id, type(exc).__name__, exc)
             raise _Fallback(request_id, f"link lost before the hand-off: {type(exc).__name__}: {exc}") from None
         handoff_s = time.perf_counter() - t0
         state = event.state
         try:
             done = await asyncio.to_thread(self.runtime.finish, state)
-        except RelaydiffError as exc:  # e.g. a state from another model family: the host finishes its copy
-            await self._send_quietly(link, Error(ErrorCode.REQUEST_FAILED.value, str(exc)[:1000], request_id))
+        except Exception as exc:  # e.g. a state from another family, or one the backend chokes on: never crash, tell the host
+            log.warning("request %s: cannot finish the host's relay state: %s: %s", request_id, type(exc).__name__, exc)
+            await self._send_quietly(link, Error(ErrorCode.REQUEST_FAILED.value, f"{type(exc).__name__}: {exc}"[:1000], request_id))
             raise _Fallback(request_id, f"cannot finish the host's relay state: {exc}", True) from None
         latency = time.perf_counter() - t0
         await self._report(link, request_id, prompt, done, latency)

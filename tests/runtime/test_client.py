@@ -142,3 +142,73 @@ def test_a_busy_host_is_asked_again_after_its_retry_after(make_client, make_host
     outcome = run(main())
     assert outcome.mode == RELAY and outcome.fallback_reason is None
     assert host.stats.busy >= 1 and host.stats.accepted == 2
+
+
+def _fake_host_run(make_client, link_config, answer):  # type: ignore[no-untyped-def]
+    """A host that answers the device's GenerateRequest with ``answer(link, request_id)`` (raw frames allowed),
+    then records every event the device sends until it leaves. Returns (device outcome, events seen)."""
+    from relaydiff.link.events import GenerateRequest
+    from relaydiff.link.transport import LinkClosed, serve
+
+    seen: list = []  # type: ignore[type-arg]
+
+    async def handler(link) -> None:  # type: ignore[no-untyped-def]
+        request = await link.recv()
+        assert isinstance(request, GenerateRequest)
+        await answer(link, request.request_id)
+        try:
+            while True:
+                seen.append(await link.recv(timeout=20))
+        except (LinkClosed, Exception):
+            return
+
+    async def main():  # type: ignore[no-untyped-def]
+        async with await serve(handler, auth_token=TOKEN, config=link_config) as server:
+            outcome = await make_client(server.url, deadline_s=20.0).generate("a red circle")
+            await asyncio.sleep(0.1)
+            return outcome
+
+    return run(main()), seen
+
+
+@pytest.mark.parametrize("name", ["zero-size latent", "bogus timestep_spacing", "junk generator state", "2M-step grid",
+                                  "guidance NaN", "1-channel latent"])
+def test_a_semantically_bad_hand_off_makes_the_device_fall_back_and_tell_the_host(tiny_pair, make_client, link_config, name) -> None:  # type: ignore[no-untyped-def]
+    import json as _json
+
+    from relay_state_crafting import SEMANTIC, crafted
+    from relaydiff.core.relay import start
+    from relaydiff.link import wire
+    from relaydiff.link.events import Error, Progress, RelayHandoff
+
+    base = start(tiny_pair[0], SETTINGS.request("a red circle", 2)).to_bytes()
+    if name == "1-channel latent":  # valid on its own; the device model has 4 channels
+        change, phrase = (lambda t, m: t.update(latents=t["latents"][:, :1].contiguous())), "1 channels; the device UNet expects"
+    else:
+        change, phrase = SEMANTIC[name]
+    blob = crafted(base, change)
+
+    async def answer(link, request_id: str) -> None:  # type: ignore[no-untyped-def]
+        await link.send(Progress(request_id, 2, 4))
+        body = _json.dumps({"request_id": request_id}).encode()
+        await link.websocket.send(wire.HEADER.pack(wire.MAGIC, 1, RelayHandoff.TYPE_CODE, len(body), len(blob)) + body + blob)
+
+    outcome, seen = _fake_host_run(make_client, link_config, answer)
+    assert outcome.mode == DEVICE_ONLY and outcome.image.shape == (16, 16, 3)
+    errors = [e for e in seen if isinstance(e, Error)]
+    assert errors, f"the device told the host nothing: {seen}"
+    assert any(phrase.replace("\\", "") in e.message for e in errors), [e.message for e in errors]
+    assert errors[0].code in ("bad_relay_state", "request_failed")
+
+
+def test_a_decompression_bomb_png_from_the_host_makes_the_device_fall_back(make_client, link_config) -> None:  # type: ignore[no-untyped-def]
+    from relay_state_crafting import png_header_only
+    from relaydiff.link.events import Error, Result, ResultKind
+
+    async def answer(link, request_id: str) -> None:  # type: ignore[no-untyped-def]
+        await link.send(Result(request_id, ResultKind.PNG, png_header_only(5000, 5000)))
+
+    outcome, seen = _fake_host_run(make_client, link_config, answer)
+    assert outcome.mode == DEVICE_ONLY and "cannot use the host's result" in (outcome.fallback_reason or "")
+    (error,) = [e for e in seen if isinstance(e, Error)]
+    assert error.code == "request_failed" and "5000x5000 = 25000000 pixels; the cap is 16777216" in error.message
