@@ -24,6 +24,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from ssl import SSLContext
 
 import numpy as np
 from websockets.exceptions import InvalidHandshake, InvalidURI
@@ -78,6 +79,7 @@ class DeviceClient:
         deadline_s: float = 60.0,
         link_config: LinkConfig | None = None,
         quality_fn: QualityFn | None = None,
+        ssl: SSLContext | None = None,
     ) -> None:
         """
         Args:
@@ -89,6 +91,7 @@ class DeviceClient:
             deadline_s: how long to wait for the host's hand-off before generating alone.
             link_config: caps and timeouts of the link (``open_timeout_s`` bounds reaching the host).
             quality_fn: scores a finished image for ``Feedback``; without it no Feedback is sent.
+            ssl: the client SSLContext for a ``wss://`` host (e.g. trusting a private CA); None: the system's.
         """
         if not isinstance(runtime, DeviceRuntime):
             raise TypeError(f"runtime must be a DeviceRuntime, got {type(runtime).__name__}")
@@ -98,6 +101,7 @@ class DeviceClient:
         self.link_config = link_config if link_config is not None else LinkConfig()
         self.quality_fn = quality_fn
         self._auth_token = auth_token
+        self._ssl = ssl
         # the protocol checks ranges when the event is built; build one now so a bad value fails here
         GenerateRequest("check", "", quality_preference, deadline_s)
         self.quality_preference = float(quality_preference)
@@ -122,7 +126,8 @@ class DeviceClient:
         capabilities = await asyncio.to_thread(self.runtime.capabilities)
         try:
             link: Link | None = await asyncio.wait_for(
-                connect(self.url, auth_token=self._auth_token, capabilities=capabilities, config=self.link_config),
+                connect(self.url, auth_token=self._auth_token, capabilities=capabilities, config=self.link_config,
+                        ssl=self._ssl),
                 self.link_config.open_timeout_s + self.link_config.handshake_timeout_s,
             )
         except _UNREACHABLE as exc:
