@@ -20,18 +20,29 @@ Cold start: before any feedback the model is fitted on a few synthetic observati
 :meth:`BanditConfig.prior_fraction`): for weight w the fraction 0.2 + 0.6 w looks best, as with
 :class:`~relaydiff.host.policy.FixedPolicy`; real feedback outweighs it after a few requests per arm.
 
-State: the observation history (context, arm, reward), bounded by ``max_history``, is saved as JSON with
-the config (:meth:`BanditPolicy.save`, :meth:`BanditPolicy.load`); loading refits the model by replaying
-the prior and then each observation in order, which gives the same model (bit for bit) as the one that
-saved it. mabwiser's own persistence is pickle, which we never load.
+Forgetting: the model covers a sliding window of the most recent observations, between
+``ceil(max_history / 2)`` and ``max_history`` of them, kept without ever refitting the history from
+scratch: a second (shadow) model learns every observation past the first half of the window, and when
+the window is full the shadow replaces the model (its history drops the oldest half) and a fresh shadow
+starts from the prior. Each observation costs two ``partial_fit`` calls, whatever the window.
+
+State: the config and the window's observations (context, arm, reward) are saved as JSON Lines
+(:meth:`BanditPolicy.flush`, :meth:`BanditPolicy.save`, :meth:`BanditPolicy.load`): the first line is one
+JSON object (format, version, config, features and the observations at the last compaction), each
+further line one observation appended since. Appending costs one line per observation; the file is
+rewritten (compacted, atomically) only when the window drops its oldest half or the appended lines
+outnumber ``max_history``. Loading replays the prior and then each observation in order, which gives the
+same model (bit for bit) as the one that saved it. mabwiser's own persistence is pickle, which we never load.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -42,6 +53,8 @@ import numpy as np
 from relaydiff.core.errors import RelaydiffError
 from relaydiff.host.policy import Conditions
 from relaydiff.link.events import DeviceCapabilities, Feedback, GenerateRequest
+
+log = logging.getLogger(__name__)
 
 STATE_FORMAT = "relaydiff.bandit"
 STATE_VERSION = 1
@@ -180,7 +193,7 @@ class BanditConfig:
     l2_lambda: float = 1.0  # ridge regularisation of each arm's linear model
     latency_scale_s: float = 30.0  # latency normalisation of the reward (a latency >= this scores 0)
     seed: int = 0  # seed of mabwiser's generator (LinUCB itself draws nothing; ties go to the first arm)
-    max_history: int = 5000  # observations kept (and saved); the oldest are forgotten beyond it
+    max_history: int = 5000  # most observations the model covers (and the state keeps); the oldest half is forgotten beyond it
     prior_weight: int = 2  # synthetic observations per arm and prior weight level (0: no prior)
     default_rtt_s: float = 0.05  # RTT used when the host has not measured one
     default_bandwidth_mbit_s: float = 20.0  # bandwidth used when the host has not measured one
@@ -245,6 +258,10 @@ class Observation:
     def to_json(self) -> dict[str, Any]:
         return {"context": self.context.to_json(), "fraction": self.arm.fraction, "variant": self.arm.variant, "reward": self.reward}
 
+    def to_line(self) -> str:
+        """One JSON Lines line (with its newline) of the state file."""
+        return json.dumps(self.to_json()) + "\n"
+
 
 # -- the policy -----------------------------------------------------------------------------
 
@@ -260,20 +277,34 @@ class BanditPolicy:
 
     MAX_PENDING = 10_000  # chosen requests waiting for Feedback; the oldest are dropped beyond it
 
-    def __init__(self, config: BanditConfig | None = None, *, state_path: str | Path | None = None) -> None:
+    def __init__(self, config: BanditConfig | None = None, *, state_path: str | Path | None = None,
+                 autosave: bool = True) -> None:
         """
         Args:
             config: see :class:`BanditConfig`.
-            state_path: if given, the state is saved there after every observation (JSON; see :meth:`save`).
+            state_path: if given, the state is kept there (JSON Lines; see :meth:`flush`).
+            autosave: with a state path, :meth:`record` also flushes (on the caller's thread); False leaves
+                :meth:`flush` to the caller (the host server calls it in a worker thread, off its event loop).
         """
         self.config = config if config is not None else BanditConfig()
         if not isinstance(self.config, BanditConfig):
             raise TypeError(f"config must be a BanditConfig, got {type(self.config).__name__}")
         self.state_path = Path(state_path) if state_path is not None else None
+        self.autosave = bool(autosave)
         self._arms = {a.name: a for a in self.config.arms}
-        self.history: list[Observation] = []
+        self.history: list[Observation] = []  # the observations the model covers, oldest first
         self._pending: OrderedDict[tuple[str, str], tuple[BanditContext, Arm]] = OrderedDict()
+        self._lock = threading.Lock()  # guards history and the unsaved bookkeeping between record() and flush()
+        self._write_lock = threading.Lock()  # one flush at a time
+        self._unsaved: list[Observation] = []  # recorded since the last flush (appended on the next one)
+        self._compact = True  # the next flush rewrites the whole file (nothing written yet, or the window moved)
+        self._journal_lines = 0  # observation lines appended after the file's first line
         self._refit()
+
+    @property
+    def half_window(self) -> int:
+        """Observations the model keeps when its window moves: ceil(max_history / 2)."""
+        return (self.config.max_history + 1) // 2
 
     # -- model ----------------------------------------------------------------------------
 
@@ -290,23 +321,34 @@ class BanditPolicy:
                     contexts.append(x)
         return decisions, rewards, contexts
 
-    def _refit(self) -> None:
-        """Rebuild the model: the prior in one fit, then every kept observation in order (as when they came)."""
+    def _fresh(self) -> Any:
+        """A mabwiser LinUCB fitted on the prior only."""
         from mabwiser.mab import MAB, LearningPolicy
 
         cfg = self.config
-        self._mab = MAB(list(self._arms), LearningPolicy.LinUCB(alpha=cfg.alpha, l2_lambda=cfg.l2_lambda), seed=cfg.seed, n_jobs=1)
+        mab = MAB(list(self._arms), LearningPolicy.LinUCB(alpha=cfg.alpha, l2_lambda=cfg.l2_lambda), seed=cfg.seed, n_jobs=1)
         decisions, rewards, contexts = self._prior()
         if not decisions:  # no prior: fit on zero rows to initialise the per-arm models
-            self._mab.fit(np.array([], dtype=object), np.zeros(0), np.zeros((0, len(FEATURE_NAMES))))
+            mab.fit(np.array([], dtype=object), np.zeros(0), np.zeros((0, len(FEATURE_NAMES))))
         else:
-            self._mab.fit(np.array(decisions, dtype=object), np.array(rewards), np.stack(contexts))
-        for obs in self.history:
-            self._learn(obs)
+            mab.fit(np.array(decisions, dtype=object), np.array(rewards), np.stack(contexts))
+        return mab
 
-    def _learn(self, obs: Observation) -> None:
+    def _refit(self) -> None:
+        """Rebuild both models from the prior and the kept history, in order (as when the observations came).
+
+        Used at construction and load only; recording never refits (see the module docstring)."""
+        while len(self.history) > self.config.max_history:  # a file from a larger window: move it as record() would
+            del self.history[: self.half_window]
+        self._mab, self._shadow = self._fresh(), self._fresh()
+        for i, obs in enumerate(self.history):
+            self._learn(self._mab, obs)
+            if i >= self.half_window:
+                self._learn(self._shadow, obs)
+
+    def _learn(self, mab: Any, obs: Observation) -> None:
         x = features(obs.context, self.config.latency_scale_s)[None, :]
-        self._mab.partial_fit(np.array([obs.arm.name], dtype=object), np.array([obs.reward]), x)
+        mab.partial_fit(np.array([obs.arm.name], dtype=object), np.array([obs.reward]), x)
 
     def expectations(self, context: BanditContext) -> dict[Arm, float]:
         """Each arm's upper confidence bound of the reward in ``context``."""
@@ -343,14 +385,21 @@ class BanditPolicy:
             raise TypeError(f"context must be a BanditContext, got {type(context).__name__}")
         arm = self._check_arm(arm)
         obs = Observation(context, arm, _number("reward", reward_value, 0.0, 1.0))
-        self.history.append(obs)
-        if len(self.history) > self.config.max_history:
-            del self.history[: len(self.history) - self.config.max_history]
-            self._refit()  # forget the oldest, exactly as a reload would
-        else:
-            self._learn(obs)
-        if self.state_path is not None:
-            self.save(self.state_path)
+        half = self.half_window
+        with self._lock:
+            self.history.append(obs)
+            self._unsaved.append(obs)
+            self._learn(self._mab, obs)
+            if len(self.history) > half:
+                self._learn(self._shadow, obs)  # the shadow covers history[half:]
+            if len(self.history) > self.config.max_history:  # the window is full: the shadow takes over
+                del self.history[:half]
+                self._mab, self._shadow = self._shadow, self._fresh()
+                for o in self.history[half:]:  # at most one observation
+                    self._learn(self._shadow, o)
+                self._compact = True
+        if self.state_path is not None and self.autosave:
+            self.flush()
 
     def _check_variant(self, variant: Any) -> str:
         if variant not in self.config.variants:
@@ -417,22 +466,63 @@ class BanditPolicy:
     # -- persistence --------------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
+        """The whole state as one JSON object (the first line of a compacted state file)."""
+        with self._lock:
+            return self._header(list(self.history))
+
+    def _header(self, observations: list[Observation]) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "version": STATE_VERSION, "config": self.config.to_json(),
-                "features": list(FEATURE_NAMES), "observations": [o.to_json() for o in self.history]}
+                "features": list(FEATURE_NAMES), "observations": [o.to_json() for o in observations]}
 
     def save(self, path: str | Path) -> Path:
-        """Write the config and observation history as JSON (atomically: temp file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json()) + "\n")
-        os.replace(tmp, path)
-        return path
+        """Write the config and observation history as one JSON object (atomically: temp file, then rename)."""
+        with self._lock:
+            snapshot = list(self.history)
+        return _write_atomic(Path(path), json.dumps(self._header(snapshot)) + "\n")
+
+    @property
+    def dirty(self) -> bool:
+        """Observations recorded since the last :meth:`flush` (or nothing written yet)."""
+        return self.state_path is not None and (bool(self._unsaved) or self._compact)
+
+    def flush(self) -> bool:
+        """Bring the state file up to date: append the new observations, or compact it (see the module docstring).
+
+        Thread-safe against :meth:`record`; True when something was written.
+
+        Raises:
+            OSError: the file cannot be written (the unsaved observations are kept for the next flush).
+        """
+        if self.state_path is None:
+            return False
+        with self._write_lock:
+            with self._lock:
+                compact = self._compact or self._journal_lines + len(self._unsaved) > self.config.max_history
+                pending, self._unsaved, self._compact = self._unsaved, [], False
+                snapshot = list(self.history) if compact else []
+            if not compact and not pending:
+                return False
+            try:
+                if compact:
+                    _write_atomic(self.state_path, json.dumps(self._header(snapshot)) + "\n")
+                    self._journal_lines = 0
+                else:
+                    with self.state_path.open("a", encoding="utf-8") as f:
+                        f.write("".join(o.to_line() for o in pending))
+                    self._journal_lines += len(pending)
+            except OSError:
+                with self._lock:
+                    self._unsaved = pending + self._unsaved
+                    self._compact = self._compact or compact
+                raise
+            return True
 
     @classmethod
-    def load(cls, path: str | Path, *, state_path: str | Path | None = None) -> "BanditPolicy":
-        """Rebuild a bandit from a file written by :meth:`save` (same config, same history, same model).
+    def load(cls, path: str | Path, *, state_path: str | Path | None = None, autosave: bool = True) -> "BanditPolicy":
+        """Rebuild a bandit from a file written by :meth:`save` or :meth:`flush` (same config, history and model).
 
+        Args:
+            state_path / autosave: where the loaded bandit keeps its state from now on (see the constructor).
         Raises:
             BanditError: a missing, oversized or malformed file, or values that fail validation.
         """
@@ -442,23 +532,37 @@ class BanditPolicy:
         if path.stat().st_size > MAX_STATE_BYTES:
             raise BanditError(f"bandit state file '{path}' is {path.stat().st_size} bytes; the cap is {MAX_STATE_BYTES}")
         try:
-            obj = json.loads(path.read_text())
+            lines = path.read_bytes().decode("utf-8").splitlines()
+            obj = json.loads(lines[0] if lines else "")
+            appended = [json.loads(line) for line in lines[1:] if line.strip()]
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BanditError(f"bandit state file '{path}' is not JSON: {exc}") from None
         if not isinstance(obj, dict) or obj.get("format") != STATE_FORMAT or obj.get("version") != STATE_VERSION:
             raise BanditError(f"'{path}' is not a {STATE_FORMAT} version {STATE_VERSION} state file")
         if obj.get("features") != list(FEATURE_NAMES):
             raise BanditError(f"'{path}' has features {obj.get('features')!r}; this version uses {list(FEATURE_NAMES)}")
-        policy = cls(BanditConfig.from_json(obj.get("config")), state_path=state_path)
+        policy = cls(BanditConfig.from_json(obj.get("config")), state_path=state_path, autosave=autosave)
         observations = obj.get("observations")
         if not isinstance(observations, list):
             raise BanditError(f"'{path}' observations is {observations!r}; expected a list")
         history = []
-        for o in observations:
+        for o in observations + appended:
             if not isinstance(o, dict) or set(o) != {"context", "fraction", "variant", "reward"}:
                 raise BanditError(f"'{path}' has an observation {o!r}; expected keys context, fraction, variant, reward")
             arm = policy._check_arm(Arm(_number("observation fraction", o["fraction"], 0.0, 1.0), o["variant"]))
             history.append(Observation(BanditContext.from_json(o["context"]), arm, _number("reward", o["reward"], 0.0, 1.0)))
-        policy.history = history[-policy.config.max_history:]
+        policy.history = history
         policy._refit()
+        if state_path is not None and Path(state_path).resolve() == path.resolve():
+            policy._compact = False  # the file already holds this history: keep appending to it
+            policy._journal_lines = len(appended)
         return policy
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file and a rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

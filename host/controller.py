@@ -2,64 +2,85 @@
 
 Per ``GenerateRequest`` (docs/protocol.md, sections 4 and 7):
 
-1. record it in the :class:`~relaydiff.host.ledger.Ledger` (accepted);
+0. admit it, or answer ``Error(busy)`` (with ``retry_after_s=`` in the message) when the host already has
+   ``HostConfig.max_queue`` requests in progress or this link ``max_requests_per_session``;
+1. record it in the :class:`~relaydiff.host.ledger.Ledger` (accepted; metadata and digests only);
 2. choose the relay step k with the :class:`~relaydiff.host.policy.Policy` (a
    :class:`~relaydiff.host.policy.ContextualPolicy`, such as the bandit, also gets the host's load as
    :class:`~relaydiff.host.policy.Conditions`);
 3. run the host steps [0, k) in a worker thread (torch work stays off the event loop), then send
    ``Progress(k, N)``;
 4. k = N: send ``Result`` (the final latent; the device decodes it) and record it (source ``host``);
-   k < N: send ``RelayHandoff`` and wait for the device's ``Result``, recording it (source ``device``);
-5. exactly once: when the hand-off cannot be sent, the link drops, or no ``Result`` arrives in time,
-   the host finishes steps [k, N) itself with its copy of the device model and records that
-   (source ``host-fallback``). A result arriving after that is ignored, never recorded twice.
+   k < N: send ``RelayHandoff`` and wait for the device's ``Result``, recording it (source ``device``) once its
+   PNG decodes within ``max_result_pixels``;
+5. exactly once: when the device answers the hand-off with a request ``Error`` (it cannot use the state),
+   the host finishes steps [k, N) itself with its copy of the device model (source ``host-fallback``).
+   When the device leaves, aborts an open request, or the request's deadline passes, its work is
+   cancelled: dropped from the queue, or stopped between two steps (source ``cancelled``), and a device
+   still connected gets ``Error(deadline_exceeded)``. A result arriving after that is ignored.
 
 Host steps of concurrent requests are batched: requests that arrive while the worker is busy
 wait in a queue, and the next host run takes up to ``HostConfig.max_batch`` of them through one
 UNet call per step (:func:`relaydiff.core.relay.start_batch`; each request still stops at its own k).
+A batched run is not interrupted: cancelled requests are dropped when a run is formed, and a single
+(unbatched) run or a fallback stops at the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
+from ssl import SSLContext
 from typing import Any, TypeVar
 
 from relaydiff.core.errors import RelaydiffError
 from relaydiff.core.family import LoadedModel
 from relaydiff.core.state import RelayState
 from relaydiff.host.ledger import Ledger, Source
-from relaydiff.host.policy import Conditions, ContextualPolicy, FixedPolicy, Policy
+from relaydiff.host.policy import Conditions, ContextualPolicy, FixedPolicy, PersistentPolicy, Policy
 from relaydiff.link.config import LinkConfig
-from relaydiff.link.errors import ErrorCode, ProtocolError
-from relaydiff.link.events import Close, Error, Feedback, GenerateRequest, Hello, Ping, Pong, Progress, RelayHandoff, Result
+from relaydiff.link.connection import RequestState
+from relaydiff.link.errors import ErrorCode, LocalProtocolError, ProtocolError
+from relaydiff.link.events import (
+    Close, Error, Feedback, GenerateRequest, Hello, Ping, Pong, Progress, RelayHandoff, Result, ResultKind,
+)
+from relaydiff.link.transport import Link, LinkClosed, LinkServer, serve
+from relaydiff.runtime.device import MAX_IMAGE_PIXELS
+from relaydiff.runtime.settings import GenerationSettings
 
 PROBE_PADDING = 64 * 1024  # bytes of the second probe Ping: its extra delay over the first measures bandwidth
 PROBE_WAIT_S = 1.0  # longest wait for the link probe before a contextual policy chooses without it
-from relaydiff.link.transport import Link, LinkClosed, LinkServer, serve
-from relaydiff.runtime.settings import GenerationSettings
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class HostConfig:
-    """How the host serves: what it generates, where it listens, how long it waits."""
+    """How the host serves: what it generates, where it listens, how long it waits, how much it takes on."""
 
     settings: GenerationSettings = field(default_factory=GenerationSettings)  # steps, sampler, guidance, seed
     listen_host: str = "127.0.0.1"  # interface to bind; loopback unless told otherwise
     port: int = 0  # 0 picks a free port (see HostServer.url)
     result_timeout_s: float = 120.0  # longest wait for a device's Result after a hand-off
-    result_grace_s: float = 1.0  # extra wait beyond the request's own deadline before the host finishes it
+    result_grace_s: float = 1.0  # extra wait beyond the request's own deadline before the host gives up on it
     workers: int = 1  # threads running torch work (host steps and fallbacks)
     max_batch: int = 8  # most requests whose host steps share one UNet batch; 1 turns batching off
     batch_window_s: float = 0.0  # extra wait for more requests before a host run (0: take what is queued)
+    max_queue: int = 64  # requests in progress over all links; a request beyond it gets Error(busy)
+    max_requests_per_session: int = 4  # requests in progress on one link; beyond it: Error(busy)
+    busy_retry_after_s: float = 1.0  # the retry-after a busy reply suggests, seconds
+    ledger_max_entries: int = 10_000  # completed requests the ledger remembers (metadata and digests only)
+    ledger_max_age_s: float = 3600.0  # completed requests older than this are forgotten
+    max_result_pixels: int = MAX_IMAGE_PIXELS  # a device PNG above width x height this is refused before decoding
     link: LinkConfig = field(default_factory=LinkConfig)  # caps and timeouts of every link
 
     def __post_init__(self) -> None:
@@ -67,22 +88,78 @@ class HostConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise RelaydiffError(f"HostConfig.{name} must be a number of seconds >= 0, got {value!r}")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
-            raise RelaydiffError(f"HostConfig.workers must be a positive integer, got {self.workers!r}")
-        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
-            raise RelaydiffError(f"HostConfig.max_batch must be a positive integer, got {self.max_batch!r}")
+        for name in ("busy_retry_after_s", "ledger_max_age_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise RelaydiffError(f"HostConfig.{name} must be a number of seconds > 0, got {value!r}")
+        for name in ("workers", "max_batch", "max_queue", "max_requests_per_session", "ledger_max_entries", "max_result_pixels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RelaydiffError(f"HostConfig.{name} must be a positive integer, got {value!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise RelaydiffError(f"HostConfig.port must be in [0, 65535], got {self.port!r}")
 
 
 @dataclass
+class HostStats:
+    """What the host did with the requests it was sent (counters, for operators and tests)."""
+
+    accepted: int = 0  # requests admitted (each has one ledger entry)
+    busy: int = 0  # requests refused with Error(busy): the queue or the link's quota was full
+    cancelled: int = 0  # accepted requests whose work was stopped (device left or aborted, deadline passed)
+    deadline_exceeded: int = 0  # Error(deadline_exceeded) sent to a device still connected
+    skipped_host_runs: int = 0  # queued host runs dropped before they started (their request was cancelled)
+    stopped_between_steps: int = 0  # host or fallback runs stopped between two steps
+    refused_results: int = 0  # device Results refused (an unreadable PNG, or one above the pixel cap)
+    failed: int = 0  # requests that failed on the host (Error(request_failed) sent)
+    ignored_results: int = 0  # Results that arrived when nobody waited (after a cancellation, or unsolicited)
+
+
+class _Cancelled(Exception):
+    """A request's work stops: its device left or aborted it, or its deadline passed."""
+
+    def __init__(self, reason: str, *, deadline: bool = False) -> None:
+        super().__init__(reason)
+        self.deadline = deadline
+
+
+@dataclass
+class _Job:
+    """One accepted request's cancellation state; the worker thread reads it between steps."""
+
+    request_id: str
+    deadline: float  # time.monotonic() by which the device wants its image
+    reason: str | None = None  # set once: why the work stops
+    stopped_between_steps: bool = False
+
+    def cancel(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+
+    def check(self) -> None:
+        """Raise _Cancelled when the work should stop (called on the loop and, between steps, in the worker)."""
+        if self.reason is not None:
+            raise _Cancelled(self.reason)
+        if time.monotonic() > self.deadline:
+            raise _Cancelled(f"the deadline of request {self.request_id!r} passed", deadline=True)
+
+    def on_step(self, *_: Any) -> None:
+        """A relaydiff.core.relay step callback: stop the run between two steps when cancelled."""
+        try:
+            self.check()
+        except _Cancelled:
+            self.stopped_between_steps = True
+            raise
+
+
+@dataclass
 class _Session:
-    """One device link: its requests waiting for a Result, and whether the link is gone."""
+    """One device link: its requests in progress, those waiting for a Result, and whether the link is gone."""
 
     id: str
     link: Link
-    requests: dict[str, GenerateRequest] = field(default_factory=dict)  # by request id
-    relay_steps: dict[str, int] = field(default_factory=dict)
+    jobs: dict[str, _Job] = field(default_factory=dict)  # requests in progress, by request id
+    finished: OrderedDict[str, tuple[str, GenerateRequest, int]] = field(default_factory=OrderedDict)  # id -> (ledger key, request, k), for Feedback
     waiting: dict[str, asyncio.Future[Result]] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     closed: bool = False
@@ -97,6 +174,10 @@ class _Session:
 class _NoResult(Exception):
     """The device's Result will not come (link gone, request aborted, or time out)."""
 
+    def __init__(self, reason: str, *, device_error: bool = False) -> None:
+        super().__init__(reason)
+        self.device_error = device_error  # the device answered with a request Error (it cannot use the state)
+
 
 class HostServer:
     """Serves devices over the link; each accepted request ends with exactly one ledger result."""
@@ -109,39 +190,52 @@ class HostServer:
         auth_token: str,
         policy: Policy | None = None,
         config: HostConfig | None = None,
+        ssl: SSLContext | None = None,
     ) -> None:
         """
         Args:
             host_model: the large model that runs steps [0, k).
-            fallback_model: the model that finishes steps [k, N) when a device does not (the device variant,
+            fallback_model: the model that finishes steps [k, N) when a device cannot (the device variant,
                 so the image is the one the device would have made; the host model works too).
             auth_token: the token every device's Hello must carry.
             policy: chooses k; default :class:`FixedPolicy` (k from the request's quality preference). A
                 :class:`ContextualPolicy` (e.g. :class:`~relaydiff.host.bandit.BanditPolicy`) also gets the
-                host queue and utilisation; network and device load are not measured by the host yet.
+                host queue and utilisation and the link's measured RTT and bandwidth; a
+                :class:`PersistentPolicy` is saved by this server in a worker thread.
             config: see :class:`HostConfig`.
+            ssl: a server-side SSLContext to serve ``wss://``; None serves ``ws://``.
         """
         self.host_model = host_model
         self.fallback_model = fallback_model
         self.policy: Policy = policy if policy is not None else FixedPolicy()
         if not isinstance(self.policy, Policy):
             raise TypeError(f"policy must implement choose() and observe(), got {type(self.policy).__name__}")
+        if isinstance(self.policy, PersistentPolicy):
+            self.policy.autosave = False  # this server saves the state itself, in a worker thread
         self.config = config if config is not None else HostConfig()
         if not isinstance(self.config, HostConfig):
             raise TypeError(f"config must be a HostConfig, got {type(self.config).__name__}")
-        self.ledger = Ledger()
-        self.ignored_results = 0  # Results that arrived when nobody waited (after a fallback, or unsolicited)
+        self.ledger = Ledger(max_entries=self.config.ledger_max_entries, max_age_s=self.config.ledger_max_age_s)
+        self.stats = HostStats()
         self._auth_token = auth_token
+        self._ssl = ssl
         self._sessions = itertools.count(1)
+        self._reuses = itertools.count(2)  # suffix of the ledger key of a request id a link uses again
         self._server: LinkServer | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._in_flight = 0  # requests accepted and not yet finished (the host queue the policy sees)
         self._busy = 0  # worker threads running torch work now
-        self._pending: list[tuple[Any, asyncio.Future[tuple[RelayState, float, int]]]] = []  # host runs waiting for a batch
+        self._pending: list[tuple[Any, _Job, asyncio.Future[tuple[RelayState, float, int]]]] = []  # host runs waiting for a batch
         self._batching = False  # a _drain task is running
         self._drain_task: asyncio.Task[None] | None = None
-        self.batch_sizes: list[int] = []  # requests per host run, in order (batching statistics)
+        self.batch_sizes: list[int] = []  # requests per host run, in order (batching statistics; the last 10,000)
         self.host_busy_s = 0.0  # wall seconds spent in host runs (host steps of every batch), for capacity figures
+        self._flush_task: asyncio.Task[None] | None = None  # saving a PersistentPolicy's state in a worker thread
+
+    @property
+    def ignored_results(self) -> int:
+        """Results that arrived when nobody waited (after a cancellation or fallback, or unsolicited)."""
+        return self.stats.ignored_results
 
     def conditions(self, network: tuple[float, float] | None = None) -> Conditions:
         """The serving conditions a contextual policy sees for a request arriving now (``network``: rtt_s, Mbit/s)."""
@@ -159,6 +253,7 @@ class HostServer:
         device_variant: str | None = None,
         policy: Policy | None = None,
         config: HostConfig | None = None,
+        ssl: SSLContext | None = None,
     ) -> "HostServer":
         """Load the host variant and (for fallbacks) the device variant of a family folder.
 
@@ -173,7 +268,7 @@ class HostServer:
         family.check_pair(host_ref, device_ref)
         host = family.load(host_ref)
         device = family.load(device_ref, share_with=host)
-        return cls(host, device, auth_token=auth_token, policy=policy, config=config)
+        return cls(host, device, auth_token=auth_token, policy=policy, config=config, ssl=ssl)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -189,8 +284,10 @@ class HostServer:
             raise RelaydiffError("the host server is already started")
         self._executor = ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="relaydiff-host")
         self._server = await serve(
-            self._serve_link, self.config.listen_host, self.config.port, auth_token=self._auth_token, config=self.config.link,
+            self._serve_link, self.config.listen_host, self.config.port, auth_token=self._auth_token,
+            config=self.config.link, ssl=self._ssl,
         )
+        log.info("host listening on %s (policy %s)", self._server.url, type(self.policy).__name__)
         return self._server.url
 
     async def close(self) -> None:
@@ -201,6 +298,10 @@ class HostServer:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        if self._flush_task is not None:
+            await self._flush_task
+        if isinstance(self.policy, PersistentPolicy) and self.policy.dirty:
+            await asyncio.to_thread(self.policy.flush)
 
     async def __aenter__(self) -> "HostServer":
         await self.start()
@@ -212,48 +313,85 @@ class HostServer:
     # -- one link ----------------------------------------------------------------------------
 
     async def _serve_link(self, link: Link) -> None:
-        hello = link.peer_hello
         session = _Session(f"s{next(self._sessions)}", link)
+        log.info("link %s open from %s", session.id, _peer(link))
+        try:
+            await self._link_loop(session)
+        except Exception as exc:  # a bug here must not leave the link half-alive: tell the device and close
+            log.exception("link %s failed", session.id)
+            await link.fail(LocalProtocolError(ErrorCode.INTERNAL, f"host error: {type(exc).__name__}"))
+        finally:
+            session.closed = True
+            for job in session.jobs.values():
+                job.cancel("the device left")
+            self._drop_cancelled()  # its queued host runs go now, not when the queue next forms a run
+            for request_id in list(session.waiting):
+                self._abort(session, request_id, "the link closed")
+            while session.tasks:  # every request this device started ends (cancelled work ends at its next step)
+                await asyncio.gather(*list(session.tasks), return_exceptions=True)
+            log.info("link %s closed", session.id)
+
+    async def _link_loop(self, session: _Session) -> None:
+        link = session.link
+        hello = link.peer_hello
         capabilities = hello.capabilities if isinstance(hello, Hello) else None
         if isinstance(self.policy, ContextualPolicy):  # measure the link for the policy: RTT and bandwidth
             session.network = asyncio.get_running_loop().create_future()
             session.probe_sent = time.monotonic()
             await self._send(session, Ping(1, session.probe_sent))
             await self._send(session, Ping(2, session.probe_sent, b"\0" * PROBE_PADDING))
-        try:
-            while True:
-                try:
-                    event = await link.recv()
-                except TimeoutError:
-                    continue  # an idle device; keepalives notice a dead socket
-                except (LinkClosed, ProtocolError):
-                    break  # the peer went away or broke the protocol (recv told it and closed the socket)
-                if isinstance(event, GenerateRequest):
-                    task = asyncio.create_task(self._serve_request(session, event, capabilities))
-                    session.tasks.add(task)
-                    task.add_done_callback(session.tasks.discard)
-                elif isinstance(event, Result):
-                    future = session.waiting.pop(event.request_id, None)
-                    if future is not None and not future.done():
-                        future.set_result(event)
-                    else:
-                        self.ignored_results += 1
-                elif isinstance(event, Feedback):
-                    self._feedback(session, event)
-                elif isinstance(event, Error) and event.request_id is not None:
-                    self._abort(session, event.request_id, f"device aborted: {event.code}: {event.message}")
-                elif isinstance(event, Ping):
-                    await self._send(session, event.pong())
-                elif isinstance(event, Pong):
-                    self._probe_pong(session, event)
-                elif isinstance(event, (Close, Error)):
-                    break
-        finally:
-            session.closed = True
-            for request_id in list(session.waiting):
-                self._abort(session, request_id, "the link closed")
-            while session.tasks:  # finish (or fall back on) every request this device started
-                await asyncio.gather(*list(session.tasks), return_exceptions=True)
+        while not session.closed:
+            try:
+                event = await link.recv()
+            except TimeoutError:
+                continue  # an idle device; keepalives notice a dead socket
+            except (LinkClosed, ProtocolError) as exc:
+                if isinstance(exc, ProtocolError):
+                    log.warning("link %s: the device broke the protocol: %s", session.id, exc)
+                return  # the peer went away or broke the protocol (recv told it and closed the socket)
+            if isinstance(event, GenerateRequest):
+                await self._admit(session, event, capabilities)
+            elif isinstance(event, Result):
+                future = session.waiting.pop(event.request_id, None)
+                if future is not None and not future.done():
+                    future.set_result(event)
+                else:
+                    self.stats.ignored_results += 1
+            elif isinstance(event, Feedback):
+                self._feedback(session, event)
+            elif isinstance(event, Error) and event.request_id is not None:
+                log.info("link %s: the device aborted request %r: %s", session.id, event.request_id, event.code)
+                job = session.jobs.get(event.request_id)
+                if job is not None and event.request_id not in session.waiting:  # still OPEN: stop the host's work
+                    job.cancel(f"the device aborted it: {event.code}")
+                    self._drop_cancelled()
+                self._abort(session, event.request_id, f"device aborted: {event.code}: {event.message}", device_error=True)
+            elif isinstance(event, Ping):
+                await self._send(session, event.pong())
+            elif isinstance(event, Pong):
+                self._probe_pong(session, event)
+            elif isinstance(event, (Close, Error)):
+                return
+
+    async def _admit(self, session: _Session, request: GenerateRequest, capabilities: Any) -> None:
+        """Start serving ``request``, or answer Error(busy) when the host or this link has too many in progress."""
+        cfg = self.config
+        if self._in_flight >= cfg.max_queue:
+            why = f"the host has {self._in_flight} requests in progress; the cap is {cfg.max_queue}"
+        elif len(session.jobs) >= cfg.max_requests_per_session:
+            why = f"this link has {len(session.jobs)} requests in progress; the cap is {cfg.max_requests_per_session}"
+        else:
+            job = _Job(request.request_id, time.monotonic() + request.deadline_s)
+            session.jobs[request.request_id] = job
+            self._in_flight += 1
+            self.stats.accepted += 1
+            task = asyncio.create_task(self._serve_request(session, request, capabilities, job))
+            session.tasks.add(task)
+            task.add_done_callback(session.tasks.discard)
+            return
+        self.stats.busy += 1
+        log.info("link %s: request %r refused busy: %s", session.id, request.request_id, why)
+        await self._send(session, Error(ErrorCode.BUSY.value, f"retry_after_s={cfg.busy_retry_after_s:g}; {why}", request.request_id))
 
     @staticmethod
     def _probe_pong(session: _Session, pong: Pong) -> None:
@@ -276,25 +414,47 @@ class HostServer:
         except TimeoutError:
             return None
 
-    def _abort(self, session: _Session, request_id: str, why: str) -> None:
+    def _abort(self, session: _Session, request_id: str, why: str, *, device_error: bool = False) -> None:
         future = session.waiting.pop(request_id, None)
         if future is not None and not future.done():
-            future.set_exception(_NoResult(why))
+            future.set_exception(_NoResult(why, device_error=device_error))
 
     def _feedback(self, session: _Session, feedback: Feedback) -> None:
-        key = session.key(feedback.request_id)
-        request = session.requests.get(feedback.request_id)
-        if request is None:
-            return
-        self.ledger.get(key).feedback = feedback
-        self.policy.observe(request, session.relay_steps[feedback.request_id], feedback)
+        finished = session.finished.pop(feedback.request_id, None)
+        if finished is None:
+            return  # a request this host cancelled or refused, or one forgotten
+        key, request, k = finished
+        entry = self.ledger.find(key)
+        if entry is not None:
+            entry.feedback = feedback
+        self.policy.observe(request, k, feedback)
+        if isinstance(self.policy, PersistentPolicy) and (self._flush_task is None or self._flush_task.done()):
+            self._flush_task = asyncio.create_task(self._flush_policy())
+
+    async def _flush_policy(self) -> None:
+        """Save the policy's state in a worker thread until nothing is left unsaved (the loop never writes files)."""
+        assert isinstance(self.policy, PersistentPolicy)
+        try:
+            while self.policy.dirty:
+                await asyncio.to_thread(self.policy.flush)
+        except Exception:  # the policy keeps its unsaved state; the next Feedback tries again
+            log.exception("saving the policy state failed")
 
     async def _send(self, session: _Session, event: Any) -> bool:
-        """Send if the link is alive; False when it is not (the caller falls back)."""
+        """Send if the link is alive; False when it is not (the caller stops or falls back).
+
+        An event the link core refuses is a bug on this side: the device is told (Error internal) and the
+        link closed, never left silently in ERROR.
+        """
         if session.closed:
             return False
         try:
             await session.link.send(event)
+        except LocalProtocolError as exc:
+            log.error("link %s: the host tried to send an invalid %s: %s", session.id, type(event).__name__, exc)
+            session.closed = True
+            await session.link.fail(LocalProtocolError(ErrorCode.INTERNAL, f"host error: {exc.code.value}"))
+            return False
         except (LinkClosed, TimeoutError, ProtocolError):
             return False
         return True
@@ -310,13 +470,12 @@ class HostServer:
 
     # -- one request -------------------------------------------------------------------------
 
-    async def _serve_request(self, session: _Session, request: GenerateRequest, capabilities: Any) -> None:
-        key = session.key(request.request_id)
-        t0 = time.monotonic()
-        entry = self.ledger.accept(key, request.prompt)
-        session.requests[request.request_id] = request
-        self._in_flight += 1
+    async def _serve_request(self, session: _Session, request: GenerateRequest, capabilities: Any, job: _Job) -> None:
+        base = session.key(request.request_id)
+        key = base if base not in self.ledger else f"{base}#{next(self._reuses)}"  # an id reused after its Feedback
+        entry = None
         try:
+            entry = self.ledger.accept(key, request.prompt)
             steps = self.config.settings.steps
             if isinstance(self.policy, ContextualPolicy):
                 k = int(self.policy.choose_in(request, capabilities, steps, self.conditions(await self._network(session))))
@@ -324,30 +483,81 @@ class HostServer:
                 k = int(self.policy.choose(request, capabilities, steps))
             relay_request = self.config.settings.request(request.prompt, k)  # checks k in [0, N]
             entry.relay_step, entry.steps = k, steps
-            session.relay_steps[request.request_id] = k
-            state, host_s, batch = await self._host_run(relay_request)
+            state, host_s, batch = await self._host_run(relay_request, job)
+            timings = {"host_s": host_s, "host_batch": float(batch)}
+            job.check()  # the device may have aborted or left while the host steps ran
             await self._send(session, Progress(request.request_id, k, steps))  # tells the device N, also for k = N
             if k == steps:
-                self.ledger.complete(key, Source.HOST, latents=state.latents, timings={"host_s": host_s, "host_batch": batch})
+                job.check()  # not while a Progress was written: the device may have aborted meanwhile
+                self.ledger.complete(key, Source.HOST, latents=state.latents, timings=timings)
+                self._finished(session, key, request, k)
                 await self._send(session, Result.from_latents(request.request_id, state.latents, {"host_s": host_s}))
                 return
-            result = await self._await_device(session, request, state, t0)
-            if result is not None:
-                self.ledger.complete(key, Source.DEVICE, png=result.data, timings={"host_s": host_s, "host_batch": batch, **result.timings})
+            try:
+                result = await self._await_device(session, request, state, job)
+            except _NoResult as no:
+                if not no.device_error or session.closed:
+                    job.check()
+                    raise _Cancelled(str(no)) from None
+                job.check()  # the device cannot use the state: the host finishes its copy, if the deadline allows
+                latents, fallback_s = await self._work(_device_steps, self.fallback_model, state, job)
+                self.ledger.complete(key, Source.HOST_FALLBACK, latents=latents, timings={**timings, "fallback_s": fallback_s})
+                self._finished(session, key, request, k)
                 return
-            latents, fallback_s = await self._work(_device_steps, self.fallback_model, state)
-            self.ledger.complete(key, Source.HOST_FALLBACK, latents=latents, timings={"host_s": host_s, "host_batch": batch, "fallback_s": fallback_s})
+            await self._accept_result(session, key, request, k, result, timings)
+        except _Cancelled as stop:
+            self.stats.cancelled += 1
+            self.stats.stopped_between_steps += job.stopped_between_steps
+            if entry is not None:
+                self.ledger.complete(key, Source.CANCELLED, error=str(stop))
+            log.info("link %s: request %r cancelled: %s", session.id, request.request_id, stop)
+            if stop.deadline and session.link.connection.request_state(request.request_id) is not RequestState.DONE:
+                self.stats.deadline_exceeded += 1
+                await self._send(session, Error(ErrorCode.DEADLINE_EXCEEDED.value, str(stop)[:1000], request.request_id))
         except Exception as exc:  # one request's failure must not end the link or leave the ledger open
-            self.ledger.complete(key, Source.FAILED, error=f"{type(exc).__name__}: {exc}")
-            message = f"request failed: {type(exc).__name__}: {exc}"[:1000]
-            await self._send(session, Error(ErrorCode.REQUEST_FAILED.value, message, request.request_id))
+            self.stats.failed += 1
+            log.exception("link %s: request %r failed", session.id, request.request_id)
+            if entry is not None:
+                self.ledger.complete(key, Source.FAILED, error=f"{type(exc).__name__}: {exc}")
+            if session.link.connection.request_state(request.request_id) is not RequestState.DONE:
+                message = f"request failed: {type(exc).__name__}: {exc}"[:1000]
+                await self._send(session, Error(ErrorCode.REQUEST_FAILED.value, message, request.request_id))
         finally:
             self._in_flight -= 1
+            session.jobs.pop(request.request_id, None)
 
-    async def _host_run(self, request: Any) -> tuple[RelayState, float, int]:
+    def _finished(self, session: _Session, key: str, request: GenerateRequest, k: int) -> None:
+        """Remember a finished request for its Feedback (as many as the link core remembers DONE ids)."""
+        session.finished[request.request_id] = (key, request, k)
+        session.finished.move_to_end(request.request_id)
+        while len(session.finished) > self.config.link.max_finished_requests:
+            session.finished.popitem(last=False)
+
+    async def _accept_result(self, session: _Session, key: str, request: GenerateRequest, k: int, result: Result,
+                             timings: dict[str, float]) -> None:
+        """Record the device's Result once its PNG decodes within the pixel cap (decoded in a worker thread)."""
+        from relaydiff.runtime.device import decode_png
+
+        self._finished(session, key, request, k)  # before the decode: the device's Feedback may follow at once
+        if result.kind is ResultKind.PNG:
+            try:
+                pixels = await asyncio.to_thread(decode_png, result.data, max_pixels=self.config.max_result_pixels)
+            except RelaydiffError as exc:
+                session.finished.pop(request.request_id, None)
+                self.stats.refused_results += 1
+                log.warning("link %s: result of request %r refused: %s", session.id, request.request_id, exc)
+                self.ledger.complete(key, Source.FAILED, error=f"the device's result was refused: {exc}", device_timings=result.timings)
+                await self._send(session, Error(ErrorCode.REQUEST_FAILED.value, f"result refused: {exc}"[:1000], request.request_id))
+                return
+            size = (int(pixels.shape[1]), int(pixels.shape[0]))
+            self.ledger.complete(key, Source.DEVICE, png=result.data, image_size=size, timings=timings, device_timings=result.timings)
+        else:
+            self.ledger.complete(key, Source.DEVICE, latents=result.latents(), timings=timings, device_timings=result.timings)
+
+    async def _host_run(self, request: Any, job: _Job) -> tuple[RelayState, float, int]:
         """Queue ``request``'s host steps; returns (state, seconds of its host run, requests in that run)."""
         future: asyncio.Future[tuple[RelayState, float, int]] = asyncio.get_running_loop().create_future()
-        self._pending.append((request, future))
+        self._pending.append((request, job, future))
         if not self._batching:
             self._batching = True
             self._drain_task = asyncio.create_task(self._drain())  # held: the loop keeps only weak references
@@ -359,52 +569,88 @@ class HostServer:
             while self._pending:
                 if self.config.batch_window_s > 0:
                     await asyncio.sleep(self.config.batch_window_s)
+                self._drop_cancelled()
+                if not self._pending:
+                    break
                 first = self._pending[0][0]
                 group = [p for p in self._pending if (p[0].steps, p[0].sampler) == (first.steps, first.sampler)]
                 group = group[: self.config.max_batch]
                 for p in group:
                     self._pending.remove(p)
                 self.batch_sizes.append(len(group))
+                del self.batch_sizes[:-10_000]
                 t_run = time.perf_counter()
                 try:
                     if len(group) == 1:  # the unbatched path: bit-identical to relaydiff.core.relay.start
-                        results = [await self._work(_host_steps, self.host_model, first)]
+                        results = [await self._work(_host_steps, self.host_model, first, group[0][1])]
                     else:
                         results = await self._work(_host_batch, self.host_model, [p[0] for p in group])
-                except Exception as exc:  # every request of the run fails on its own (and is answered)
-                    for _, future in group:
+                except Exception as exc:  # every request of the run fails (or stops) on its own, and is answered
+                    for _, _, future in group:
                         if not future.done():
                             future.set_exception(exc)
                     continue
                 finally:
                     self.host_busy_s += time.perf_counter() - t_run
-                for (_, future), (state, seconds) in zip(group, results):
+                for (_, _, future), (state, seconds) in zip(group, results):
                     if not future.done():
                         future.set_result((state, seconds, len(group)))
+        except Exception as exc:  # a bug in the queue itself: fail what waits, so that every request is answered
+            log.exception("the host queue failed")
+            for _, _, future in self._pending:
+                if not future.done():
+                    future.set_exception(exc)
+            self._pending.clear()
         finally:
             self._batching = False
 
-    async def _await_device(self, session: _Session, request: GenerateRequest, state: RelayState, t0: float) -> Result | None:
-        """Hand the state over and wait for the device's Result; None when it will not come."""
+    def _drop_cancelled(self) -> None:
+        """Drop queued host runs whose request was cancelled (device left or aborted, deadline passed)."""
+        keep = []
+        for request, job, future in self._pending:
+            try:
+                job.check()
+            except _Cancelled as stop:
+                self.stats.skipped_host_runs += 1
+                if not future.done():
+                    future.set_exception(stop)
+                continue
+            keep.append((request, job, future))
+        self._pending[:] = keep
+
+    async def _await_device(self, session: _Session, request: GenerateRequest, state: RelayState, job: _Job) -> Result:
+        """Hand the state over and wait for the device's Result.
+
+        Raises:
+            _NoResult: it will not come (link gone, the device answered with an Error, or the wait timed out).
+        """
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        job.check()  # the device may have aborted while the Progress was written (no await between this and the send)
         session.waiting[request.request_id] = future  # registered before sending: a fast Result finds it
         if session.closed or not await self._send(session, RelayHandoff.from_state(request.request_id, state)):
             session.waiting.pop(request.request_id, None)
-            return None
-        remaining = request.deadline_s - (time.monotonic() - t0)
+            raise _NoResult("the hand-off could not be sent")
+        remaining = job.deadline - time.monotonic()
         wait = min(self.config.result_timeout_s, max(remaining, 0.0) + self.config.result_grace_s)
         try:
             return await asyncio.wait_for(future, wait)
-        except (_NoResult, TimeoutError):
+        except TimeoutError:
             session.waiting.pop(request.request_id, None)
-            return None
+            raise _Cancelled(f"no result for request {request.request_id!r} within {wait:.3g} s of the hand-off",
+                             deadline=True) from None
 
 
-def _host_steps(model: LoadedModel, request: Any) -> tuple[RelayState, float]:
+def _peer(link: Link) -> str:
+    """The peer's address for logs ("host:port"), or "?"."""
+    address = getattr(link.websocket, "remote_address", None)
+    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) and len(address) >= 2 else "?"
+
+
+def _host_steps(model: LoadedModel, request: Any, job: _Job) -> tuple[RelayState, float]:
     from relaydiff.core.relay import start
 
     t0 = time.perf_counter()
-    state = start(model, request)
+    state = start(model, request, on_step=job.on_step)
     return state, time.perf_counter() - t0
 
 
@@ -414,9 +660,9 @@ def _host_batch(model: LoadedModel, requests: list[Any]) -> list[tuple[RelayStat
     return start_batch(model, requests)
 
 
-def _device_steps(model: LoadedModel, state: RelayState) -> tuple[Any, float]:
+def _device_steps(model: LoadedModel, state: RelayState, job: _Job) -> tuple[Any, float]:
     from relaydiff.core.relay import resume
 
     t0 = time.perf_counter()
-    latents = resume(model, state).latents
+    latents = resume(model, state, on_step=job.on_step).latents
     return latents, time.perf_counter() - t0

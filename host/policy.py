@@ -49,6 +49,22 @@ class ContextualPolicy(Policy, Protocol):
         ...
 
 
+@runtime_checkable
+class PersistentPolicy(Policy, Protocol):
+    """A policy that keeps its learnt state in a file: the host calls :meth:`flush` off its event loop."""
+
+    autosave: bool  # flush on every observation (the host server turns this off and flushes in a worker thread)
+
+    @property
+    def dirty(self) -> bool:
+        """True when something learnt is not yet in the file."""
+        ...
+
+    def flush(self) -> bool:
+        """Write what is not yet saved (thread-safe against observe); True when something was written."""
+        ...
+
+
 @dataclass(frozen=True)
 class FixedPolicy:
     """k = round(f * N), with f fixed or read off the request's quality preference.

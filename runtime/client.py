@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import re
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from ssl import SSLContext
 
 import numpy as np
 from websockets.exceptions import InvalidHandshake, InvalidURI
@@ -40,6 +43,7 @@ RELAY = "relay"  # the host ran steps [0, k), the device [k, N)
 HOST_ONLY = "host-only"  # the host ran every step; the device only decoded
 DEVICE_ONLY = "device-only"  # the device ran every step on its own (fallback)
 
+log = logging.getLogger(__name__)
 _UNREACHABLE = (OSError, TimeoutError, LinkClosed, InvalidHandshake, InvalidURI)  # connect() failing to reach a host
 
 
@@ -75,6 +79,7 @@ class DeviceClient:
         deadline_s: float = 60.0,
         link_config: LinkConfig | None = None,
         quality_fn: QualityFn | None = None,
+        ssl: SSLContext | None = None,
     ) -> None:
         """
         Args:
@@ -86,6 +91,7 @@ class DeviceClient:
             deadline_s: how long to wait for the host's hand-off before generating alone.
             link_config: caps and timeouts of the link (``open_timeout_s`` bounds reaching the host).
             quality_fn: scores a finished image for ``Feedback``; without it no Feedback is sent.
+            ssl: the client SSLContext for a ``wss://`` host (e.g. trusting a private CA); None: the system's.
         """
         if not isinstance(runtime, DeviceRuntime):
             raise TypeError(f"runtime must be a DeviceRuntime, got {type(runtime).__name__}")
@@ -95,6 +101,7 @@ class DeviceClient:
         self.link_config = link_config if link_config is not None else LinkConfig()
         self.quality_fn = quality_fn
         self._auth_token = auth_token
+        self._ssl = ssl
         # the protocol checks ranges when the event is built; build one now so a bad value fails here
         GenerateRequest("check", "", quality_preference, deadline_s)
         self.quality_preference = float(quality_preference)
@@ -119,7 +126,8 @@ class DeviceClient:
         capabilities = await asyncio.to_thread(self.runtime.capabilities)
         try:
             link: Link | None = await asyncio.wait_for(
-                connect(self.url, auth_token=self._auth_token, capabilities=capabilities, config=self.link_config),
+                connect(self.url, auth_token=self._auth_token, capabilities=capabilities, config=self.link_config,
+                        ssl=self._ssl),
                 self.link_config.open_timeout_s + self.link_config.handshake_timeout_s,
             )
         except _UNREACHABLE as exc:
@@ -144,6 +152,7 @@ class DeviceClient:
         return outcomes
 
     async def _alone(self, request_id: str, prompt: str, reason: str) -> DeviceOutcome:
+        log.info("request %s: generating on the device alone: %s", request_id, reason)
         t0 = time.perf_counter()
         out = await asyncio.to_thread(self.runtime.generate, self.settings.request(prompt, 0))
         return DeviceOutcome(
@@ -152,11 +161,23 @@ class DeviceClient:
         )
 
     async def _relayed(self, link: Link, prompt: str) -> DeviceOutcome:
-        request_id = self._next_id()
+        """One relayed request; a ``busy`` host is asked again after its retry-after while the deadline allows."""
         t0 = time.perf_counter()
+        while True:
+            try:
+                return await self._attempt(link, prompt, t0)
+            except _Busy as busy:
+                remaining = self.deadline_s - (time.perf_counter() - t0)
+                if busy.retry_after_s >= remaining:
+                    raise _Fallback(busy.request_id, f"host busy (retry after {busy.retry_after_s:g} s): {busy}", True) from None
+                await asyncio.sleep(busy.retry_after_s)
+
+    async def _attempt(self, link: Link, prompt: str, t0: float) -> DeviceOutcome:
+        request_id = self._next_id()
         total: int | None = None  # N, from the host's Progress
         try:
-            await link.send(GenerateRequest(request_id, prompt, self.quality_preference, self.deadline_s))
+            deadline = self.deadline_s - (time.perf_counter() - t0)
+            await link.send(GenerateRequest(request_id, prompt, self.quality_preference, deadline))
             while True:
                 remaining = self.deadline_s - (time.perf_counter() - t0)
                 if remaining <= 0:
@@ -169,19 +190,29 @@ class DeviceClient:
                 elif isinstance(event, RelayHandoff) and event.request_id == request_id:
                     break
                 elif isinstance(event, Result) and event.request_id == request_id:
-                    return await self._host_only(event, prompt, t0, total)
+                    try:
+                        return await self._host_only(event, prompt, t0, total)
+                    except Exception as exc:  # an unreadable or oversized image from the host: tell it, then go alone
+                        log.warning("request %s: cannot use the host's result: %s: %s", request_id, type(exc).__name__, exc)
+                        await self._send_quietly(link, Error(ErrorCode.REQUEST_FAILED.value,
+                                                             f"cannot use the result: {exc}"[:1000], request_id))
+                        raise _Fallback(request_id, f"cannot use the host's result: {exc}", True) from None
                 elif isinstance(event, Error) and event.request_id == request_id:
+                    if event.code == ErrorCode.BUSY.value:
+                        raise _Busy(request_id, event.message)
                     raise _Fallback(request_id, f"host refused request {request_id!r}: {event.code}: {event.message}", True)
                 elif isinstance(event, (Close, Error)):
                     raise _Fallback(request_id, f"host ended the link before the hand-off ({type(event).__name__})")
-        except (LinkClosed, TimeoutError, ProtocolError) as exc:
+        except (LinkClosed, TimeoutError, ProtocolError) as exc:  # a bad hand-off: recv already sent the host an Error
+            log.warning("request %s: link lost before the hand-off: %s: %s", request_id, type(exc).__name__, exc)
             raise _Fallback(request_id, f"link lost before the hand-off: {type(exc).__name__}: {exc}") from None
         handoff_s = time.perf_counter() - t0
         state = event.state
         try:
             done = await asyncio.to_thread(self.runtime.finish, state)
-        except RelaydiffError as exc:  # e.g. a state from another model family: the host finishes its copy
-            await self._send_quietly(link, Error(ErrorCode.REQUEST_FAILED.value, str(exc)[:1000], request_id))
+        except Exception as exc:  # e.g. a state from another family, or one the backend chokes on: never crash, tell the host
+            log.warning("request %s: cannot finish the host's relay state: %s: %s", request_id, type(exc).__name__, exc)
+            await self._send_quietly(link, Error(ErrorCode.REQUEST_FAILED.value, f"{type(exc).__name__}: {exc}"[:1000], request_id))
             raise _Fallback(request_id, f"cannot finish the host's relay state: {exc}", True) from None
         latency = time.perf_counter() - t0
         await self._report(link, request_id, prompt, done, latency)
@@ -216,6 +247,16 @@ class DeviceClient:
         except (LinkClosed, TimeoutError, ProtocolError):
             return False
         return True
+
+
+class _Busy(RelaydiffError):
+    """The host answered ``busy``; ``retry_after_s`` is read off the message's ``retry_after_s=`` prefix (1 s if absent)."""
+
+    def __init__(self, request_id: str, message: str) -> None:
+        self.request_id = request_id
+        match = re.match(r"retry_after_s=([0-9]+(?:\.[0-9]+)?)", message)
+        self.retry_after_s = min(float(match.group(1)), 3600.0) if match else 1.0
+        super().__init__(message)
 
 
 class _Fallback(RelaydiffError):

@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import io
+import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +22,7 @@ from relaydiff.link.events import DeviceCapabilities
 from relaydiff.runtime.backends import Backend
 
 MAX_STEPS_PER_SECOND = 10_000.0  # the protocol's cap on DeviceCapabilities.steps_per_second
+MAX_IMAGE_PIXELS = 4096 * 4096  # the largest PNG (width x height) a device or host decodes from the link
 
 
 @dataclass(frozen=True)
@@ -46,12 +49,24 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """The (H, W, 3) uint8 pixels of PNG bytes."""
+def decode_png(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """The (H, W, 3) uint8 pixels of PNG bytes, refusing images above ``max_pixels`` before decoding them.
+
+    Raises:
+        RelaydiffError: not a PNG, larger than ``max_pixels`` (width x height, read from the header first),
+            or truncated/corrupt.
+    """
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as img:  # reads the header only
+            width, height = img.size
+            if width * height > max_pixels:
+                raise RelaydiffError(f"PNG is {width}x{height} = {width * height} pixels; the cap is {max_pixels}")
+            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    except (OSError, ValueError, SyntaxError, EOFError, zlib.error, struct.error, Image.DecompressionBombError) as exc:
+        # Pillow's errors on hostile input (UnidentifiedImageError is an OSError)
+        raise RelaydiffError(f"not a readable PNG: {type(exc).__name__}: {exc}") from None
 
 
 class DeviceRuntime:

@@ -8,18 +8,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import json
+import logging
 import os
 import secrets
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from relaydiff.cli.output import message, result
 from relaydiff.core.errors import RelaydiffError
 
-TOKEN_ENV = "RELAYDIFF_TOKEN"  # where --token defaults from
+TOKEN_ENV = "RELAYDIFF_TOKEN"  # where the link token comes from without --token-file (or --token)
+MIN_TOKEN_CHARS = 16  # shortest link token accepted (a bearer secret)
+MAX_TOKEN_FILE_BYTES = 4096
+LOG_LEVELS = ("debug", "info", "warning", "error")
+POLICIES = ("fixed", "rule", "bandit")  # relaydiff host --policy
 
 
 def _add_settings_args(p: argparse.ArgumentParser) -> None:
@@ -37,8 +45,19 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--host-variant", help="family variant to use as host (default: the family's default_host)")
     p.add_argument("--device-variant", help="variant the host finishes with when a device does not (default_device)")
     p.add_argument("--listen", default="127.0.0.1:8765", help="HOST:PORT to bind (default 127.0.0.1:8765; port 0 = any free)")
-    p.add_argument("--token", help=f"link token devices must present (default ${TOKEN_ENV}, else a random one, printed)")
-    p.add_argument("--fraction", type=float, help="fixed share of the steps the host runs (default: from each request's quality preference)")
+    p.add_argument("--token-file", help=f"file holding the link token devices must present (default ${TOKEN_ENV}, "
+                                        "else a random one, printed once)")
+    p.add_argument("--token", help="the link token itself (visible in the process list: prefer --token-file)")
+    p.add_argument("--tls-cert", help="PEM certificate (chain) to serve wss:// (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--max-queue", type=int, default=64, help="requests in progress over all devices before busy (default 64)")
+    p.add_argument("--max-per-device", type=int, default=4, help="requests in progress on one link before busy (default 4)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="log level on stderr (default info)")
+    p.add_argument("--policy", choices=POLICIES,
+                   help="split policy: fixed (--fraction), rule (k from each request's quality preference) or bandit "
+                        "(learns from devices' feedback); default: fixed with --fraction, else rule")
+    p.add_argument("--fraction", type=float, help="share of the steps the host runs, for --policy fixed")
+    p.add_argument("--bandit-state", help="JSON Lines file the bandit loads (if it exists) and keeps its state in")
     p.add_argument("--result-timeout", type=float, default=120.0, help="longest wait for a device's result after a hand-off, s")
     p.add_argument("--workers", type=int, default=1, help="threads running model steps (default 1)")
     p.add_argument("--duration", type=float, help="stop after this many seconds (default: run until interrupted)")
@@ -53,7 +72,10 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--backend", help="device runtime backend: torch, onnx, executorch (default torch; onnx with --bundle)")
     p.add_argument("--bundle", help="bundle folder (relaydiff bundle build) to run with --backend onnx or executorch")
     p.add_argument("--precision", default="fp32", help="bundle artifacts to run: fp32 or int8 (default fp32)")
-    p.add_argument("--token", help=f"link token (default ${TOKEN_ENV})")
+    p.add_argument("--token-file", help=f"file holding the link token (default ${TOKEN_ENV})")
+    p.add_argument("--token", help="the link token itself (visible in the process list: prefer --token-file)")
+    p.add_argument("--ca", help="PEM CA bundle to verify a wss:// host with (e.g. its self-signed certificate)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="log level on stderr (default warning)")
     p.add_argument("--quality", type=float, default=0.5, help="0 = fastest .. 1 = best quality (default 0.5)")
     p.add_argument("--deadline", type=float, default=60.0, help="seconds to wait for the host before generating alone")
     p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to reach the host (default 5)")
@@ -83,28 +105,153 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _token(args: argparse.Namespace, *, required: bool) -> str | None:
+    """The link token from --token-file, --token or $RELAYDIFF_TOKEN (in that order), at least MIN_TOKEN_CHARS long.
+
+    Raises:
+        RelaydiffError: an unreadable token file, a token too short or too long, or none when ``required``.
+    """
+    if args.token_file is not None and args.token is not None:
+        raise RelaydiffError("pass the link token once: --token-file or --token, not both")
+    if args.token_file is not None:
+        path = Path(args.token_file)
+        try:
+            if path.stat().st_size > MAX_TOKEN_FILE_BYTES:
+                raise RelaydiffError(f"--token-file {str(path)!r} is {path.stat().st_size} bytes; a token file holds one line")
+            token: str | None = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RelaydiffError(f"--token-file {str(path)!r} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+        source = f"--token-file {str(path)!r}"
+    elif args.token is not None:
+        token, source = args.token, "--token"
+    else:
+        token, source = os.environ.get(TOKEN_ENV) or None, f"${TOKEN_ENV}"
+    if token is None:
+        if required:
+            raise RelaydiffError(f"no link token: pass --token-file FILE or set ${TOKEN_ENV}")
+        return None
+    if len(token) < MIN_TOKEN_CHARS:  # the token itself is never quoted
+        raise RelaydiffError(f"the link token from {source} is {len(token)} characters; at least {MIN_TOKEN_CHARS} are required")
+    if len(token.encode("utf-8")) > 256:
+        raise RelaydiffError(f"the link token from {source} is {len(token.encode('utf-8'))} bytes; the protocol allows 256")
+    return token
+
+
+@contextlib.contextmanager
+def _logging(args: argparse.Namespace) -> Iterator[None]:
+    """Structured (key=value) logs of the link, host and device on stderr at --log-level, for the command's
+    duration (removed after, so that in-process callers keep their own logging); secrets are never logged."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("relaydiff.link", "relaydiff.host", "relaydiff.runtime")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(args.log_level.upper())
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+
+
+def _server_tls(args: argparse.Namespace) -> Any:
+    """The SSLContext of --tls-cert/--tls-key, or None."""
+    import ssl
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise RelaydiffError("--tls-cert and --tls-key go together")
+    if args.tls_cert is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise RelaydiffError(f"--tls-cert {args.tls_cert!r} / --tls-key {args.tls_key!r} cannot be loaded: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+    return context
+
+
+def _client_tls(args: argparse.Namespace) -> Any:
+    """The client SSLContext trusting --ca for a wss:// host, or None (the system's trust for wss://)."""
+    import ssl
+
+    if args.ca is None:
+        return None
+    if not args.connect.startswith("wss://"):
+        raise RelaydiffError(f"--ca applies to a wss:// host, not {args.connect!r}")
+    try:
+        return ssl.create_default_context(cafile=args.ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise RelaydiffError(f"--ca {args.ca!r} cannot be loaded: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _policy(args: argparse.Namespace) -> Any:
+    """The split policy of ``relaydiff host`` from --policy, --fraction and --bandit-state."""
+    from relaydiff.host.policy import FixedPolicy
+
+    name = args.policy or ("fixed" if args.fraction is not None else "rule")
+    if args.bandit_state is not None and name != "bandit":
+        raise RelaydiffError(f"--bandit-state applies to --policy bandit, not --policy {name}")
+    if name == "fixed":
+        if args.fraction is None:
+            raise RelaydiffError("--policy fixed needs --fraction F (the share of the steps the host runs, in [0, 1])")
+        return FixedPolicy(fraction=args.fraction)
+    if args.fraction is not None:
+        raise RelaydiffError(f"--fraction applies to --policy fixed, not --policy {name}")
+    if name == "rule":
+        return FixedPolicy()
+    from relaydiff.host.bandit import BanditConfig, BanditPolicy
+
+    if args.bandit_state is None:
+        return BanditPolicy(BanditConfig())
+    path = Path(args.bandit_state)
+    if path.exists():
+        bandit = BanditPolicy.load(path, state_path=path, autosave=False)
+    else:
+        bandit = BanditPolicy(BanditConfig(), state_path=path, autosave=False)
+    try:
+        bandit.flush()  # fail now, not at the first feedback, when the file cannot be written
+    except OSError as exc:
+        raise RelaydiffError(f"--bandit-state {str(path)!r} cannot be written: {exc.strerror or exc}") from None
+    return bandit
+
+
 def _emit(args: argparse.Namespace, payload: dict[str, Any], lines: list[str]) -> None:
     result(json.dumps(payload) if args.json else "\n".join(lines))
 
 
 def cmd_host(args: argparse.Namespace) -> int:
-    from relaydiff.host.controller import HostConfig, HostServer
-    from relaydiff.host.policy import FixedPolicy
+    from relaydiff.host.controller import HostConfig
     from relaydiff.link.config import LinkConfig
 
     listen_host, port = parse_listen(args.listen)
-    token = args.token or os.environ.get(TOKEN_ENV)
+    token = _token(args, required=False)
     generated = token is None
     token = token or secrets.token_urlsafe(18)
     if args.duration is not None and not args.duration > 0:
         raise RelaydiffError(f"--duration must be > 0 seconds, got {args.duration!r}")
     config = HostConfig(
         settings=_settings(args), listen_host=listen_host, port=port, result_timeout_s=args.result_timeout,
-        workers=args.workers, link=LinkConfig(),
+        workers=args.workers, max_queue=args.max_queue, max_requests_per_session=args.max_per_device, link=LinkConfig(),
     )
+    tls = _server_tls(args)
+    policy = _policy(args)
+    with _logging(args):
+        return _serve_host(args, config, token, generated, tls, policy, listen_host)
+
+
+def _serve_host(args: argparse.Namespace, config: Any, token: str, generated: bool, tls: Any, policy: Any,
+                listen_host: str) -> int:
+    from relaydiff.host.controller import HostServer
+
+    if tls is None and listen_host not in ("127.0.0.1", "::1", "localhost"):
+        logging.getLogger("relaydiff.host").warning(
+            "serving ws:// on %s without TLS: the link token travels in cleartext (use --tls-cert/--tls-key)", listen_host)
     server = HostServer.from_family(
         args.family, auth_token=token, host_variant=args.host_variant, device_variant=args.device_variant,
-        policy=FixedPolicy(fraction=args.fraction), config=config,
+        policy=policy, config=config, ssl=tls,
     )
 
     async def run() -> float:
@@ -130,8 +277,11 @@ def cmd_host(args: argparse.Namespace) -> int:
     for e in entries:
         name = e.source.value if e.source is not None else "pending"
         by_source[name] = by_source.get(name, 0) + 1
-    payload = {"requests": len(entries), "by_source": by_source, "refused_duplicates": len(server.ledger.refused),
-               "seconds": round(seconds, 2), "settings": config.settings.to_dict()}
+    payload = {"requests": len(entries), "by_source": by_source, "refused_duplicates": server.ledger.refused_count,
+               "seconds": round(seconds, 2), "settings": config.settings.to_dict(), "policy": type(policy).__name__,
+               "stats": dataclasses.asdict(server.stats)}
+    if args.bandit_state is not None:
+        payload["bandit_observations"] = len(policy.history)
     _emit(args, payload, [f"served {len(entries)} requests in {seconds:.1f} s: "
                           + ", ".join(f"{k} {v}" for k, v in sorted(by_source.items()))])
     return 0
@@ -161,9 +311,9 @@ def cmd_device(args: argparse.Namespace) -> int:
     from relaydiff.runtime.client import DeviceClient
     from relaydiff.runtime.device import DeviceRuntime
 
-    token = args.token or os.environ.get(TOKEN_ENV)
-    if not token:
-        raise RelaydiffError(f"no link token: pass --token or set ${TOKEN_ENV}")
+    token = _token(args, required=True)
+    assert token is not None
+    tls = _client_tls(args)
     if not args.connect_timeout > 0:
         raise RelaydiffError(f"--connect-timeout must be > 0 seconds, got {args.connect_timeout!r}")
     settings = _settings(args)
@@ -171,8 +321,9 @@ def cmd_device(args: argparse.Namespace) -> int:
     runtime = DeviceRuntime(create_backend(name, **options))
     link = LinkConfig(open_timeout_s=args.connect_timeout, handshake_timeout_s=args.connect_timeout)
     client = DeviceClient(runtime, args.connect, auth_token=token, settings=settings, quality_preference=args.quality,
-                          deadline_s=args.deadline, link_config=link)
-    outcome = asyncio.run(client.generate(args.prompt))
+                          deadline_s=args.deadline, link_config=link, ssl=tls)
+    with _logging(args):
+        outcome = asyncio.run(client.generate(args.prompt))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(outcome.image).save(out)

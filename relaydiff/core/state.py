@@ -10,6 +10,7 @@ generator state all travel explicitly.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,16 @@ MAX_STATE_BYTES = 64 * 1024 * 1024  # 64 MiB: an SD-size state (4x64x64 latent +
 _META_KEY = "relaydiff"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TIMESTEP_DTYPES = (torch.int64, torch.int32, torch.float32, torch.float64)
+# semantic bounds: values that pass the structural checks but that no real trajectory has
+MAX_STEPS = 10_000  # the protocol's cap on Progress.total
+MAX_BATCH = 64  # latents per state
+MAX_TRAIN_TIMESTEPS = 100_000  # scheduler_config num_train_timesteps
+MAX_GUIDANCE = 100.0  # classifier-free guidance scale
+_CONFIG_CHOICES = {  # scheduler_config keys diffusers reads, and the values it accepts
+    "timestep_spacing": ("leading", "trailing", "linspace"),
+    "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "prediction_type": ("epsilon", "v_prediction", "sample"),
+}
 
 
 @dataclass(frozen=True)
@@ -228,3 +239,59 @@ def validate(state: RelayState) -> None:
     gen = state.generator_state
     if gen is not None and (gen.dtype != torch.uint8 or gen.ndim != 1 or gen.numel() > 1 << 16):
         raise RelayStateError(f"generator_state must be a 1-D uint8 tensor, got {gen.dtype} of shape {tuple(gen.shape)}")
+    _validate_semantics(state)
+
+
+def _validate_semantics(state: RelayState) -> None:
+    """Values that pass the shape and dtype checks but that no trajectory has (each would crash or mislead the
+    device later): empty or oversized tensors, a grid beyond MAX_STEPS, timesteps off the training range,
+    non-finite or absurd guidance, scheduler settings diffusers does not know, a generator state torch refuses."""
+    lat, emb = state.latents, state.prompt_embeds
+    if lat.numel() == 0 or emb.numel() == 0:
+        raise RelayStateError(
+            f"latents {tuple(lat.shape)} and prompt_embeds {tuple(emb.shape)} must have no zero-size dimension"
+        )
+    if lat.shape[0] > MAX_BATCH:
+        raise RelayStateError(f"latents hold a batch of {lat.shape[0]}; the cap is {MAX_BATCH}")
+    n = state.num_inference_steps
+    if n > MAX_STEPS:
+        raise RelayStateError(f"the timestep grid has {n} steps; the cap is {MAX_STEPS}")
+    g = state.guidance_scale
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0 <= g <= MAX_GUIDANCE:
+        raise RelayStateError(f"guidance scale is {g!r}; expected a finite number in [0, {MAX_GUIDANCE:g}]")
+    cfg = state.scheduler_config
+    if not isinstance(cfg, dict):
+        raise RelayStateError(f"scheduler_config must be an object, got {type(cfg).__name__}")
+    for key, choices in _CONFIG_CHOICES.items():
+        if key in cfg and cfg[key] not in choices:
+            raise RelayStateError(f"scheduler_config {key!r} is {cfg[key]!r}; expected one of {list(choices)}")
+    train = cfg.get("num_train_timesteps", 1000)
+    if isinstance(train, bool) or not isinstance(train, int) or not 1 <= train <= MAX_TRAIN_TIMESTEPS:
+        raise RelayStateError(f"scheduler_config 'num_train_timesteps' is {train!r}; expected an integer in [1, {MAX_TRAIN_TIMESTEPS}]")
+    if n > train:
+        raise RelayStateError(f"the timestep grid has {n} steps; the scheduler trains on only {train} timesteps")
+    offset = cfg.get("steps_offset", 0)
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < train:
+        raise RelayStateError(f"scheduler_config 'steps_offset' is {offset!r}; expected an integer in [0, {train})")
+    for key in ("beta_start", "beta_end"):
+        beta = cfg.get(key, 0.01)
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < 1:  # NaN fails too
+            raise RelayStateError(f"scheduler_config {key!r} is {beta!r}; expected a number in (0, 1)")
+    if cfg.get("trained_betas") is not None:
+        raise RelayStateError("scheduler_config 'trained_betas' must be null (a relay state carries the named schedule only)")
+    order = cfg.get("solver_order", 2)
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 3:
+        raise RelayStateError(f"scheduler_config 'solver_order' is {order!r}; expected 1, 2 or 3")
+    ts = state.timesteps.double()
+    if bool((ts < 0).any()) or bool((ts > train).any()):
+        raise RelayStateError(f"timesteps must lie in [0, {train}] (num_train_timesteps), got {state.timesteps[:8].tolist()}...")
+    for key, value in state.history_ints.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_STEPS:
+            raise RelayStateError(f"history_ints {key!r} is {value!r}; expected an integer in [0, {MAX_STEPS}]")
+    if state.seed is not None and not -(1 << 63) <= state.seed < 1 << 64:
+        raise RelayStateError(f"seed {state.seed!r} is outside the 64-bit range")
+    if state.generator_state is not None:
+        try:
+            torch.Generator("cpu").set_state(state.generator_state)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise RelayStateError(f"generator_state is not a CPU torch.Generator state: {exc}") from None

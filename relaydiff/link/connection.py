@@ -180,6 +180,7 @@ class Connection:
             return NEED_DATA
         data = self._pending.popleft()
         try:
+            self._precheck(data)
             event = wire.decode(
                 data, max_message_bytes=self.config.max_message_bytes, max_json_bytes=self.config.max_json_bytes
             )
@@ -213,6 +214,28 @@ class Connection:
         return RemoteProtocolError(code, message)
 
     # -- the machine -----------------------------------------------------------------------
+
+    def _precheck(self, data: bytes) -> None:
+        """Refuse from the header alone what no content could make acceptable, before parsing anything:
+        a message above ``max_hello_bytes`` before the handshake is done, an event not allowed in this
+        state, or one the peer's role never sends (e.g. a RelayHandoff from a device)."""
+        if self._state in (State.IDLE, State.HELLO_SENT) and len(data) > self.config.max_hello_bytes:
+            raise RemoteProtocolError(
+                ErrorCode.MESSAGE_TOO_LARGE,
+                f"message is {len(data)} bytes before the handshake; the cap is {self.config.max_hello_bytes}",
+            )
+        cls = wire.peek_type(data)
+        if cls is None:
+            return
+        kind = cls.__name__
+        kinds = (kind, "RequestError") if kind == "Error" else (kind,)
+        if not any((self._state, Side.PEER, k) in TRANSITIONS for k in kinds):
+            raise RemoteProtocolError(ErrorCode.UNEXPECTED_EVENT, f"the peer sent {kind} in state {self._state.value}")
+        only = ONLY_FROM.get(kind)
+        if only is not None and self.peer_role is not only:
+            raise RemoteProtocolError(
+                ErrorCode.UNEXPECTED_EVENT, f"{kind} is sent by the {only.value} only; the sender is the {self.peer_role.value}"
+            )
 
     def _transition(self, side: Side, event: Event, size: int) -> None:
         """Check ``event`` against the tables and the handshake rules, then commit the new states."""

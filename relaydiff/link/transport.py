@@ -15,7 +15,10 @@ a protocol error tells the peer (an ``Error`` event) before closing the socket.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
+import time
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from ssl import SSLContext
 from typing import Any
@@ -33,6 +36,8 @@ from relaydiff.link.errors import ErrorCode, LocalProtocolError, PeerError, Prot
 from relaydiff.link.events import Close, DeviceCapabilities, Error, Event, Hello, HelloAck, Role
 
 _CLOSE_CODES = {ErrorCode.AUTH_FAILED: 1008, ErrorCode.MESSAGE_TOO_LARGE: 1009}  # WebSocket close codes; else 1002
+MAX_TRACKED_ADDRESSES = 10_000  # addresses the failed-login limiter remembers (the least recent are forgotten)
+log = logging.getLogger(__name__)
 
 
 class LinkClosed(RelaydiffError):
@@ -93,8 +98,9 @@ class Link:
                 message = await asyncio.wait_for(self.websocket.recv(), timeout)
             except ConnectionClosed as exc:
                 if exc.sent is not None and exc.sent.code == 1009:  # websockets enforced max_size for us
+                    cap = self.websocket.protocol.max_message_size
                     raise self.connection.remote_error(
-                        ErrorCode.MESSAGE_TOO_LARGE, f"message exceeds the cap of {self.config.max_message_bytes} bytes"
+                        ErrorCode.MESSAGE_TOO_LARGE, f"message exceeds the cap of {cap} bytes"
                     ) from None
                 raise LinkClosed(f"the socket closed ({exc})") from None
             if isinstance(message, str):
@@ -163,6 +169,51 @@ class LinkServer:
         await self.close()
 
 
+class LoginLimiter:
+    """Failed handshakes per remote address in a sliding window; an address over the limit is locked out.
+
+    Hand-written: a dozen lines over a dict of deques, bounded in addresses and in failures per address.
+    """
+
+    def __init__(self, max_failures: int, window_s: float) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def _recent(self, address: str, now: float) -> deque[float]:
+        times = self._failures.get(address)
+        if times is None:
+            return deque()
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        if not times:
+            del self._failures[address]
+        return times
+
+    def locked_for(self, address: str) -> float:
+        """Seconds until ``address`` may try again (0: it may now)."""
+        now = time.monotonic()
+        times = self._recent(address, now)
+        return times[0] + self.window_s - now if len(times) >= self.max_failures else 0.0
+
+    def failed(self, address: str) -> None:
+        now = time.monotonic()
+        times = self._recent(address, now)
+        times.append(now)
+        while len(times) > self.max_failures:
+            times.popleft()
+        self._failures[address] = times
+        self._failures.move_to_end(address)
+        while len(self._failures) > MAX_TRACKED_ADDRESSES:
+            self._failures.popitem(last=False)
+
+
+def _address(websocket: Any) -> str:
+    """The remote IP address (no port: a guesser changes ports), or "?"."""
+    remote = getattr(websocket, "remote_address", None)
+    return str(remote[0]) if isinstance(remote, tuple) and remote else "?"
+
+
 def _ws_options(config: LinkConfig) -> dict[str, Any]:
     return {
         "max_size": config.max_message_bytes,  # websockets refuses (1009) anything above the protocol cap
@@ -201,13 +252,26 @@ async def serve(
     config = config if config is not None else LinkConfig()
     Connection(role, auth_token=auth_token, config=config)  # check the arguments now, not per peer
 
+    limiter = LoginLimiter(config.max_failed_logins, config.failed_login_window_s)
+
     async def on_socket(websocket: ServerConnection) -> None:
         link = Link(websocket, Connection(role, auth_token=auth_token, config=config))
+        address = _address(websocket)
+        locked = limiter.locked_for(address)
+        if locked > 0:  # too many failed logins from there: refused before reading anything
+            log.warning("link refused peer=%s code=auth_failed reason=locked_out retry_in_s=%.0f", address, locked)
+            await link.fail(RemoteProtocolError(
+                ErrorCode.AUTH_FAILED, f"too many failed logins from this address; retry in {locked:.0f} s"))
+            return
         try:
             hello = await link.recv(timeout=config.handshake_timeout_s)
-        except RemoteProtocolError:
-            return  # recv already told the peer and closed the socket
+        except RemoteProtocolError as exc:  # recv already told the peer and closed the socket
+            limiter.failed(address)
+            log.warning("link refused peer=%s code=%s", address, exc.code.value)
+            return
         except TimeoutError:
+            limiter.failed(address)
+            log.warning("link refused peer=%s code=timeout", address)
             await link.fail(RemoteProtocolError(ErrorCode.TIMEOUT, f"no Hello within {config.handshake_timeout_s} s"))
             return
         except LinkClosed:
@@ -215,13 +279,17 @@ async def serve(
         if not isinstance(hello, Hello):  # a Close or Error instead of a Hello: the peer gave up
             await websocket.close()
             return
+        log.info("link accepted peer=%s role=%s", address, hello.role.value)
         try:
             await link.send(link.connection.hello_ack(secrets.token_hex(8)))
+            websocket.protocol.max_message_size = config.max_message_bytes  # authenticated: the full cap from now on
             await handler(link)
         finally:
             await link.close()
 
-    server = await ws_serve(on_socket, host, port, ssl=ssl, **_ws_options(config))
+    # until a peer's Hello passes, websockets itself refuses any message above max_hello_bytes (unread, unparsed)
+    options = {**_ws_options(config), "max_size": config.max_hello_bytes}
+    server = await ws_serve(on_socket, host, port, ssl=ssl, **options)
     return LinkServer(server, secure=ssl is not None)
 
 
@@ -245,7 +313,8 @@ async def connect(
     config = config if config is not None else LinkConfig()
     connection = Connection(role, auth_token=auth_token, config=config)
     hello = connection.hello(capabilities)  # validates capabilities before opening a socket
-    websocket = await ws_connect(url, ssl=ssl, proxy=None, **_ws_options(config))  # a direct edge link: no proxy
+    tls = {} if ssl is None else {"ssl": ssl}  # without one, websockets uses the system's trust for wss://
+    websocket = await ws_connect(url, proxy=None, **tls, **_ws_options(config))  # a direct edge link: no proxy
     link = Link(websocket, connection)
     try:
         await link.send(hello)

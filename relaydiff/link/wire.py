@@ -38,6 +38,18 @@ def encode(event: Event, *, version: int = PROTOCOL_VERSION) -> bytes:
     return HEADER.pack(MAGIC, version, event.TYPE_CODE, len(body), len(blob)) + body + blob
 
 
+def peek_type(data: bytes) -> type[Event] | None:
+    """The event class a message's header names, without parsing anything else; None when the header is
+    not a well-formed version-1 header (of the message's exact length) of a known type (``decode`` then says
+    what is wrong)."""
+    if len(data) < HEADER_SIZE:
+        return None
+    magic, version, type_code, json_len, blob_len = HEADER.unpack_from(data)
+    if magic != MAGIC or version != PROTOCOL_VERSION or HEADER_SIZE + json_len + blob_len != len(data):
+        return None
+    return EVENT_TYPES.get(type_code)
+
+
 def decode(data: bytes, *, max_message_bytes: int, max_json_bytes: int) -> Event:
     """Parse and validate one whole message.
 

@@ -66,9 +66,72 @@ def test_state_survives_a_restart(tmp_path: Path) -> None:
 def test_history_is_bounded_and_reload_matches(tmp_path: Path) -> None:
     policy = BanditPolicy(BanditConfig(fractions=FRACTIONS, max_history=25))
     _train(policy, 40)
-    assert len(policy.history) == 25
+    # the window moved once at observation 26 (kept 13) and again at 39 (kept 13): 14 now, never above 25
+    assert len(policy.history) == 14
     policy.save(tmp_path / "b.json")
     assert BanditPolicy.load(tmp_path / "b.json").expectations(_ctx(0.4)) == policy.expectations(_ctx(0.4))
+    fresh = BanditPolicy(BanditConfig(fractions=FRACTIONS, max_history=25))  # the forgotten half really is gone
+    for obs in policy.history:
+        fresh.record(obs.context, obs.arm, obs.reward)
+    assert fresh.expectations(_ctx(0.4)) == policy.expectations(_ctx(0.4))
+
+
+def test_recording_past_max_history_never_refits(monkeypatch: pytest.MonkeyPatch) -> None:
+    policy = BanditPolicy(BanditConfig(fractions=FRACTIONS, max_history=10))
+
+    def refit() -> None:
+        raise AssertionError("record() refitted the whole history")
+
+    monkeypatch.setattr(policy, "_refit", refit)
+    _train(policy, 45)
+    assert 5 <= len(policy.history) <= 10
+
+
+def test_state_file_appends_one_line_per_observation(tmp_path: Path) -> None:
+    path = tmp_path / "bandit.jsonl"
+    policy = BanditPolicy(BanditConfig(fractions=FRACTIONS, max_history=8), state_path=path, autosave=False)
+    _train(policy, 1)
+    assert policy.dirty and policy.flush() and not policy.dirty and not policy.flush()
+    first = path.read_text().splitlines()[0]
+    for n in range(2, 5):  # each flush appends the new observation; the first line stays as it was
+        _train(policy, 1, seed=n)
+        policy.flush()
+        lines = path.read_text().splitlines()
+        assert len(lines) == n and lines[0] == first
+    assert BanditPolicy.load(path).expectations(_ctx(0.3)) == policy.expectations(_ctx(0.3))
+    _train(policy, 5, seed=9)  # 9 observations > max_history 8: the window moves, the next flush compacts
+    policy.flush()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1 and len(policy.history) == 5
+    restarted = BanditPolicy.load(path, state_path=path, autosave=False)
+    assert restarted.expectations(_ctx(0.8)) == policy.expectations(_ctx(0.8))
+    _train(restarted, 1, seed=11)  # the reloaded bandit keeps appending to the same file
+    restarted.flush()
+    assert len(path.read_text().splitlines()) == 2 and len(BanditPolicy.load(path).history) == 6
+
+
+def test_flush_in_a_thread_while_recording(tmp_path: Path) -> None:
+    import threading
+
+    path = tmp_path / "bandit.jsonl"
+    policy = BanditPolicy(BanditConfig(fractions=FRACTIONS, max_history=30), state_path=path, autosave=False)
+    stop = threading.Event()
+
+    def writer() -> None:
+        while not stop.is_set():
+            policy.flush()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        _train(policy, 100)
+    finally:
+        stop.set()
+        thread.join()
+    policy.flush()
+    loaded = BanditPolicy.load(path)
+    assert [o.to_json() for o in loaded.history] == [o.to_json() for o in policy.history]
+    assert loaded.expectations(_ctx(0.2)) == policy.expectations(_ctx(0.2))
 
 
 def test_policy_protocol_choose_and_observe() -> None:
@@ -104,7 +167,17 @@ def test_host_server_serves_with_the_bandit(tiny_pair, link_config, token, tmp_p
     from relaydiff.link.transport import connect
     from relaydiff.runtime.settings import GenerationSettings
 
+    import threading
+
     bandit = BanditPolicy(BanditConfig(fractions=FRACTIONS), state_path=tmp_path / "bandit.json")
+    flushed_on: list[str] = []
+    flush = bandit.flush
+
+    def spy_flush() -> bool:
+        flushed_on.append(threading.current_thread().name)
+        return flush()
+
+    bandit.flush = spy_flush  # type: ignore[method-assign]
     host = HostServer(tiny_pair[0], tiny_pair[1], auth_token=token, policy=bandit,
                       config=HostConfig(settings=GenerationSettings(steps=4), link=link_config))
     caps = DeviceCapabilities(("torch",), "bandit-test-device", "ab" * 32, 100.0)
@@ -128,5 +201,6 @@ def test_host_server_serves_with_the_bandit(tiny_pair, link_config, token, tmp_p
             await link.close()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+    assert flushed_on and threading.main_thread().name not in flushed_on  # saved in a worker, never on the loop
     (obs,) = BanditPolicy.load(tmp_path / "bandit.json").history
     assert obs.arm == Arm(0.7, "device") and obs.context.device_steps_per_second == 100.0 and obs.context.steps == 4

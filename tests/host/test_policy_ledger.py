@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from relaydiff.core.errors import RelaydiffError
-from relaydiff.host.ledger import Ledger, Source
+from relaydiff.host.ledger import Ledger, Source, digest_bytes, digest_latents
 from relaydiff.host.policy import FixedPolicy, Policy
 from relaydiff.link.events import Feedback, GenerateRequest
 
@@ -28,15 +28,39 @@ def test_fixed_policy_with_a_fixed_fraction_ignores_the_preference(fraction: flo
 
 
 def test_ledger_records_one_result_per_request_and_refuses_a_second() -> None:
+    import torch
+
     ledger = Ledger()
     ledger.accept("s1/a", "x")
     ledger.accept("s1/b", "y")
     assert [e.key for e in ledger.pending()] == ["s1/a", "s1/b"]
-    assert ledger.complete("s1/a", Source.HOST_FALLBACK, latents=1)
+    latents = torch.ones(1, 4, 2, 2)
+    assert ledger.complete("s1/a", Source.HOST_FALLBACK, latents=latents)
     assert not ledger.complete("s1/a", Source.DEVICE, png=b"late")
-    assert ledger.get("s1/a").source is Source.HOST_FALLBACK and ledger.get("s1/a").png is None
-    assert ledger.refused == [("s1/a", Source.DEVICE)]
+    entry = ledger.get("s1/a")
+    assert entry.source is Source.HOST_FALLBACK and entry.result_kind == "latent" and entry.result_bytes == 64
+    assert entry.result_sha256 == digest_latents(latents) != digest_latents(latents.half())
+    assert ledger.refused == [("s1/a", Source.DEVICE)] and ledger.refused_count == 1
     assert [e.key for e in ledger.pending()] == ["s1/b"] and len(ledger) == 2
+
+
+def test_ledger_keeps_digests_only_and_is_bounded_in_size_and_age(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    ledger = Ledger(max_entries=3, max_age_s=60.0)
+    blob = b"\x89PNG" + bytes(1 << 20)
+    for i in range(10):
+        ledger.accept(f"s1/{i}", "p" * 5000)
+        ledger.complete(f"s1/{i}", Source.DEVICE, png=blob, timings={"host_s": 1.0})
+    ledger.accept("s1/pending", "x")  # pending entries are never dropped
+    assert [e.key for e in ledger.entries()] == ["s1/7", "s1/8", "s1/9", "s1/pending"] and ledger.forgotten == 7
+    entry = ledger.get("s1/9")
+    assert entry.result_sha256 == digest_bytes(blob) and entry.result_bytes == len(blob) and len(entry.prompt) == 256
+    assert not any(isinstance(v, bytes) for v in vars(entry).values())  # no blob kept
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + 61.0)
+    ledger.prune()
+    assert [e.key for e in ledger.entries()] == ["s1/pending"] and ledger.find("s1/9") is None
 
 
 def test_ledger_refuses_unknown_and_reused_keys() -> None:
@@ -46,5 +70,9 @@ def test_ledger_refuses_unknown_and_reused_keys() -> None:
         ledger.accept("s1/a", "x")
     with pytest.raises(RelaydiffError, match="'s1/zz' was never accepted"):
         ledger.complete("s1/zz", Source.DEVICE)
-    with pytest.raises(TypeError, match="no field 'image'"):
-        ledger.complete("s1/a", Source.DEVICE, image=b"")
+    with pytest.raises(TypeError, match="image"):
+        ledger.complete("s1/a", Source.DEVICE, image=b"")  # type: ignore[call-arg]
+    with pytest.raises(RelaydiffError, match="max_entries must be a positive integer, got 0"):
+        Ledger(max_entries=0)
+    with pytest.raises(RelaydiffError, match="max_age_s must be a positive number of seconds, got -1"):
+        Ledger(max_age_s=-1)

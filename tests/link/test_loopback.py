@@ -191,3 +191,58 @@ def test_serve_accepts_an_ssl_parameter() -> None:
         await server.close()
 
     run(main())
+
+
+def test_a_large_message_before_the_hello_is_refused_unread_and_the_cap_rises_after_it() -> None:
+    async def main() -> None:
+        async with await serve(host_handler, auth_token=TOKEN, config=CONFIG) as server:
+            async with ws_connect(server.url, proxy=None, max_size=None) as ws:
+                await ws.send(b"RDLK" + struct.pack("<HHII", 1, 4, 2, 1 << 20) + b"{}" + bytes(1 << 20))  # 1 MiB "hand-off"
+                await ws.wait_closed()
+                assert ws.close_code == 1009  # websockets refused it from the frame header: never buffered nor parsed
+            link = await connect(server.url, auth_token=TOKEN, capabilities=CAPS, config=CONFIG)
+            padding = bytes(256 * 1024)  # after the handshake the full cap applies
+            await link.send(Ping(5, 0.0, padding))
+            pong = await link.recv()
+            assert isinstance(pong, Pong) and pong.nonce == 5
+            await link.close()
+
+    run(main())
+
+
+def test_failed_logins_lock_an_address_out_for_the_window(caplog) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+    import logging
+
+    config = dataclasses.replace(CONFIG, max_failed_logins=3, failed_login_window_s=30.0)
+
+    async def main() -> None:
+        async with await serve(host_handler, auth_token=TOKEN, config=config) as server:
+            for _ in range(3):
+                with pytest.raises(PeerError, match="auth_failed"):
+                    await connect(server.url, auth_token="guess-" + "x" * 10, capabilities=CAPS, config=config)
+            with pytest.raises(PeerError, match="too many failed logins from this address; retry in 30 s"):
+                await connect(server.url, auth_token=TOKEN, capabilities=CAPS, config=config)  # even the right token
+
+    with caplog.at_level(logging.INFO, logger="relaydiff.link.transport"):
+        run(main())
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("link refused peer=127.0.0.1 code=auth_failed" in m for m in messages) == 4
+    assert not any(TOKEN in m or "guess-" in m for m in messages)  # no secret, right or wrong, is logged
+
+
+def test_the_login_limiter_forgets_failures_after_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time as time_module
+
+    from relaydiff.link.transport import LoginLimiter
+
+    now = [1000.0]
+    monkeypatch.setattr(time_module, "monotonic", lambda: now[0])
+    limiter = LoginLimiter(max_failures=2, window_s=10.0)
+    limiter.failed("10.0.0.1")
+    assert limiter.locked_for("10.0.0.1") == 0.0
+    now[0] += 4.0
+    limiter.failed("10.0.0.1")
+    assert limiter.locked_for("10.0.0.1") == pytest.approx(6.0) and limiter.locked_for("10.0.0.2") == 0.0
+    now[0] += 6.5
+    assert limiter.locked_for("10.0.0.1") == 0.0  # the first failure left the window

@@ -99,7 +99,36 @@ def test_bad_magic_is_quoted() -> None:
 
 def test_oversized_message_is_refused_before_parsing() -> None:
     conn = host(LinkConfig(max_message_bytes=65536))
+    refuse(conn, b"RDLK" + b"\xff" * 70000, ErrorCode.MESSAGE_TOO_LARGE, "70004 bytes before the handshake; the cap is 8192")
+    device = Connection(Role.DEVICE, auth_token=TOKEN)
+    conn = host(LinkConfig(max_message_bytes=65536))
+    conn.receive_data(device.send(device.hello(CAPS)))
+    conn.next_event()
+    conn.send(conn.hello_ack())
     refuse(conn, b"RDLK" + b"\xff" * 70000, ErrorCode.MESSAGE_TOO_LARGE, "70004 bytes; the cap is 65536")
+
+
+def test_nothing_but_a_small_hello_is_parsed_before_the_handshake(monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed: list[bytes] = []
+    decode = wire.decode
+    monkeypatch.setattr(wire, "decode", lambda data, **kw: parsed.append(data) or decode(data, **kw))
+    state = relay_state().to_bytes()
+    refuse(host(), frame(4, '{"request_id":"r1"}', state), ErrorCode.UNEXPECTED_EVENT, "sent RelayHandoff in state IDLE")
+    refuse(host(), frame(3, '{"request_id":"r1","prompt":"x","quality_preference":0.5,"deadline_s":1}'),
+           ErrorCode.UNEXPECTED_EVENT, "sent GenerateRequest in state IDLE")
+    refuse(host(), frame(1, "{" + " " * 9000 + "}"), ErrorCode.MESSAGE_TOO_LARGE, "before the handshake; the cap is 8192")
+    assert parsed == []  # refused from the header alone
+
+
+def test_a_relay_handoff_from_a_device_is_refused_by_role_before_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, h = ready_pair()
+
+    def no_parse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the relay state was parsed before the role check")
+
+    monkeypatch.setattr(RelayState, "from_bytes", no_parse)
+    refuse(h, frame(4, '{"request_id":"r1"}', relay_state().to_bytes()), ErrorCode.UNEXPECTED_EVENT,
+           "RelayHandoff is sent by the host only; the sender is the device")
 
 
 def test_oversized_json() -> None:
@@ -109,7 +138,7 @@ def test_oversized_json() -> None:
 
 def test_blob_above_the_event_cap_is_refused_from_the_header() -> None:
     data = b"RDLK" + struct.pack("<HHII", 1, 9, 2, 5 * 1024 * 1024) + b"{}"  # Ping padding cap is 4 MiB
-    refuse(host(), data, ErrorCode.MESSAGE_TOO_LARGE, "blob cap is 4194304")
+    refuse(ready_pair()[1], data, ErrorCode.MESSAGE_TOO_LARGE, "blob cap is 4194304")
 
 
 def test_blob_on_an_event_without_one() -> None:
@@ -152,7 +181,7 @@ def test_unknown_event_type() -> None:
         (b"\xff\xfe{}", "invalid"),
         ('{"a": NaN}', "NaN is not allowed"),
         ('{"a": 1, "a": 2}', "duplicate key 'a'"),
-        ("[" * 5000 + "]" * 5000, "invalid"),
+        ("[" * 4000 + "]" * 4000, "invalid"),  # too deep (and still under the 8 KiB pre-handshake cap)
     ],
 )
 def test_json_that_is_not_a_clean_object(body: str | bytes, match: str) -> None:
@@ -210,7 +239,7 @@ def test_overflowing_numbers() -> None:
 
 
 def test_progress_step_beyond_total() -> None:
-    refuse(host(), frame(5, '{"request_id":"r","step":6,"total":5}'), ErrorCode.INVALID_FIELD, "step is 6; expected at most total = 5")
+    refuse(ready_pair()[1], frame(5, '{"request_id":"r","step":6,"total":5}'), ErrorCode.INVALID_FIELD, "step is 6; expected at most total = 5")
 
 
 def test_error_code_must_be_known() -> None:
@@ -274,7 +303,7 @@ def test_building_a_handoff_from_bad_bytes_is_a_local_error() -> None:
     ],
 )
 def test_result_blob_must_match_its_kind(kind: str, blob: bytes, match: str) -> None:
-    refuse(host(), frame(6, json.dumps({"request_id": "r", "kind": kind, "timings": {}}), blob), ErrorCode.BAD_BLOB, match)
+    refuse(ready_pair()[1], frame(6, json.dumps({"request_id": "r", "kind": kind, "timings": {}}), blob), ErrorCode.BAD_BLOB, match)
 
 
 # -- the handshake -----------------------------------------------------------------------------
