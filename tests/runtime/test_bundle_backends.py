@@ -167,10 +167,10 @@ def test_device_command_runs_a_bundle(bundle, service_main, tmp_path: Path, caps
         port = s.getsockname()[1]  # nothing listens: the device generates alone with the bundle
     out = tmp_path / "alone.png"
     code = service_main(["device", "--connect", f"ws://127.0.0.1:{port}/", "--prompt", "a blue square", "--bundle", str(bundle),
-                         "--precision", "int8", "--token", "t", "--steps", "2", "--connect-timeout", "1", "--out", str(out), "--json"])
+                         "--precision", "int8", "--token", "bundle-test-token-0123", "--steps", "2", "--connect-timeout", "1", "--out", str(out), "--json"])
     payload = json.loads(capsys.readouterr().out)
     assert code == 0 and payload["mode"] == "device-only" and out.is_file()
-    assert service_main(["device", "--connect", "ws://127.0.0.1:1/", "--prompt", "x", "--backend", "onnx", "--token", "t"]) == 2
+    assert service_main(["device", "--connect", "ws://127.0.0.1:1/", "--prompt", "x", "--backend", "onnx", "--token", "bundle-test-token-0123"]) == 2
     assert "pass --bundle DIR" in capsys.readouterr().out
 
 
