@@ -224,13 +224,13 @@ class Artifact:
         file never records an absolute path of the machine that built it. Every value must be JSON already.
 
         Raises:
-            TypeError: a metadata value is not JSON (nothing is stringified silently).
+            TypeError / ValueError: a metadata value is not JSON, or not finite (nothing is stringified silently).
         """
         data = self.to_json()
         root = data["metadata"].get("family_root")
         if root is not None:
             data["metadata"]["family_root"] = _relative(Path(root), self.metadata_path.parent)
-        self.metadata_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        self.metadata_path.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
         return self.metadata_path
 
     @classmethod

@@ -205,7 +205,7 @@ def build(config: BundleConfig, *, progress: bool = True, log: Callable[[str], N
     problems = schema_problems(manifest)
     if problems:
         raise BundleError("the manifest built does not match its schema", problems)
-    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"  # NaN/Infinity are not JSON: fail here
     (out / MANIFEST).write_text(text)
     (out / MANIFEST_HASH).write_text(hashlib.sha256(text.encode()).hexdigest() + "  " + MANIFEST + "\n")
     if config.zip:

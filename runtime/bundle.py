@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,9 +146,14 @@ def fixture_parity(got: Mapping[str, np.ndarray], fixture: Mapping[str, np.ndarr
             continue
         name = key[len("reference."):]
         c = compare(np.asarray(got[name]), ref, tol)
-        out[name] = {"max_abs": round(c.max_abs, 7), "psnr_db": round(c.psnr_db, 3)}
+        out[name] = {"max_abs": _json_number(c.max_abs, 7), "psnr_db": _json_number(c.psnr_db, 3)}
         out["passed"] = bool(out["passed"] and c.passed)
     return out
+
+
+def _json_number(value: float, digits: int) -> float | None:
+    """``value`` rounded, or None when it is not finite (NaN and infinities are not JSON)."""
+    return round(value, digits) if math.isfinite(value) else None
 
 
 # --------------------------------------------------------------------------------------------------- verify

@@ -61,12 +61,16 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if size > MAX_MANIFEST_BYTES:
         raise BundleError(f"manifest.json is {size} bytes; the cap is {MAX_MANIFEST_BYTES}")
     try:
-        data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(path.read_bytes(), parse_constant=_not_json)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise BundleError(f"manifest.json is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BundleError(f"manifest.json must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 @dataclass(frozen=True)

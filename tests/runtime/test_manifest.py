@@ -71,6 +71,17 @@ def test_a_bad_value_is_refused_naming_where(path: tuple[Any, ...], value: Any, 
     assert "\n" not in str(exc.value)  # one line for the CLI; every problem is in .problems
 
 
+def test_a_manifest_file_must_be_strict_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from relaydiff.runtime.manifest import read_manifest
+
+    data = _manifest()
+    (tmp_path / "manifest.json").write_text(json.dumps(data).replace('"size": 10', '"size": NaN'))
+    with pytest.raises(BundleError, match="NaN is not a JSON value"):
+        read_manifest(tmp_path)
+
+
 def test_every_problem_is_listed() -> None:
     data = _manifest()
     del data["tools"]
