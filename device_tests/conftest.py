@@ -136,28 +136,37 @@ def bundle_dir(built: tuple[Path, Path | None]) -> Path:
 
 @pytest.fixture(scope="session")
 def manifest(bundle_dir: Path) -> dict[str, Any]:
+    """The manifest's raw JSON: the checks read it independently of relaydiff's own Manifest records."""
     from relaydiff.runtime.bundle import read_manifest
 
     return read_manifest(bundle_dir)
 
 
 @pytest.fixture(scope="session")
-def family_dir(built: tuple[Path, Path | None], manifest: dict[str, Any]) -> Path:
+def typed_manifest(manifest: dict[str, Any]) -> Any:
+    """The manifest as relaydiff reads it (validated against its schema), for the library calls the fixtures make."""
+    from relaydiff.runtime.manifest import Manifest
+
+    return Manifest.from_json(manifest)
+
+
+@pytest.fixture(scope="session")
+def family_dir(built: tuple[Path, Path | None], manifest: dict[str, Any], typed_manifest: Any) -> Path:
     """The bundle's family folder (its config hash is the manifest's), or a skip saying how to give it."""
     from relaydiff.runtime.bundle import find_family
 
-    folder = find_family(built[0], manifest, built[1])
+    folder = find_family(built[0], typed_manifest, built[1])
     if folder is None:
         pytest.skip(f"the torch reference needs the bundle's family (id {manifest['family']['id']}); set {FAMILY_ENV}=DIR")
     return folder
 
 
 @pytest.fixture(scope="session")
-def pair(family_dir: Path, manifest: dict[str, Any]) -> tuple[Any, Any]:
+def pair(family_dir: Path, typed_manifest: Any) -> tuple[Any, Any]:
     """(host, device) loaded through relaydiff.core.family, with the variants the manifest names."""
     from relaydiff.export.bench import load_pair
 
-    return load_pair(family_dir, manifest)
+    return load_pair(family_dir, typed_manifest)
 
 
 @pytest.fixture(scope="session")
@@ -204,6 +213,7 @@ def entry(artifact_key: tuple[str, str, str], manifest: dict[str, Any]) -> dict[
 def open_file(bundle_dir: Path) -> Callable[..., Any]:
     """open_file(entry, file=None) -> ArtifactSession, cached per file; a skip naming the reason where the runtime is absent."""
     from relaydiff.runtime.bundle import open_session
+    from relaydiff.runtime.manifest import ArtifactEntry
     from relaydiff.runtime.sessions import RuntimeUnavailableError
 
     cache: dict[str, Any] = {}
@@ -212,7 +222,7 @@ def open_file(bundle_dir: Path) -> Callable[..., Any]:
         file = file or entry["file"]
         if file not in cache:
             try:
-                cache[file] = open_session(bundle_dir, entry, file)
+                cache[file] = open_session(bundle_dir, ArtifactEntry.from_json(entry), file)
             except RuntimeUnavailableError as exc:
                 pytest.skip(str(exc))
         return cache[file]

@@ -90,9 +90,9 @@ def test_student_section_is_the_family_student(manifest: dict[str, Any], pair: t
     if device.student is None:
         assert section is None and inputs <= {("sample", "timestep", "text_embeds", "guidance_scale")}, (section, inputs)
         return
-    k, n, m = manifest["relay"]["relay_step"], manifest["relay"]["steps"], device.student["student_steps"]
+    k, n, m = manifest["relay"]["relay_step"], manifest["relay"]["steps"], device.student.student_steps
     assert section is not None, "the device variant is a student but the manifest has no relay.student"
-    assert (section["relay_step"], section["steps"], section["student_steps"]) == (device.student["relay_step"], device.student["steps"], m)
+    assert (section["relay_step"], section["steps"], section["student_steps"]) == (device.student.relay_step, device.student.steps, m)
     assert (section["relay_step"], section["steps"]) == (k, n)
     assert section["step_indices"] == coarse_indices(n, k, m)
     assert section["timesteps"] == [manifest["scheduler"]["timesteps"][i] for i in section["step_indices"]]

@@ -20,7 +20,7 @@ def test_artifact_matches_torch_per_call(
     entry: dict[str, Any], pair: tuple[Any, Any], samples: dict[str, list[dict[str, Any]]], open_file: Callable[..., Any]
 ) -> None:
     from relaydiff.core.metrics import psnr_db
-    from relaydiff.runtime.bundle import runnable_files
+    from relaydiff.runtime.manifest import ArtifactEntry
     from relaydiff.export.components import component_for
 
     device = pair[1]
@@ -29,7 +29,7 @@ def test_artifact_matches_torch_per_call(
     refs = [comp.reference(device, x) for x in inputs]
     tol = entry["tolerance"]
     problems, figures = [], []
-    for file in runnable_files(entry):
+    for file in ArtifactEntry.from_json(entry).runnable_files():
         session = open_file(entry, file)
         for i, (x, ref) in enumerate(zip(inputs, refs, strict=True)):
             got = session(x)

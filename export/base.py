@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -217,8 +218,19 @@ class Artifact:
         }
 
     def write_metadata(self) -> Path:
-        """Write the metadata JSON beside the primary file and return its path."""
-        self.metadata_path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True, default=str) + "\n")
+        """Write the metadata JSON beside the primary file and return its path.
+
+        The family folder (``metadata["family_root"]``) is written relative to the JSON file's folder, so a
+        file never records an absolute path of the machine that built it. Every value must be JSON already.
+
+        Raises:
+            TypeError / ValueError: a metadata value is not JSON, or not finite (nothing is stringified silently).
+        """
+        data = self.to_json()
+        root = data["metadata"].get("family_root")
+        if root is not None:
+            data["metadata"]["family_root"] = _relative(Path(root), self.metadata_path.parent)
+        self.metadata_path.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
         return self.metadata_path
 
     @classmethod
@@ -246,6 +258,11 @@ class Artifact:
             tolerance=Tolerance(**data["tolerance"]),
             metadata=dict(data.get("metadata", {})),
         )
+
+
+def _relative(path: Path, start: Path) -> str:
+    """``path`` relative to ``start`` ("/"-separated), resolving both first."""
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from relaydiff.core.errors import RelaydiffError
-from relaydiff.runtime.bundle import BundleError, find_family, load_fixture, open_session, read_manifest, runnable_files, schema_problems
+from relaydiff.runtime.bundle import ArtifactEntry, BundleError, Manifest, find_family, load_fixture, open_session, runnable_files
 from relaydiff.runtime.sessions import ArtifactSession, runtime_unavailable
 
 Arrays = Mapping[str, np.ndarray]
@@ -55,13 +55,12 @@ class BenchConfig:
 # ------------------------------------------------------------------------------------------------ inputs
 
 
-def load_pair(folder: Path, manifest: Mapping[str, Any]) -> tuple[Any, Any]:
+def load_pair(folder: Path, manifest: Manifest) -> tuple[Any, Any]:
     """(host, device) of the bundle's family, with the variants the manifest names."""
     from relaydiff.core import family
 
-    fam = manifest["family"]
-    host_ref = family.resolve(folder, fam.get("host_variant"), role="host")
-    dev_ref = family.resolve(folder, fam.get("device_variant"), role="device")
+    host_ref = family.resolve(folder, manifest.family.host_variant, role="host")
+    dev_ref = family.resolve(folder, manifest.family.device_variant, role="device")
     host = family.load(host_ref)
     return host, family.load(dev_ref, share_with=host)
 
@@ -104,7 +103,7 @@ def _torch_reference(device: Any, component: str, inputs: Arrays, config: BenchC
     return {"build_seconds": build_s, "call_seconds": median_seconds(call, config.repeats, config.warmup)}
 
 
-def _relay_device_half(host: Any, device: Any, manifest: Mapping[str, Any], unet: Callable[[Arrays], dict[str, np.ndarray]] | None,
+def _relay_device_half(host: Any, device: Any, manifest: Manifest, unet: Callable[[Arrays], dict[str, np.ndarray]] | None,
                        decoder: Callable[[Arrays], dict[str, np.ndarray]] | None, repeats: int) -> float:
     """Median seconds of the device half of one held-out relay: resume [k, N) then decode (torch where a runner is None)."""
     import torch
@@ -113,8 +112,8 @@ def _relay_device_half(host: Any, device: Any, manifest: Mapping[str, Any], unet
     from relaydiff.quantize.calibration import hand_offs
     from relaydiff.quantize.parity import artifact_side, eval_config  # the device side parity.relay_parity runs the relay with
 
-    relay = manifest["relay"]
-    _prompt, state = next(hand_offs(host, device, eval_config(relay["relay_step"], relay["steps"], prompts=1)))
+    relay = manifest.relay
+    _prompt, state = next(hand_offs(host, device, eval_config(relay.relay_step, relay.steps, prompts=1)))
     model = device if unet is None else artifact_side(device, unet)
 
     def run() -> Any:
@@ -139,11 +138,7 @@ def bench_device(config: BenchConfig, *, log: Callable[[str], None] | None = Non
     root = config.bundle
     if not root.is_dir():
         raise BundleError(f"bundle folder '{root}' does not exist")
-    manifest = read_manifest(root)
-    problems = schema_problems(manifest)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise BundleError(f"'{root / 'manifest.json'}' is not a relaydiff bundle manifest: {problems[0]}{more}")
+    manifest = Manifest.read(root)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
@@ -152,7 +147,7 @@ def bench_device(config: BenchConfig, *, log: Callable[[str], None] | None = Non
         torch.set_num_threads(threads_before)
 
 
-def _bench(root: Path, manifest: Mapping[str, Any], config: BenchConfig, say: Callable[[str], None]) -> dict[str, Any]:
+def _bench(root: Path, manifest: Manifest, config: BenchConfig, say: Callable[[str], None]) -> dict[str, Any]:
     from relaydiff.core import family as family_mod
 
     notes: list[str] = []
@@ -166,17 +161,17 @@ def _bench(root: Path, manifest: Mapping[str, Any], config: BenchConfig, say: Ca
         import transformers  # noqa: F401
 
         t0 = time.perf_counter()
-        device = family_mod.load(family_mod.resolve(folder, manifest["family"].get("device_variant"), role="device"))
+        device = family_mod.load(family_mod.resolve(folder, manifest.family.device_variant, role="device"))
         torch_load_s = time.perf_counter() - t0  # what a torch device would pay: UNet, VAE, text encoder from disk
         if config.relay:
-            host = family_mod.load(family_mod.resolve(folder, manifest["family"].get("host_variant"), role="host"))
+            host = family_mod.load(family_mod.resolve(folder, manifest.family.host_variant, role="host"))
 
     fixtures: dict[str, dict[str, np.ndarray]] = {}
     torch_rows: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
     sessions: dict[tuple[str, str, str], ArtifactSession] = {}
-    for art in manifest["artifacts"]:
-        comp = art["component"]
+    for art in manifest.artifacts:
+        comp = art.component
         if comp not in fixtures:
             fixtures[comp] = load_fixture(root, manifest, comp)[0]
         if device is not None and comp not in torch_rows:
@@ -187,9 +182,9 @@ def _bench(root: Path, manifest: Mapping[str, Any], config: BenchConfig, say: Ca
             if config.memory and folder is not None:
                 torch_rows[comp].update(measure_rss({"mode": "torch", "bundle": str(root), "family": str(folder), "component": comp,
                                                      "threads": config.threads}))
-        reason = runtime_unavailable(art["target"])
+        reason = runtime_unavailable(art.target)
         for file in runnable_files(art):
-            row: dict[str, Any] = {"target": art["target"], "precision": art["precision"], "component": comp, "file": file,
+            row: dict[str, Any] = {"target": art.target, "precision": art.precision, "component": comp, "file": file,
                                    "size": disk_size(root / file), "status": reason or "ok"}
             rows.append(row)
             if reason is not None:
@@ -202,21 +197,21 @@ def _bench(root: Path, manifest: Mapping[str, Any], config: BenchConfig, say: Ca
             row.update(_delegation(root, art))
             if config.memory:
                 say(f"{file}: peak RSS")
-                row.update(measure_rss({"mode": "artifact", "bundle": str(root), "entry": dict(art), "file": file,
+                row.update(measure_rss({"mode": "artifact", "bundle": str(root), "artifact": art.file, "file": file,
                                         "threads": config.threads}))
             if comp in torch_rows:
                 row["torch_call_seconds"] = torch_rows[comp]["call_seconds"]
                 row["ratio_vs_torch"] = round(call_s / max(torch_rows[comp]["call_seconds"], 1e-12), 4)
-            if file == art["file"]:
-                sessions[(art["target"], art["precision"], comp)] = session
+            if file == art.file:
+                sessions[(art.target, art.precision, comp)] = session
 
     relay_rows: list[dict[str, Any]] = []
     if config.relay and host is not None and device is not None:
-        relay = manifest["relay"]
+        relay = manifest.relay
         reps = max(1, min(3, config.repeats))
         say("relay device half: torch fp32")
         torch_s = _relay_device_half(host, device, manifest, None, None, reps)
-        relay_rows.append({"target": "torch", "precision": "fp32", "device_steps": relay["device_steps"], "seconds": round(torch_s, 6),
+        relay_rows.append({"target": "torch", "precision": "fp32", "device_steps": list(relay.device_steps), "seconds": round(torch_s, 6),
                            "ratio_vs_torch": 1.0})
         for target, precision in sorted({(t, p) for t, p, _c in sessions}):
             unet, dec = sessions.get((target, precision, "unet_step")), sessions.get((target, precision, "vae_decoder"))
@@ -224,7 +219,7 @@ def _bench(root: Path, manifest: Mapping[str, Any], config: BenchConfig, say: Ca
                 continue
             say(f"relay device half: {target} {precision}")
             s = _relay_device_half(host, device, manifest, unet, dec, reps)
-            relay_rows.append({"target": target, "precision": precision, "device_steps": relay["device_steps"], "seconds": round(s, 6),
+            relay_rows.append({"target": target, "precision": precision, "device_steps": list(relay.device_steps), "seconds": round(s, 6),
                                "ratio_vs_torch": round(s / max(torch_s, 1e-12), 4)})
     elif config.relay:
         notes.append("no relay timing: it needs the family (host half and torch reference)")
@@ -235,17 +230,17 @@ def _bench(root: Path, manifest: Mapping[str, Any], config: BenchConfig, say: Ca
     if any(r["target"] == "executorch" and r["status"] == "ok" for r in rows):
         notes.append("executorch: the Python runtime runs XNNPACK on its own thread pool; --threads does not reach it")
     return {
-        "bundle": str(root), "family": str(folder) if folder else None, "family_id": manifest["family"]["id"],
+        "bundle": str(root), "family": str(folder) if folder else None, "family_id": manifest.family.id,
         "threads": config.threads, "repeats": config.repeats, "warmup": config.warmup,
         "artifacts": rows, "torch": list(torch_rows.values()), "relay": relay_rows, "notes": notes,
     }
 
 
-def _delegation(root: Path, art: Mapping[str, Any]) -> dict[str, Any]:
+def _delegation(root: Path, art: ArtifactEntry) -> dict[str, Any]:
     """ExecuTorch: how many XNNPACK delegate calls the program makes and how many ops run outside them (from the build)."""
-    if art["target"] != "executorch":
+    if art.target != "executorch":
         return {}
-    meta = next((e["file"] for e in art.get("extra_files", ()) if e["file"].endswith(".json")), None)
+    meta = art.metadata_file()
     if meta is None or not (root / meta).is_file() or (root / meta).stat().st_size > 1 << 20:
         return {}
     data = json.loads((root / meta).read_text()).get("metadata", {})
@@ -324,11 +319,11 @@ def _peak_rss_bytes() -> int:
 def _rss_child(spec: Mapping[str, Any]) -> dict[str, Any]:
     """In a fresh process: import the runtime, note the peak RSS, load the file, call it 3 times, note the peak again."""
     root = Path(spec["bundle"])
-    manifest = read_manifest(root)
+    manifest = Manifest.read(root)
     if spec["mode"] == "artifact":
-        entry = spec["entry"]
-        inputs = load_fixture(root, manifest, entry["component"])[0]
-        target = "onnx" if spec["file"].endswith(".ort") else entry["target"]
+        entry = next(a for a in manifest.artifacts if a.file == spec["artifact"])
+        inputs = load_fixture(root, manifest, entry.component)[0]
+        target = "onnx" if spec["file"].endswith(".ort") else entry.target
         import importlib
 
         importlib.import_module({"onnx": "onnxruntime", "executorch": "executorch.runtime", "coreml": "coremltools"}[target])
@@ -349,7 +344,7 @@ def _rss_child(spec: Mapping[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(int(spec["threads"]))
         inputs = load_fixture(root, manifest, spec["component"])[0]
         before = _rss_baseline()
-        ref = family.resolve(Path(spec["family"]), manifest["family"].get("device_variant"), role="device")
+        ref = family.resolve(Path(spec["family"]), manifest.family.device_variant, role="device")
         device = family.load(ref)
         size = sum(p.numel() * p.element_size() for p in device.unet.parameters()) if spec["component"] == "unet_step" else 0
         _torch_reference(device, spec["component"], inputs, BenchConfig(bundle=root, repeats=3, warmup=0, threads=int(spec["threads"])))

@@ -28,13 +28,11 @@ from relaydiff.core.errors import RelaydiffError
 from relaydiff.export.base import UnknownNameError
 from relaydiff.runtime.bundle import (  # noqa: F401  (re-exported: the read side of a bundle lives in the runtime)
     COMPONENTS,
-    FORMAT,
     MANIFEST,
     MANIFEST_HASH,
     MAX_MANIFEST_BYTES,
     PRECISIONS,
     TARGETS,
-    VERSION,
     BundleError,
     VerifyReport,
     family_config_hash,
@@ -43,6 +41,18 @@ from relaydiff.runtime.bundle import (  # noqa: F401  (re-exported: the read sid
     schema_problems,
     sha256_path,
     verify,
+)
+from relaydiff.runtime.manifest import (
+    ArtifactEntry,
+    BundleStudent,
+    FamilySection,
+    FileEntry,
+    LatentSection,
+    Manifest,
+    RelaySection,
+    SchedulerSection,
+    SkippedEntry,
+    TensorEntry,
 )
 
 # INT8 method per component for ONNX: static QDQ (relay-aware calibration) for the UNet; dynamic for the
@@ -96,16 +106,16 @@ def check_names(kind: str, got: Sequence[str], known: Sequence[str]) -> None:
 # ------------------------------------------------------------------------------------------------ hashing
 
 
-def _entry(root: Path, path: Path, **extra: Any) -> dict[str, Any]:
+def _entry(root: Path, path: Path, component: str | None = None) -> FileEntry:
     digest, size = sha256_path(path)
-    return {"file": path.relative_to(root).as_posix(), "sha256": digest, "size": size, **extra}
+    return FileEntry(path.relative_to(root).as_posix(), digest, size, component)
 
 
 # ---------------------------------------------------------------------------------------------------- build
 
 
 def build(config: BundleConfig, *, progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Export, quantize, measure and hash every (target, precision, component); write the bundle. Returns the manifest.
+    """Export, quantize, measure and hash every (target, precision, component); write the bundle. Returns the manifest's JSON.
 
     Raises:
         BundleError: the output folder is not empty.
@@ -143,8 +153,8 @@ def build(config: BundleConfig, *, progress: bool = True, log: Callable[[str], N
                                                               prompts=config.calibration_prompts), progress=progress)
 
     jobs = [(t, p, c) for t in config.targets for p in config.precisions for c in config.components]
-    artifacts: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = []
+    artifacts: list[ArtifactEntry] = []
+    skipped: list[SkippedEntry] = []
     scratch = tempfile.mkdtemp(prefix="relaydiff-bundle-")
     fp32_onnx: dict[str, Any] = {"_scratch": scratch}
     try:
@@ -152,7 +162,7 @@ def build(config: BundleConfig, *, progress: bool = True, log: Callable[[str], N
             sub = out / target / precision
             made = _make(target, precision, comp, device, sub, config, calibration, fp32_onnx)
             if isinstance(made, str):
-                skipped.append({"target": target, "precision": precision, "component": comp, "reason": made})
+                skipped.append(SkippedEntry(target, precision, made, comp))
                 say(f"skipped {target}/{precision}/{comp}: {made}")
                 continue
             artifact, method = made
@@ -162,15 +172,13 @@ def build(config: BundleConfig, *, progress: bool = True, log: Callable[[str], N
             files = [f for role, f in artifact.files.items() if f != artifact.path]
             extra = [_entry(out, f) for f in (*files, artifact.metadata_path) if f.exists()]
             sig = artifact.signature
-            artifacts.append({
-                **_entry(out, artifact.path),
-                "target": target, "precision": precision, "component": comp, "method": method,
-                "compute_precision": artifact.precision if target == "coreml" else precision,
-                "inputs": [_tensor(s) for s in sig.inputs], "outputs": [_tensor(s) for s in sig.outputs],
-                "extra_files": extra, "tolerance": artifact.tolerance.to_json(),
-                "calibration": artifact.metadata.get("calibration"),
-                "parity": parity,
-            })
+            main = _entry(out, artifact.path)
+            artifacts.append(ArtifactEntry(
+                file=main.file, sha256=main.sha256, size=main.size, target=target, precision=precision, component=comp,
+                inputs=tuple(_tensor(s) for s in sig.inputs), outputs=tuple(_tensor(s) for s in sig.outputs),
+                extra_files=tuple(extra), tolerance=artifact.tolerance, calibration=artifact.metadata.get("calibration"),
+                parity=parity, method=method, compute_precision=artifact.precision if target == "coreml" else precision,
+            ))
             say(f"{target}/{precision}/{comp}: {artifact.path.name} {parity}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -181,26 +189,23 @@ def build(config: BundleConfig, *, progress: bool = True, log: Callable[[str], N
 
     d = family_dims(device)
     config_hash, config_files = family_config_hash(dev_ref.root)
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "family": {"id": device.family_id, "config_hash": config_hash, "config_files": config_files,
-                   "device_variant": dev_ref.variant, "host_variant": host_ref.variant},
-        "scheduler": {"sampler": "ddim", "steps": config.steps, "timesteps": [int(t) for t in scheduler.timesteps],
-                      "config": {k: _plain(v) for k, v in dict(scheduler.config).items() if not k.startswith("_")}},
-        "latent": {"shape": [1, d["C"], d["h"], d["w"]], "vae_scaling_factor": float(device.vae.config.scaling_factor),
-                   "vae_shift_factor": getattr(device.vae.config, "shift_factor", None), "image_shape": [1, 3, d["H"], d["W"]]},
-        "relay": {"relay_step": config.relay_step, "steps": config.steps, "device_steps": [config.relay_step, config.steps],
-                  **({"student": student} if student is not None else {})},
-        "artifacts": artifacts,
-        "parity_fixtures": fixture_entries,
-        "tools": {**tool_versions(), "relaydiff": _relaydiff_version()},
-        "skipped": skipped,
-    }
+    shift = getattr(device.vae.config, "shift_factor", None)
+    manifest = Manifest(
+        family=FamilySection(device.family_id, config_hash, dev_ref.variant, host_ref.variant, tuple(config_files)),
+        scheduler=SchedulerSection("ddim", config.steps, tuple(int(t) for t in scheduler.timesteps),
+                                   {k: _plain(v) for k, v in dict(scheduler.config).items() if not k.startswith("_")}),
+        latent=LatentSection((1, d["C"], d["h"], d["w"]), float(device.vae.config.scaling_factor),
+                             None if shift is None else float(shift), (1, 3, d["H"], d["W"])),
+        relay=RelaySection(config.relay_step, config.steps, (config.relay_step, config.steps), student),
+        artifacts=tuple(artifacts),
+        parity_fixtures=tuple(fixture_entries),
+        tools={**tool_versions(), "relaydiff": _relaydiff_version()},
+        skipped=tuple(skipped),
+    ).to_json()
     problems = schema_problems(manifest)
     if problems:
         raise BundleError("the manifest built does not match its schema", problems)
-    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"  # NaN/Infinity are not JSON: fail here
     (out / MANIFEST).write_text(text)
     (out / MANIFEST_HASH).write_text(hashlib.sha256(text.encode()).hexdigest() + "  " + MANIFEST + "\n")
     if config.zip:
@@ -262,7 +267,7 @@ def _check_module_paths(root: Any, paths: Sequence[str]) -> None:
                              f"expected paths like 'unet.up_blocks.-1' (children of unet: {tops})")
 
 
-def _parity_fixtures(host: Any, device: Any, config: BundleConfig, out: Path) -> tuple[dict[str, dict[str, np.ndarray]], list[dict[str, Any]], Any]:
+def _parity_fixtures(host: Any, device: Any, config: BundleConfig, out: Path) -> tuple[dict[str, dict[str, np.ndarray]], list[FileEntry], Any]:
     """One held-out relay's inputs per component with torch fp32 outputs, saved as safetensors."""
     from safetensors.numpy import save_file
 
@@ -291,31 +296,26 @@ def _parity_fixtures(host: Any, device: Any, config: BundleConfig, out: Path) ->
     return fixtures, entries, held
 
 
-def _student_section(device: Any, config: BundleConfig) -> dict[str, Any] | None:
+def _student_section(device: Any, config: BundleConfig) -> BundleStudent | None:
     """The manifest's ``relay.student`` for a distilled device variant (None otherwise); its relay grid must be the bundle's.
 
     Raises:
         BundleError: the student was distilled for another relay step or step count than the bundle's.
     """
-    info = getattr(device, "student", None)
+    info = device.student
     if info is None:
         return None
-    if (info["relay_step"], info["steps"]) != (config.relay_step, config.steps):
-        raise BundleError(f"device variant {config.device_variant!r} is a student distilled for relay step {info['relay_step']} of "
-                          f"{info['steps']}; the bundle asks for relay step {config.relay_step} of {config.steps} "
-                          f"(pass --relay-step {info['relay_step']} --steps {info['steps']})")
+    if (info.relay_step, info.steps) != (config.relay_step, config.steps):
+        raise BundleError(f"device variant {config.device_variant!r} is a student distilled for relay step {info.relay_step} of "
+                          f"{info.steps}; the bundle asks for relay step {config.relay_step} of {config.steps} "
+                          f"(pass --relay-step {info.relay_step} --steps {info.steps})")
     from relaydiff.core.schedulers import build_scheduler
     from relaydiff.core.student import coarse_indices
 
     scheduler = build_scheduler("ddim", device.scheduler_config)
     scheduler.set_timesteps(config.steps)
-    jumps = coarse_indices(config.steps, config.relay_step, int(info["student_steps"]))
-    return {"format": info["format"], "teacher": info["teacher"], "sampler": info["sampler"],
-            "student_steps": int(info["student_steps"]), "guidance_scale": float(info["guidance_scale"]),
-            "relay_step": int(info["relay_step"]), "steps": int(info["steps"]),
-            "step_indices": jumps, "timesteps": [int(scheduler.timesteps[i]) for i in jumps],
-            "parametrization": info.get("parametrization", "eps"),
-            **{key: float(info[key]) for key in ("timestep_scaling", "sigma_data") if key in info}}
+    jumps = coarse_indices(config.steps, config.relay_step, info.student_steps)
+    return BundleStudent(info, tuple(jumps), tuple(int(scheduler.timesteps[i]) for i in jumps))
 
 
 def _measure(target: str, artifact: Any, fixture: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -348,8 +348,8 @@ def _relay_figures(host: Any, device: Any, artifact: Any, config: BundleConfig, 
     return relay_parity(host, device, run, config=held).to_json()
 
 
-def _tensor(spec: Any) -> dict[str, Any]:
-    return {"name": spec.name, "dtype": spec.dtype, "shape": list(spec.concrete_shape)}
+def _tensor(spec: Any) -> TensorEntry:
+    return TensorEntry(spec.name, spec.dtype, spec.concrete_shape)
 
 
 def _plain(v: Any) -> Any:

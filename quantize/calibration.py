@@ -180,9 +180,8 @@ def capture(host: LoadedModel, device: LoadedModel, config: CalibrationConfig, *
 
 def _device_step_indices(device: LoadedModel, n: int, k: int) -> list[int]:
     """Grid indices at which the device calls its UNet from step k: every step, or a student's coarse jumps."""
-    student = getattr(device, "student", None)
-    if student is None:
+    if device.student is None:
         return list(range(k, n))
     from relaydiff.core.student import coarse_indices
 
-    return coarse_indices(n, k, int(student["student_steps"]))
+    return coarse_indices(n, k, device.student.student_steps)

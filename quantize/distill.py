@@ -132,7 +132,7 @@ def distill(config: DistillConfig, *, resume: bool = True, progress: bool = True
 
     from relaydiff.core import family
     from relaydiff.core.relay import RelayRequest, start_batch
-    from relaydiff.core.student import STUDENT_FILE, STUDENT_FORMAT, coarse_indices, ddim_jump, jump_alphas, schedule_alphas
+    from relaydiff.core.student import StudentSpec, coarse_indices, ddim_jump, jump_alphas, schedule_alphas
     from relaydiff.world import sample_prompts
 
     say = log or (lambda _m: None)
@@ -247,24 +247,18 @@ def distill(config: DistillConfig, *, resume: bool = True, progress: bool = True
     losses = state["losses"]
     chunk = max(1, len(losses) // 20)
     curve = [round(sum(losses[i:i + chunk]) / len(losses[i:i + chunk]), 6) for i in range(0, len(losses), chunk)]
-    info = {
-        "format": STUDENT_FORMAT,
-        "teacher": teacher_ref.variant,
-        "relay_step": k,
-        "steps": n,
-        "student_steps": len(indices),
-        "guidance_scale": float(config.guidance_scale),
-        "sampler": "ddim",
-        **({"parametrization": "lcm", "timestep_scaling": LCM_TIMESTEP_SCALING, "sigma_data": LCM_SIGMA_DATA} if lcm
-           else {"parametrization": "eps"}),
-        "method": config.method,
-        "coarse_timesteps": [int(timesteps[i]) for i in indices] if timesteps is not None else [],
-        "teacher_unet_passes": 2 * (n - k),
-        "student_unet_passes": len(indices),
-        "training": {"updates": state["updates"], "batches": state["batches"], "trajectories": state["batches"] * config.batch_size,
-                     "wall_s": round(state["wall_s"], 1), "loss_curve": curve, "config": _plain(config)},
-    }
-    (out / STUDENT_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    spec = StudentSpec(
+        teacher=teacher_ref.variant, relay_step=k, steps=n, student_steps=len(indices), guidance_scale=float(config.guidance_scale),
+        sampler="ddim", parametrization="lcm" if lcm else "eps",
+        timestep_scaling=LCM_TIMESTEP_SCALING if lcm else None, sigma_data=LCM_SIGMA_DATA if lcm else None,
+        method=config.method, coarse_timesteps=tuple(int(timesteps[i]) for i in indices) if timesteps is not None else (),
+        teacher_unet_passes=2 * (n - k), student_unet_passes=len(indices),
+        training={"updates": state["updates"], "batches": state["batches"], "trajectories": state["batches"] * config.batch_size,
+                  "wall_s": round(state["wall_s"], 1), "loss_curve": curve,
+                  "config": {**_plain(config), "family": Path(config.family).name}},  # the folder's name: no path of this machine
+    )
+    spec.write(out)
+    info = spec.to_json()
     _add_variant(root, config.variant, config.subfolder)
     say(f"wrote {out} ({state['updates']} updates on {state['batches'] * config.batch_size} relayed trajectories)")
     return info

@@ -16,7 +16,7 @@ host-only, UNet passes and device seconds per image; a grid of images (rows prom
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,12 +81,12 @@ def run_distill_eval(family_dir: Path, cfg: DistillEvalConfig, *, progress: bool
     for v, s in students.items():
         if s.student is None:
             raise RelaydiffError(f"device variant {v!r} of {family_dir} is not a distilled student (no relaydiff_student.json)")
-    grids = {(s.student["relay_step"], s.student["steps"], s.student["student_steps"], s.student["guidance_scale"])
-             for s in students.values()}
+    specs = {v: s.student for v, s in students.items() if s.student is not None}
+    grids = {(s.relay_step, s.steps, s.student_steps, s.guidance_scale) for s in specs.values()}
     if len(grids) != 1:
         raise RelaydiffError(f"the students were distilled for different (k, N, M, guidance): {sorted(grids)}")
     k, n, m, g = grids.pop()
-    few = {"student_steps": m, "sampler": "ddim", "parametrization": "eps"}
+    few = replace(next(iter(specs.values())), parametrization="eps", timestep_scaling=None, sigma_data=None)  # the teacher on M jumps
     halves = ["host-only", "teacher", f"teacher, {m} jumps", *cfg.variants]
     passes = {"host-only": 2 * (n - k), "teacher": 2 * (n - k), f"teacher, {m} jumps": 2 * m, **{v: m for v in cfg.variants}}
     prompts = eval_prompts(cfg.prompts, cfg.seed)
@@ -135,8 +135,9 @@ def run_distill_eval(family_dir: Path, cfg: DistillEvalConfig, *, progress: bool
         for j in sorted({r["n_objects"] for r in rs}):
             entry[f"accuracy_{j}obj"] = float(np.mean([r["correct"] for r in rs if r["n_objects"] == j]))
         if half in students:
-            entry["method"] = students[half].student.get("method", "progressive")
-            entry["training"] = {key: students[half].student.get("training", {}).get(key) for key in ("updates", "trajectories", "wall_s")}
+            training = specs[half].training or {}
+            entry["method"] = specs[half].method or "progressive"
+            entry["training"] = {key: training.get(key) for key in ("updates", "trajectories", "wall_s")}
         summary.append(entry)
     return {"config": {**asdict(cfg), "family": str(family_dir), "relay_step": k, "steps": n, "student_steps": m, "guidance_scale": g},
             "halves": halves, "summary": summary, "rows": rows, "grid": grid}

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ import torch
 from relaydiff.core.errors import RelaydiffError
 from relaydiff.core.relay import RelayRequest
 from relaydiff.core.state import RelayState
+
+if TYPE_CHECKING:
+    from relaydiff.runtime.manifest import ArtifactEntry
 
 
 @runtime_checkable
@@ -178,7 +181,7 @@ class BundleBackend:
         from relaydiff.core.denoiser import LatentSpec
         from relaydiff.core.relay import RelaySide
         from relaydiff.runtime.artifact_denoiser import ArtifactDenoiser
-        from relaydiff.runtime.bundle import PRECISIONS, BundleError, find_family, open_session, read_manifest, verify
+        from relaydiff.runtime.bundle import PRECISIONS, BundleError, find_family, open_session, verify
 
         if precision not in PRECISIONS:
             raise RelaydiffError(f"unknown precision {precision!r}; known precisions: {', '.join(PRECISIONS)}")
@@ -186,50 +189,53 @@ class BundleBackend:
         if not root.is_dir():
             raise BundleError(f"bundle folder '{root}' does not exist")
         report = verify(root, parity=False)  # before anything is loaded: a tampered file is never run
-        if not report.ok:
+        if not report.ok or report.manifest is None:
             raise BundleError(f"bundle '{root}' does not verify", report.problems)
-        manifest = read_manifest(root)
+        manifest = report.manifest
         self.root, self.manifest, self.precision = root, manifest, precision
-        entries = {a["component"]: a for a in manifest["artifacts"] if (a["target"], a["precision"]) == (self.TARGET, precision)}
+        entries = manifest.artifacts_for(self.TARGET, precision)
         for need in ("unet_step", "vae_decoder"):
             if need not in entries:
-                have = sorted({f"{a['target']}/{a['precision']}/{a['component']}" for a in manifest["artifacts"]})
+                have = sorted({"/".join(a.key) for a in manifest.artifacts})
                 raise BundleError(f"bundle '{root}' has no {self.TARGET}/{precision}/{need} artifact; it has: {', '.join(have)}")
         self.name = self.RUNTIME
-        self.family_id: str = manifest["family"]["id"]
+        self.family_id: str = manifest.family.id
         self.bundle_id = _as_id(f"{self.family_id}:{self.TARGET}:{precision}")
         self.bundle_sha256 = hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()  # commits to every artifact's sha256
 
-        self._unet = open_session(root, entries["unet_step"], threads=threads)
+        step = entries["unet_step"]
+        self._unet = open_session(root, step, threads=threads)
         self._decoder = open_session(root, entries["vae_decoder"], threads=threads)
         self._lock = threading.Lock() if self.TARGET == "executorch" else None  # one ExecuTorch method is not re-entrant
-        shapes = {t["name"]: t["shape"] for t in entries["unet_step"]["inputs"]}
-        student = manifest["relay"].get("student")
-        self.distilled = "guidance_scale" not in shapes  # a student's unet_step: one conditional pass, guidance baked in
+        sample, text = step.input("sample"), step.input("text_embeds")
+        student = manifest.relay.student
+        self.distilled = step.input("guidance_scale") is None  # a student's unet_step: one conditional pass, guidance baked in
+        if sample is None or text is None:
+            raise BundleError(f"{step.file}: its inputs {[t.name for t in step.inputs]} lack 'sample' or 'text_embeds'")
         if self.distilled != (student is not None):
-            raise BundleError(f"{entries['unet_step']['file']}: its inputs {sorted(shapes)} "
+            raise BundleError(f"{step.file}: its inputs {sorted(t.name for t in step.inputs)} "
                               + ("take no guidance scale, but the manifest describes no student"
                                  if self.distilled else "take a guidance scale, but the manifest describes a distilled student"))
-        self.latent_shape: tuple[int, ...] = tuple(shapes["sample"])
-        self.embeds_shape: tuple[int, ...] = (1, *shapes["text_embeds"][1:])  # (1, L, D)
-        if list(self.latent_shape) != list(manifest["latent"]["shape"]):
-            raise BundleError(f"{entries['unet_step']['file']}: input 'sample' has shape {list(self.latent_shape)}; "
-                              f"the manifest's latent shape is {manifest['latent']['shape']}")
-        image_h = int(manifest["latent"]["image_shape"][2])
-        scheduler_config = dict(manifest["scheduler"]["config"])
-        latent = manifest["latent"]
+        self.latent_shape: tuple[int, ...] = sample.shape
+        self.embeds_shape: tuple[int, ...] = (1, *text.shape[1:])  # (1, L, D)
+        if self.latent_shape != manifest.latent.shape:
+            raise BundleError(f"{step.file}: input 'sample' has shape {list(self.latent_shape)}; "
+                              f"the manifest's latent shape is {list(manifest.latent.shape)}")
+        image_h = manifest.latent.image_shape[2]
+        scheduler_config = dict(manifest.scheduler.config)
         spec = LatentSpec.from_configs(
             {"in_channels": self.latent_shape[1], "sample_size": list(self.latent_shape[2:])},
-            {"scaling_factor": latent["vae_scaling_factor"], "shift_factor": latent.get("vae_shift_factor")}, scheduler_config)
+            {"scaling_factor": manifest.latent.vae_scaling_factor, "shift_factor": manifest.latent.vae_shift_factor}, scheduler_config)
         denoiser = ArtifactDenoiser(self._guarded(self._unet), spec, self.embeds_shape[2], distilled=self.distilled)
-        self.side = RelaySide(denoiser, scheduler_config, self.family_id, image_h // self.latent_shape[2], student)
+        self.side = RelaySide(denoiser, scheduler_config, self.family_id, image_h // self.latent_shape[2],
+                              None if student is None else student.spec)
         family = find_family(root, manifest, Path(family_dir) if family_dir is not None else None)
         self._tokenizer: Any = None
         self._text_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
         if family is not None:
             self._tokenizer, self._text_encoder = self._text_side(family, entries.get("text_encoder"), threads)
 
-    def _text_side(self, family: Path, entry: dict[str, Any] | None, threads: int) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor]]:
+    def _text_side(self, family: Path, entry: ArtifactEntry | None, threads: int) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor]]:
         """(tokenizer, token ids -> embeddings): the family's tokenizer, the bundle's text encoder (else the family's torch one)."""
         import transformers
 
@@ -333,10 +339,10 @@ class BundleBackend:
                     f"relay {name} embeddings have shape {list(t.shape)}; the bundle's unet_step takes {list(self.embeds_shape)}"
                 )
         check_state_for(self.side, state)  # noise-schedule keys, channels, embedding width
-        sched = self.manifest["scheduler"]
-        same_grid = (state.sampler, state.num_inference_steps) == (sched["sampler"], sched["steps"])
-        if same_grid and state.timesteps.tolist() != sched["timesteps"]:
-            raise RelaydiffError(f"relay timestep grid {state.timesteps.tolist()} differs from the bundle's {sched['timesteps']}")
+        sched = self.manifest.scheduler
+        same_grid = (state.sampler, state.num_inference_steps) == (sched.sampler, sched.steps)
+        if same_grid and tuple(state.timesteps.tolist()) != sched.timesteps:
+            raise RelaydiffError(f"relay timestep grid {state.timesteps.tolist()} differs from the bundle's {list(sched.timesteps)}")
 
     def _no_text(self, what: str) -> RelaydiffError:
         return RelaydiffError(

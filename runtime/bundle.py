@@ -2,8 +2,8 @@
 
 This is the device's side of a bundle (what a phone ships); ``relaydiff.export.bundle`` builds one.
 A bundle folder holds ``<target>/<precision>/<files>``, ``parity/<component>.safetensors`` (inputs
-drawn from a held-out relay and the torch fp32 outputs on them), ``manifest.json`` (schema:
-``manifest.schema.json`` beside this file) and ``manifest.sha256``.
+drawn from a held-out relay and the torch fp32 outputs on them), ``manifest.json`` (:class:`~relaydiff.runtime.manifest.Manifest`, schema ``manifest.schema.json``)
+and ``manifest.sha256``.
 
 :func:`verify` re-checks sizes, hashes and the schema, refuses files outside the folder and files the
 manifest does not list, and re-runs parity where the runtime exists on this OS (ONNX via onnxruntime,
@@ -15,37 +15,36 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from relaydiff.core.errors import RelaydiffError
 from relaydiff.core.metrics import Tolerance, compare
+from relaydiff.runtime.manifest import (  # noqa: F401  (re-exported: what a bundle reader needs, in one import)
+    FORMAT,
+    MANIFEST,
+    MANIFEST_HASH,
+    MAX_MANIFEST_BYTES,
+    SCHEMA_PATH,
+    VERSION,
+    ArtifactEntry,
+    BundleError,
+    Manifest,
+    load_schema,
+    read_manifest,
+    schema_problems,
+)
 from relaydiff.runtime.sessions import ArtifactSession, RuntimeUnavailableError
 
-FORMAT = "relaydiff-bundle"
-VERSION = 1
-MANIFEST = "manifest.json"
-MANIFEST_HASH = "manifest.sha256"
-MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB: a manifest of 64 artifacts is ~100 KiB
-SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 TARGETS = ("onnx", "coreml", "executorch")
 PRECISIONS = ("fp32", "int8")
 COMPONENTS = ("unet_step", "vae_decoder", "text_encoder")
 FAMILY_CONFIGS = ("model_index.json", "family.json", "scheduler/scheduler_config.json", "vae/config.json",
                   "text_encoder/config.json", "tokenizer/tokenizer_config.json")
-
-
-class BundleError(RelaydiffError):
-    """A bundle could not be built, or did not verify (``problems`` lists every finding)."""
-
-    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
-        self.problems = tuple(problems)
-        lines = "".join(f"\n  - {p}" for p in self.problems)
-        super().__init__(f"{message}{lines}")
 
 
 # ------------------------------------------------------------------------------------------------ hashing
@@ -79,82 +78,43 @@ def family_config_hash(root: Path) -> tuple[str, list[str]]:
     return h.hexdigest(), files
 
 
-# --------------------------------------------------------------------------------------------------- schema
-
-
-def load_schema() -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(SCHEMA_PATH.read_text())
-    return data
-
-
-def schema_problems(manifest: Any, schema: Mapping[str, Any] | None = None) -> list[str]:
-    """Every place ``manifest`` breaks the manifest schema (JSON Schema 2020-12, checked by ``jsonschema``), as "path: problem"."""
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(schema or load_schema())
-    return [f"$.{'.'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in validator.iter_errors(manifest)]
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """Read ``manifest.json`` (capped at MAX_MANIFEST_BYTES, JSON only).
-
-    Raises:
-        BundleError: missing, oversized or not a JSON object.
-    """
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise BundleError(f"'{path}' is missing: not a bundle folder")
-    size = path.stat().st_size
-    if size > MAX_MANIFEST_BYTES:
-        raise BundleError(f"manifest.json is {size} bytes; the cap is {MAX_MANIFEST_BYTES}")
-    try:
-        data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"manifest.json is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BundleError(f"manifest.json must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
 # -------------------------------------------------------------------------------------------- artifacts
 
 
-def runnable_files(entry: Mapping[str, Any]) -> list[str]:
+def runnable_files(entry: ArtifactEntry) -> list[str]:
     """The bundle-relative files of one manifest artifact that run on their own: the primary file, and its .ort sibling."""
-    files = [entry["file"]]
-    if entry["target"] == "onnx":
-        files += [e["file"] for e in entry.get("extra_files", ()) if e["file"].endswith(".ort")]
-    return files
+    return entry.runnable_files()
 
 
-def open_session(root: Path, entry: Mapping[str, Any], file: str | None = None, *, threads: int = 1) -> ArtifactSession:
+def open_session(root: Path, entry: ArtifactEntry, file: str | None = None, *, threads: int = 1) -> ArtifactSession:
     """Load one runnable file of a manifest artifact (default: its primary file)."""
-    target = "onnx" if (file or entry["file"]).endswith(".ort") else entry["target"]
-    return ArtifactSession(root / (file or entry["file"]), target, [t["name"] for t in entry["inputs"]],
-                           [t["name"] for t in entry["outputs"]], threads=threads)
+    target = "onnx" if (file or entry.file).endswith(".ort") else entry.target
+    return ArtifactSession(root / (file or entry.file), target, [t.name for t in entry.inputs], [t.name for t in entry.outputs],
+                           threads=threads)
 
 
-def load_fixture(root: Path, manifest: Mapping[str, Any], component: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def load_fixture(root: Path, manifest: Manifest, component: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(inputs, torch fp32 reference outputs) of the bundle's parity fixture for ``component``."""
     from safetensors.numpy import load_file
 
-    for e in manifest["parity_fixtures"]:
-        if e["component"] == component:
-            data = load_file(str(root / e["file"]))
-            inputs = {k[len("input."):]: v for k, v in data.items() if k.startswith("input.")}
-            return inputs, {k[len("reference."):]: v for k, v in data.items() if k.startswith("reference.")}
-    raise BundleError(f"the bundle has no parity fixture for component {component!r}")
+    e = manifest.fixture(component)
+    if e is None:
+        raise BundleError(f"the bundle has no parity fixture for component {component!r}")
+    data = load_file(str(root / e.file))
+    inputs = {k[len("input."):]: v for k, v in data.items() if k.startswith("input.")}
+    return inputs, {k[len("reference."):]: v for k, v in data.items() if k.startswith("reference.")}
 
 
-def find_family(root: Path, manifest: Mapping[str, Any], family: Path | None = None) -> Path | None:
-    """The family folder the bundle was built from: ``family`` if given, else the one its artifacts' metadata records.
+def find_family(root: Path, manifest: Manifest, family: Path | None = None) -> Path | None:
+    """The family folder the bundle was built from: ``family`` if given, else the one its artifacts' metadata records
+    (a path relative to the metadata file, so it is found while bundle and family keep their relative places).
 
     A folder counts only if its config hash is the manifest's (a family folder rebuilt differently is not the reference).
 
     Raises:
         BundleError: ``family`` was given but is not the bundle's family.
     """
-    want = manifest["family"]["config_hash"]
+    want = manifest.family.config_hash
     if family is not None:
         if not family.is_dir():
             raise BundleError(f"family folder '{family}' does not exist")
@@ -162,16 +122,19 @@ def find_family(root: Path, manifest: Mapping[str, Any], family: Path | None = N
         if got != want:
             raise BundleError(f"family '{family}' has config hash {got[:16]}...; the bundle was built from {want[:16]}...")
         return family
-    for art in manifest["artifacts"]:
-        for e in art.get("extra_files", ()):
-            if not e["file"].endswith(".json"):
+    for art in manifest.artifacts:
+        for e in art.extra_files:
+            if not e.file.endswith(".json"):
                 continue
             try:
-                recorded = json.loads((root / e["file"]).read_text()).get("metadata", {}).get("family_root")
+                recorded = json.loads((root / e.file).read_text()).get("metadata", {}).get("family_root")
             except (OSError, json.JSONDecodeError):
                 continue
-            if recorded and Path(recorded).is_dir() and family_config_hash(Path(recorded))[0] == want:
-                return Path(recorded)
+            if not isinstance(recorded, str) or not recorded:
+                continue
+            folder = ((root / e.file).parent / recorded).resolve()  # written relative to the JSON file's folder
+            if folder.is_dir() and family_config_hash(folder)[0] == want:
+                return folder
     return None
 
 
@@ -183,9 +146,14 @@ def fixture_parity(got: Mapping[str, np.ndarray], fixture: Mapping[str, np.ndarr
             continue
         name = key[len("reference."):]
         c = compare(np.asarray(got[name]), ref, tol)
-        out[name] = {"max_abs": round(c.max_abs, 7), "psnr_db": round(c.psnr_db, 3)}
+        out[name] = {"max_abs": _json_number(c.max_abs, 7), "psnr_db": _json_number(c.psnr_db, 3)}
         out["passed"] = bool(out["passed"] and c.passed)
     return out
+
+
+def _json_number(value: float, digits: int) -> float | None:
+    """``value`` rounded, or None when it is not finite (NaN and infinities are not JSON)."""
+    return round(value, digits) if math.isfinite(value) else None
 
 
 # --------------------------------------------------------------------------------------------------- verify
@@ -199,6 +167,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)  # each names the file it is about
     checked_files: int = 0
     parity: list[dict[str, Any]] = field(default_factory=list)  # one row per artifact: target, precision, component, figures
+    manifest: Manifest | None = None  # the manifest read, once it matched its schema
 
     @property
     def ok(self) -> bool:
@@ -217,36 +186,34 @@ def verify(folder: str | Path, *, parity: bool = True) -> VerifyReport:
     """
     root = Path(folder).resolve()
     report = VerifyReport(root)
-    manifest = read_manifest(root)
+    raw = read_manifest(root)
     text = (root / MANIFEST).read_bytes()
     hash_file = root / MANIFEST_HASH
     if not hash_file.is_file():
         report.problems.append(f"{MANIFEST_HASH}: missing")
     elif hash_file.read_text().split()[:1] != [hashlib.sha256(text).hexdigest()]:
         report.problems.append(f"{MANIFEST}: content does not match {MANIFEST_HASH} (the manifest was modified)")
-    schema_errs = schema_problems(manifest)
+    schema_errs = schema_problems(raw)
     report.problems += [f"{MANIFEST}: schema: {e}" for e in schema_errs]
     if schema_errs:
         return report
+    manifest = report.manifest = Manifest._from_valid(raw)
     listed: set[Path] = {root / MANIFEST, root / MANIFEST_HASH}
-    entries = [*manifest["parity_fixtures"]]
-    for art in manifest["artifacts"]:
-        entries += [art, *art["extra_files"]]
-    for e in entries:
-        path = _inside(root, e["file"])
+    for e in manifest.files():
+        path = _inside(root, e.file)
         if path is None:
-            report.problems.append(f"{e['file']}: path leaves the bundle folder")
+            report.problems.append(f"{e.file}: path leaves the bundle folder")
             continue
         listed.add(path)
         if not path.exists():
-            report.problems.append(f"{e['file']}: missing")
+            report.problems.append(f"{e.file}: missing")
             continue
         digest, size = sha256_path(path)
         report.checked_files += 1
-        if size != e["size"]:
-            report.problems.append(f"{e['file']}: size {size} differs from the manifest's {e['size']}")
-        if digest != e["sha256"]:
-            report.problems.append(f"{e['file']}: sha256 {digest[:16]}... differs from the manifest's {e['sha256'][:16]}...")
+        if size != e.size:
+            report.problems.append(f"{e.file}: size {size} differs from the manifest's {e.size}")
+        if digest != e.sha256:
+            report.problems.append(f"{e.file}: sha256 {digest[:16]}... differs from the manifest's {e.sha256[:16]}...")
     for p in sorted(root.rglob("*")):
         if p.is_file() and p not in listed and not any(d in listed for d in p.parents):
             report.problems.append(f"{p.relative_to(root).as_posix()}: not listed in the manifest")
@@ -262,18 +229,17 @@ def _inside(root: Path, rel: str) -> Path | None:
     return path if path.is_relative_to(root) else None
 
 
-def _verify_parity(root: Path, manifest: Mapping[str, Any], report: VerifyReport) -> None:
+def _verify_parity(root: Path, manifest: Manifest, report: VerifyReport) -> None:
     """Re-run every artifact this OS can run on its component's fixture, against the stored torch outputs."""
     from safetensors.numpy import load_file
 
-    fixtures = {e["component"]: load_file(str(root / e["file"])) for e in manifest["parity_fixtures"]}
-    for art in manifest["artifacts"]:
-        row = {k: art[k] for k in ("target", "precision", "component", "file")}
-        fixture = fixtures.get(art["component"])
+    fixtures = {e.component: load_file(str(root / e.file)) for e in manifest.parity_fixtures}
+    for art in manifest.artifacts:
+        row: dict[str, Any] = {"target": art.target, "precision": art.precision, "component": art.component, "file": art.file}
+        fixture = fixtures.get(art.component)
         if fixture is None:
-            report.problems.append(f"{art['file']}: no parity fixture for component {art['component']!r}")
+            report.problems.append(f"{art.file}: no parity fixture for component {art.component!r}")
             continue
-        tol = Tolerance.from_json(art["tolerance"])
         inputs = {k[len("input."):]: v for k, v in fixture.items() if k.startswith("input.")}
         try:
             got = open_session(root, art)(inputs)
@@ -282,7 +248,7 @@ def _verify_parity(root: Path, manifest: Mapping[str, Any], report: VerifyReport
             row["reason"] = str(exc)
             report.parity.append(row)
             continue
-        row.update(fixture_parity(got, fixture, tol))
+        row.update(fixture_parity(got, fixture, art.tolerance))
         report.parity.append(row)
         if not row["passed"]:
-            report.problems.append(f"{art['file']}: parity outside tolerance ({tol.describe()}): {row}")
+            report.problems.append(f"{art.file}: parity outside tolerance ({art.tolerance.describe()}): {row}")

@@ -35,6 +35,7 @@ def test_wheel_holds_only_the_relaydiff_namespace(tmp_path: Path) -> None:
     for sub in ("export", "quantize", "runtime", "host", "core"):
         assert f"relaydiff/{sub}/__init__.py" in names
     assert "relaydiff/py.typed" in names
+    assert {"relaydiff/runtime/manifest.schema.json", "relaydiff/core/student.schema.json"} <= set(names)  # the schemas ship
 
 
 def test_no_bare_top_level_packages_in_site_packages() -> None:

@@ -75,7 +75,7 @@ def _relay_grid(family_dir: Path, variant: str | None, relay_step: int | None, s
         ref = family.resolve(family_dir, variant, role="device")
         info = read_student(ref.root / ref.unet_subfolder)
         if info is not None:
-            return (info["relay_step"] if relay_step is None else relay_step, info["steps"] if steps is None else steps)
+            return (info.relay_step if relay_step is None else relay_step, info.steps if steps is None else steps)
     return (8 if relay_step is None else relay_step, 25 if steps is None else steps)
 
 

@@ -14,10 +14,13 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relaydiff.core.errors import CompatibilityError, FamilyNotFoundError, RelaydiffError
 from relaydiff.core.schedulers import NOISE_SCHEDULE_KEYS
+
+if TYPE_CHECKING:
+    from relaydiff.core.student import StudentSpec
 
 logger = logging.getLogger(__name__)
 
@@ -421,7 +424,7 @@ class LoadedModel:
     tokenizer: Any  # transformers CLIPTokenizer (or compatible)
     scheduler_config: dict[str, Any]
     family_id: str
-    student: dict[str, Any] | None = None  # a distilled student's relaydiff_student.json (relaydiff.core.student)
+    student: StudentSpec | None = None  # a distilled student's relaydiff_student.json (relaydiff.core.student)
 
     @property
     def vae_scale_factor(self) -> int:

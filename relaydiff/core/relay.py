@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from relaydiff.core.schedulers import (
 )
 from relaydiff.core.state import RelayState
 
+if TYPE_CHECKING:
+    from relaydiff.core.student import StudentSpec
+
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, timestep, latents after the step)
 TextEncoder = Callable[[torch.Tensor], torch.Tensor]  # token ids (1, L) -> per-token embeddings (1, L, D)
 
@@ -50,7 +53,7 @@ class RelaySide:
     scheduler_config: Mapping[str, Any]  # the family's scheduler config: the noise schedule and timestep-grid settings
     family_id: str  # the latent space the side belongs to (RelayState.family_id)
     vae_scale_factor: int  # image pixels per latent pixel
-    student: dict[str, Any] | None = None  # a distilled student's relaydiff_student.json: its jumps (its denoiser takes one conditional pass each)
+    student: StudentSpec | None = None  # a distilled student's jumps (its denoiser takes one conditional pass each)
 
 
 def relay_side(model: LoadedModel) -> RelaySide:

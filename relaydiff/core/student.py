@@ -23,7 +23,10 @@ deterministic DDIM jump (LCM's own multistep sampler re-noises with fresh noise 
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,41 +37,99 @@ from relaydiff.core.errors import RelaydiffError, RelayStateError
 
 STUDENT_FILE = "relaydiff_student.json"
 STUDENT_FORMAT = "relaydiff-student/1"
-PARAMETRIZATIONS = ("eps", "lcm")  # the UNet's noise drives the jump, or a consistency function's x0 does
-_REQUIRED = {"format": str, "teacher": str, "relay_step": int, "steps": int, "student_steps": int,
-             "guidance_scale": float, "sampler": str}
+STUDENT_SCHEMA = Path(__file__).with_name("student.schema.json")
+MAX_STUDENT_BYTES = 64 * 1024
 
 
-def read_student(unet_dir: Path) -> dict[str, Any] | None:
-    """The student description in ``unet_dir``, None when the folder is not a student; malformed -> error."""
+@dataclass(frozen=True)
+class StudentSpec:
+    """A distilled student's ``relaydiff_student.json``: what it was distilled for and how its jumps are taken.
+
+    Read and validated in one place (:meth:`from_json`, against ``student.schema.json`` beside this file);
+    the relay, calibration, bundles and evaluation use the fields, never the raw dict.
+    """
+
+    teacher: str  # the device variant it was distilled from
+    relay_step: int  # k: the hand-off step it starts from
+    steps: int  # N: the grid the relay state carries
+    student_steps: int  # M: jumps (one conditional pass each) from k to the end
+    guidance_scale: float  # the teacher's CFG scale, baked in
+    sampler: str = "ddim"  # the only sampler a student jumps with
+    parametrization: str = "eps"  # "eps": the output is noise; "lcm": a consistency function's x0 drives the jump
+    timestep_scaling: float | None = None  # lcm only: c_skip/c_out timestep scaling
+    sigma_data: float | None = None  # lcm only: c_skip/c_out sigma_data
+    method: str | None = None  # how it was distilled ("progressive", "lcm"), for reports
+    coarse_timesteps: tuple[int, ...] = ()  # the grid timesteps of its jumps, for reports
+    teacher_unet_passes: int | None = None  # UNet passes of the teacher over [k, N), for reports
+    student_unet_passes: int | None = None  # UNet passes of the student over [k, N), for reports
+    training: Mapping[str, Any] | None = field(default=None, compare=False)  # the distillation run's figures, recorded only
+
+    @classmethod
+    def from_json(cls, data: Any, *, where: str = "student") -> StudentSpec:
+        """Validate ``data`` (a parsed relaydiff_student.json) against the schema and the grid's ranges.
+
+        Raises:
+            RelaydiffError: naming every schema problem, or the out-of-range values.
+        """
+        import jsonschema
+
+        validator = jsonschema.Draft202012Validator(json.loads(STUDENT_SCHEMA.read_text()))
+        problems = [f"$.{'.'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in validator.iter_errors(data)]
+        if problems:
+            raise RelaydiffError(f"'{where}' is not a relaydiff student description: " + "; ".join(problems))
+        if data["sampler"] != "ddim":
+            raise RelaydiffError(f"'{where}': only 'ddim' students are supported, got {data['sampler']!r}")
+        if not 1 <= data["student_steps"] <= data["steps"] or not 0 <= data["relay_step"] < data["steps"]:
+            raise RelaydiffError(f"'{where}': student_steps/relay_step/steps out of range: {data!r}")
+        spec = cls(
+            teacher=data["teacher"], relay_step=data["relay_step"], steps=data["steps"], student_steps=data["student_steps"],
+            guidance_scale=float(data["guidance_scale"]), sampler=data["sampler"], parametrization=data.get("parametrization", "eps"),
+            timestep_scaling=_opt_float(data.get("timestep_scaling")), sigma_data=_opt_float(data.get("sigma_data")),
+            method=data.get("method"), coarse_timesteps=tuple(data.get("coarse_timesteps", ())),
+            teacher_unet_passes=data.get("teacher_unet_passes"), student_unet_passes=data.get("student_unet_passes"),
+            training=data.get("training"),
+        )
+        if spec.parametrization == "lcm" and (spec.timestep_scaling is None or spec.sigma_data is None):
+            raise RelaydiffError(f"'{where}': an lcm student needs a positive 'timestep_scaling' and 'sigma_data'")
+        for name in ("guidance_scale", "timestep_scaling", "sigma_data"):  # JSON Schema has no finiteness keyword
+            value = getattr(spec, name)
+            if value is not None and not math.isfinite(value):
+                raise RelaydiffError(f"'{where}': {name} must be a finite number, got {value!r}")
+        return spec
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object :meth:`from_json` reads back (optional fields only when set)."""
+        data: dict[str, Any] = {"format": STUDENT_FORMAT, "teacher": self.teacher, "relay_step": self.relay_step,
+                                "steps": self.steps, "student_steps": self.student_steps,
+                                "guidance_scale": self.guidance_scale, "sampler": self.sampler,
+                                "parametrization": self.parametrization}
+        optional = {"timestep_scaling": self.timestep_scaling, "sigma_data": self.sigma_data, "method": self.method,
+                    "coarse_timesteps": list(self.coarse_timesteps) or None, "teacher_unet_passes": self.teacher_unet_passes,
+                    "student_unet_passes": self.student_unet_passes, "training": self.training}
+        data.update({k: v for k, v in optional.items() if v is not None})
+        return data
+
+    def write(self, unet_dir: Path) -> Path:
+        """Write ``relaydiff_student.json`` into ``unet_dir``; returns its path."""
+        path = Path(unet_dir) / STUDENT_FILE
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        return path
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def read_student(unet_dir: Path) -> StudentSpec | None:
+    """The student description in ``unet_dir``, None when the folder is not a student; malformed -> RelaydiffError."""
     path = Path(unet_dir) / STUDENT_FILE
     if not path.is_file():
         return None
-    if path.stat().st_size > 64 * 1024:
-        raise RelaydiffError(f"'{path}' is larger than 64 KiB")
+    if path.stat().st_size > MAX_STUDENT_BYTES:
+        raise RelaydiffError(f"'{path}' is larger than {MAX_STUDENT_BYTES // 1024} KiB")
     from relaydiff.core.family import read_json
 
-    info = read_json(path)  # valid JSON holding an object, or a clear error
-    for key, kind in _REQUIRED.items():
-        value = info.get(key)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else isinstance(value, kind) and not isinstance(value, bool)
-        if not ok:
-            raise RelaydiffError(f"'{path}': {key!r} must be a {kind.__name__}, got {value!r}")
-    if info["format"] != STUDENT_FORMAT:
-        raise RelaydiffError(f"'{path}': format is {info['format']!r}; expected {STUDENT_FORMAT!r}")
-    if not 1 <= info["student_steps"] <= info["steps"] or not 0 <= info["relay_step"] < info["steps"]:
-        raise RelaydiffError(f"'{path}': student_steps/relay_step/steps out of range: {info!r}")
-    if info["sampler"] != "ddim":
-        raise RelaydiffError(f"'{path}': only 'ddim' students are supported, got {info['sampler']!r}")
-    kind = info.setdefault("parametrization", "eps")
-    if kind not in PARAMETRIZATIONS:
-        raise RelaydiffError(f"'{path}': parametrization must be one of {', '.join(PARAMETRIZATIONS)}, got {kind!r}")
-    if kind == "lcm":
-        for key in ("timestep_scaling", "sigma_data"):
-            v = info.get(key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise RelaydiffError(f"'{path}': an lcm student needs a positive {key!r}, got {v!r}")
-    return info
+    return StudentSpec.from_json(read_json(path), where=str(path))  # read_json: valid JSON holding an object, or a clear error
 
 
 def coarse_indices(n: int, k: int, m: int) -> list[int]:
@@ -123,27 +184,27 @@ def consistency_x0(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | float, 
     return c_skip.to(x.dtype) * x + c_out.to(x.dtype) * x0
 
 
-def student_eps(student: dict[str, Any], x: torch.Tensor, eps: torch.Tensor, t: int, a_t: float) -> torch.Tensor:
+def student_eps(student: StudentSpec, x: torch.Tensor, eps: torch.Tensor, t: int, a_t: float) -> torch.Tensor:
     """The noise a jump uses: the UNet's own (``eps``), or the one implied by the consistency function's x0 (``lcm``)."""
-    if student.get("parametrization", "eps") != "lcm":
+    if student.parametrization != "lcm" or student.timestep_scaling is None or student.sigma_data is None:
         return eps
-    x0 = consistency_x0(x, eps, float(t), a_t, float(student["timestep_scaling"]), float(student["sigma_data"]))
+    x0 = consistency_x0(x, eps, float(t), a_t, student.timestep_scaling, student.sigma_data)
     a = torch.as_tensor(a_t, dtype=x.dtype)
     return (x - a.sqrt() * x0) / (1 - a).sqrt()
 
 
 @torch.no_grad()
-def student_finish(denoiser: Denoiser, student: dict[str, Any], latents: torch.Tensor, timesteps: torch.Tensor, k: int,
+def student_finish(denoiser: Denoiser, student: StudentSpec, latents: torch.Tensor, timesteps: torch.Tensor, k: int,
                    cond: torch.Tensor, scheduler_config: dict[str, Any], sampler: str) -> torch.Tensor:
     """Run the student from grid step ``k`` of ``timesteps`` to the end; one denoiser pass (conditional only) per jump."""
-    if sampler != student["sampler"]:
-        raise RelayStateError(f"the student was distilled on the {student['sampler']!r} sampler; the relay state uses {sampler!r}")
+    if sampler != student.sampler:
+        raise RelayStateError(f"the student was distilled on the {student.sampler!r} sampler; the relay state uses {sampler!r}")
     n = len(timesteps)
     if k >= n:
         return latents
     x = latents.float()
     conditioning = Conditioning(cond)
-    for t, a_t, a_s in jump_alphas(timesteps, coarse_indices(n, k, int(student["student_steps"])), scheduler_config):
+    for t, a_t, a_s in jump_alphas(timesteps, coarse_indices(n, k, student.student_steps), scheduler_config):
         eps = denoiser(x, torch.tensor(t), conditioning)
         x = ddim_jump(x, student_eps(student, x, eps, t, a_t), a_t, a_s)
     return x

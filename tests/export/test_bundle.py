@@ -169,3 +169,31 @@ def test_executorch_bundle(tiny_family: Path, tmp_path: Path) -> None:
     assert manifest["skipped"] == []
     report = verify(out)
     assert report.ok and all(r["passed"] for r in report.parity), report.to_json()
+
+
+def test_the_manifest_reads_back_as_typed_records(bundle: Path) -> None:
+    from relaydiff.runtime.manifest import Manifest
+
+    raw = json.loads((bundle / "manifest.json").read_text())
+    manifest = Manifest.read(bundle)
+    assert manifest.to_json() == raw  # one record, read and written in one place
+    onnx8 = manifest.artifacts_for("onnx", "int8")
+    assert set(onnx8) == {"unet_step", "vae_decoder", "text_encoder"}
+    assert onnx8["unet_step"].input("guidance_scale") is not None and onnx8["unet_step"].runnable_files()[1].endswith(".ort")
+    assert manifest.relay.device_steps == (3, 10) and manifest.relay.student is None
+
+
+def test_the_bundles_json_is_plain_json_without_build_paths(bundle: Path, tiny_family: Path) -> None:
+    """Every JSON file of the bundle parses as strict JSON and names no absolute path of the machine that built it."""
+    def strict(value: str) -> None:
+        raise ValueError(f"not JSON: {value}")
+
+    texts = {p: p.read_text() for p in bundle.rglob("*.json")}
+    assert len(texts) > 3
+    for path, text in texts.items():
+        json.loads(text, parse_constant=strict)  # NaN / Infinity are not JSON
+        assert str(tiny_family) not in text and str(bundle) not in text and str(Path.home()) + "/" not in text, path
+    from relaydiff.runtime.bundle import find_family
+    from relaydiff.runtime.manifest import Manifest
+
+    assert find_family(bundle, Manifest.read(bundle)) == tiny_family.resolve()  # the relative hint still finds the family

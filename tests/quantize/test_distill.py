@@ -33,7 +33,7 @@ def test_distillation_loss_goes_down_and_the_student_is_a_family_variant(distill
     assert info["training"]["updates"] == 12 and losses[-1] < 0.8 * losses[0], losses
     assert (info["teacher_unet_passes"], info["student_unet_passes"]) == (10, 2)
     assert json.loads((root / "family.json").read_text())["variants"]["student"] == "unet_student"
-    assert read_student(root / "unet_student")["student_steps"] == 2
+    assert read_student(root / "unet_student").student_steps == 2
     family.check_pair(family.resolve(root, None, role="host"), family.resolve(root, "student", role="device"))
 
 
@@ -69,7 +69,7 @@ def test_bad_student_file_and_bad_config_are_refused(distilled, tmp_path: Path) 
     root, _ = distilled
     bad = tmp_path / "unet"
     bad.mkdir()
-    (bad / STUDENT_FILE).write_text(json.dumps({**read_student(root / "unet_student"), "sampler": "euler"}))
+    (bad / STUDENT_FILE).write_text(json.dumps({**read_student(root / "unet_student").to_json(), "sampler": "euler"}))
     with pytest.raises(RelaydiffError, match="only 'ddim' students"):
         read_student(bad)
     with pytest.raises(RelaydiffError, match="student steps 9 exceed"):
@@ -105,7 +105,7 @@ def test_lcm_distillation_writes_an_lcm_student_that_relays(distilled) -> None: 
     losses = info["training"]["loss_curve"]
     assert info["method"] == "lcm" and info["parametrization"] == "lcm" and len(losses) == 6
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
-    assert read_student(root / "unet_student_lcm")["timestep_scaling"] == 10.0
+    assert read_student(root / "unet_student_lcm").timestep_scaling == 10.0
     assert json.loads((root / "family.json").read_text())["variants"]["student_lcm"] == "unet_student_lcm"
     host = family.load(family.resolve(root, None, role="host"))
     student = family.load(family.resolve(root, "student_lcm", role="device"), share_with=host)
