@@ -40,10 +40,11 @@ from relaydiff.link.config import LinkConfig
 from relaydiff.link.errors import ErrorCode, ProtocolError
 from relaydiff.link.events import Close, Error, Feedback, GenerateRequest, Hello, Ping, Pong, Progress, RelayHandoff, Result
 
-PROBE_PADDING = 64 * 1024  # bytes of the second probe Ping: its extra delay over the first measures bandwidth
-PROBE_WAIT_S = 1.0  # longest wait for the link probe before a contextual policy chooses without it
 from relaydiff.link.transport import Link, LinkClosed, LinkServer, serve
 from relaydiff.runtime.settings import GenerationSettings
+
+PROBE_PADDING = 64 * 1024  # bytes of the second probe Ping: its extra delay over the first measures bandwidth
+PROBE_WAIT_S = 1.0  # longest wait for the link probe before a contextual policy chooses without it
 
 T = TypeVar("T")
 

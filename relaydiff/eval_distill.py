@@ -16,7 +16,7 @@ host-only, UNet passes and device seconds per image; a grid of images (rows prom
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
