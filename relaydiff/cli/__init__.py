@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             message(f"relaydiff: error: {failed.text}")
             return failed.code
     log_path = None if verbose else (args.log_file or default_log_path(command.replace(" ", "-")))
+    log.debug("relaydiff %s: %s", __version__, " ".join(argv))
     code, error = 2, None
     try:
         with capture(log_path, verbose=verbose, quiet=bool(getattr(args, "json", False))):

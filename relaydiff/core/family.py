@@ -192,7 +192,10 @@ def family_id(ref: ModelRef) -> str:
         "tokenizer": tokenizer_hash(root),
         "latent": latent_spec(root),
     }
-    return "fam-" + hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    fid = "fam-" + hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    logger.debug("family id of '%s': %s (vae %s, text encoder %s, tokenizer %s)", root, fid, content["vae"],
+                 content["text_encoder"], content["tokenizer"])
+    return fid
 
 
 def family_label(ref: ModelRef) -> str:
