@@ -105,6 +105,8 @@ def _run(args: Any) -> int:
         return int(args.func(args))
     except RelaydiffError as exc:
         raise _Failed(int(getattr(exc, "exit_code", 2)), str(exc)) from None
+    except OSError as exc:  # a file the user named cannot be read or written (permissions, a full disk, ...)
+        raise _Failed(2, f"{exc.strerror or exc}: '{exc.filename}'" if exc.filename else str(exc)) from None
     except KeyboardInterrupt:
         raise _Failed(130, "interrupted") from None
 
