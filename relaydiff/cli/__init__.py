@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         code, error = failed.code, failed.text
     note = log_note(log_path)
     if error is not None:
-        message(f"relaydiff: error: {error}" + (f" ({note})" if note else ""))
+        one_line = "; ".join(part.strip() for part in error.splitlines() if part.strip())
+        message(f"relaydiff: error: {one_line}" + (f" ({note})" if note else ""))
     elif note:
         message(f"relaydiff: {note}")
     return code
