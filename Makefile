@@ -1,6 +1,6 @@
 # The whole set-up on a fresh machine (Python 3.11, CPU only, package registries only):
 #   make demo   installs relaydiff and runs the main job (relaydiff demo: bundle, host and device on loopback)
-#   make test   installs relaydiff with its test tools and runs the test suite
+#   make test   installs relaydiff with its test tools, lints the library (ruff) and runs the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(BIN)/relaydiff demo --out-dir out/demo
 
 test: $(STAMP)
+	$(BIN)/python -m ruff check relaydiff export quantize runtime host
 	$(BIN)/python -m pytest -q
 
 clean:

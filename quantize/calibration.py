@@ -164,9 +164,10 @@ def capture(host: LoadedModel, device: LoadedModel, config: CalibrationConfig, *
                               disable=not progress, leave=False):
         order = iter(_device_step_indices(device, state.num_inference_steps, state.step_index))
 
-        def record(x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, _g: float = state.guidance_scale) -> None:
+        def record(x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, _g: float = state.guidance_scale,
+                   _order: Any = order) -> None:
             out.samples["unet_step"].append(unet_step_inputs(x, t, embeds, _g))
-            out.step_indices.append(next(order))
+            out.step_indices.append(next(_order))
             out.timesteps.append(int(t))
 
         side = relay_side(device)

@@ -25,7 +25,6 @@ from relaydiff.runtime.artifact_denoiser import ArtifactDenoiser
 from relaydiff.runtime.sessions import Runner
 
 if TYPE_CHECKING:
-    import torch
 
     from relaydiff.core.family import LoadedModel
     from relaydiff.core.relay import RelaySide

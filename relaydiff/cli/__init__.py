@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             message(f"relaydiff: error: {failed.text}")
             return failed.code
     log_path = None if verbose else (args.log_file or default_log_path(command.replace(" ", "-")))
+    log.debug("relaydiff %s: %s", __version__, " ".join(argv))
     code, error = 2, None
     try:
         with capture(log_path, verbose=verbose, quiet=bool(getattr(args, "json", False))):
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         code, error = failed.code, failed.text
     note = log_note(log_path)
     if error is not None:
-        message(f"relaydiff: error: {error}" + (f" ({note})" if note else ""))
+        one_line = "; ".join(part.strip() for part in error.splitlines() if part.strip())
+        message(f"relaydiff: error: {one_line}" + (f" ({note})" if note else ""))
     elif note:
         message(f"relaydiff: {note}")
     return code
@@ -104,6 +106,8 @@ def _run(args: Any) -> int:
         return int(args.func(args))
     except RelaydiffError as exc:
         raise _Failed(int(getattr(exc, "exit_code", 2)), str(exc)) from None
+    except OSError as exc:  # a file the user named cannot be read or written (permissions, a full disk, ...)
+        raise _Failed(2, f"{exc.strerror or exc}: '{exc.filename}'" if exc.filename else str(exc)) from None
     except KeyboardInterrupt:
         raise _Failed(130, "interrupted") from None
 

@@ -18,8 +18,10 @@ class CompatibilityError(RelaydiffError):
     """Host and device models (or a relay state and a device) cannot relay: the fields that differ.
 
     ``mismatches`` lists every differing field as ``(field, host value, device value)``; ``field``,
-    ``host_value`` and ``device_value`` are the first of them.
+    ``host_value`` and ``device_value`` are the first of them. The CLI exits 1 on it (a failed check).
     """
+
+    exit_code = 1
 
     def __init__(self, field: str, host_value: Any, device_value: Any, *,
                  more: Sequence[tuple[str, Any, Any]] = (), subject: str = "host and device models") -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from relaydiff.core.errors import CompatibilityError, FamilyNotFoundError, RelaydiffError
+from relaydiff.core.errors import CompatibilityError, FamilyNotFoundError, RelaydiffError, RelayStateError
 from relaydiff.core.schedulers import NOISE_SCHEDULE_KEYS
 
 if TYPE_CHECKING:
@@ -195,7 +195,10 @@ def family_id(ref: ModelRef) -> str:
         "tokenizer": tokenizer_hash(root),
         "latent": latent_spec(root),
     }
-    return "fam-" + hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    fid = "fam-" + hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    logger.debug("family id of '%s': %s (vae %s, text encoder %s, tokenizer %s)", root, fid, content["vae"],
+                 content["text_encoder"], content["tokenizer"])
+    return fid
 
 
 def family_label(ref: ModelRef) -> str:
@@ -265,6 +268,7 @@ def check_state(model: LoadedModel, state: Any) -> None:
 
     Raises:
         CompatibilityError: listing every mismatch as (field, state's value, device's value).
+        RelayStateError: the latent or embeddings do not fit the device UNet (every such problem).
     """
     found: list[tuple[str, Any, Any]] = []
     if state.family_id != model.family_id:
@@ -275,14 +279,17 @@ def check_state(model: LoadedModel, state: Any) -> None:
         mine = list(mine) if isinstance(mine, tuple) else mine
         if theirs != mine:
             found.append((f"scheduler.{key}", theirs, mine))
-    channels = int(model.unet.config.in_channels)
-    if int(state.latents.shape[1]) != channels:
-        found.append(("latent channels", int(state.latents.shape[1]), channels))
-    width = int(model.unet.config.cross_attention_dim)
-    if int(state.prompt_embeds.shape[-1]) != width:
-        found.append(("text embedding width", int(state.prompt_embeds.shape[-1]), width))
     if found:
         raise CompatibilityError.of(found, subject="the relay state and this device")
+    shapes = []
+    channels = int(model.unet.config.in_channels)
+    if int(state.latents.shape[1]) != channels:
+        shapes.append(f"relay latent has {int(state.latents.shape[1])} channels; the device UNet expects {channels}")
+    width = int(model.unet.config.cross_attention_dim)
+    if int(state.prompt_embeds.shape[-1]) != width:
+        shapes.append(f"relay text embeddings have width {int(state.prompt_embeds.shape[-1])}; the device UNet expects {width}")
+    if shapes:
+        raise RelayStateError("; ".join(shapes))
 
 
 # diffusers scheduler class (and config) -> our sampler name (relaydiff.core.schedulers.SAMPLERS)

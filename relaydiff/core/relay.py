@@ -33,9 +33,12 @@ from relaydiff.core.schedulers import (
     build_scheduler,
     export_history,
     import_history,
+    restore_scheduler,
     sampler_spec,
     scheduler_config,
+    set_steps,
 )
+from relaydiff.core.schedulers import step as sampler_step
 from relaydiff.core.state import RelayState
 
 if TYPE_CHECKING:
@@ -167,7 +170,7 @@ def denoise(
             if guided:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # step 3
-        latents = scheduler.step(eps, t, latents, generator=generator).prev_sample  # step 4
+        latents = sampler_step(scheduler, eps, t, latents, generator)  # step 4
         if on_step is not None:
             on_step(i, int(t), latents)
     return latents
@@ -230,7 +233,7 @@ def _snapshots(
             raise RelaydiffError(f"relay step {k!r} is outside [0, {req.steps}]")
     t0 = time.perf_counter()
     scheduler = build_scheduler(req.sampler, dict(side.scheduler_config))
-    scheduler.set_timesteps(req.steps)
+    set_steps(scheduler, req.steps)
     cond, uncond = encode()
     generator = torch.Generator("cpu").manual_seed(req.seed)
     from diffusers.utils.torch_utils import randn_tensor
@@ -283,7 +286,7 @@ def start_batch(
     schedulers, generators, conds, unconds, latents = [], [], [], [], []
     for r in requests:
         sch = build_scheduler(r.sampler, model.scheduler_config)
-        sch.set_timesteps(r.steps)
+        set_steps(sch, r.steps)
         cond, uncond = encode_prompt(model, r.prompt, r.negative_prompt)
         gen = torch.Generator("cpu").manual_seed(r.seed)
         lat = randn_tensor(_latent_shape(side, r), generator=gen, dtype=torch.float32) * sch.init_noise_sigma
@@ -319,7 +322,7 @@ def start_batch(
             offset += size
             if size == 2:  # 3. guidance, per request
                 eps = eps[:1] + requests[j].guidance_scale * (eps[1:] - eps[:1])
-            latents[j] = schedulers[j].step(eps, t, latents[j], generator=generators[j]).prev_sample  # 4.
+            latents[j] = sampler_step(schedulers[j], eps, t, latents[j], generators[j])  # 4.
             if requests[j].relay_step == i + 1:
                 finish(j)
     return [o for o in out if o is not None]
@@ -395,11 +398,7 @@ def resume(
     end = n if end is None else end
     if not state.step_index <= end <= n:
         raise RelaydiffError(f"end step {end!r} is outside [{state.step_index}, {n}]")
-    import diffusers
-
-    cls = getattr(diffusers, sampler_spec(state.sampler).class_name)
-    scheduler = cls.from_config(state.scheduler_config)
-    scheduler.set_timesteps(n)
+    scheduler = restore_scheduler(state.sampler, state.scheduler_config, n)
     if not torch.equal(scheduler.timesteps.to(state.timesteps.dtype), state.timesteps):
         raise RelayStateError(
             f"the timestep grid in the relay state {state.timesteps.tolist()} differs from the one its "

@@ -294,7 +294,7 @@ class Connection:
     def _request_update(
         self, kind: str, event: Event, err: type[ProtocolError]
     ) -> tuple[str, RequestState | None, RequestState | None]:
-        request_id: str = getattr(event, "request_id")
+        request_id: str = getattr(event, "request_id")  # noqa: B009 (Event is a union; not every member declares it)
         current = self.request_state(request_id)
         key = (current, kind)
         if key not in REQUEST_TRANSITIONS:

@@ -69,3 +69,11 @@ def test_relay_json_in_process_has_nothing_but_the_document(tiny_family: Path, t
                  "--out", str(tmp_path / "i.png"), "--json", "--log-file", str(tmp_path / "l.log")]) == 0
     out = capsys.readouterr().out
     assert json.loads(out)["steps"] == 3 and out.count("\n") == 1
+
+
+def test_verbose_turns_on_debug_records(tiny_family: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--family", str(tiny_family), "--verbose"]) == 0
+    err = capsys.readouterr().err
+    assert "DEBUG relaydiff.core.family: family id of" in err
+    assert main(["check", "--family", str(tiny_family)]) == 0
+    assert "DEBUG" not in capsys.readouterr().err

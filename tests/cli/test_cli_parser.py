@@ -76,3 +76,11 @@ def test_exit_2_for_bad_usage_is_one_line(capsys: pytest.CaptureFixture[str], tm
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--host folder not found" in err and "Traceback" not in err
+
+
+def test_an_unwritable_output_is_one_line(tiny_family, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where the output folder should be
+    code = main(["preset", "tiny", "--out", str(blocker / "sub"), "--json"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err and str(blocker) in err

@@ -1,0 +1,141 @@
+"""Your own models: two plain diffusers pipeline folders (tiny random weights, built here) become a family;
+pairs that cannot relay are refused with every mismatch; a state is refused by a device it does not fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from relaydiff.cli import main
+
+PNDM = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+        "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1}  # as SD-1.5 and BK-SDM ship it
+
+
+def _pipeline(out: Path, *, seed: int, unet: dict, vae_seed: int = 0, vae_scaling: float = 0.18215) -> Path:
+    """A plain StableDiffusionPipeline folder (no family.json) with tiny random weights."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from relaydiff.presets import get_preset, write_char_tokenizer
+
+    preset = get_preset("tiny")
+    tokenizer = write_char_tokenizer(out / "_tok", preset.max_length)
+    torch.manual_seed(vae_seed)  # the shared parts: same seed, same weights in both folders
+    vae = AutoencoderKL(**{**preset.vae, "scaling_factor": vae_scaling})
+    torch.manual_seed(0)
+    text = CLIPTextModel(CLIPTextConfig(**preset.text, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    torch.manual_seed(seed)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=UNet2DConditionModel(**unet),
+                                   scheduler=PNDMScheduler(**PNDM), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from relaydiff.presets import get_preset
+
+    preset = get_preset("tiny")
+    root = tmp_path_factory.mktemp("own")
+    return {
+        "host": _pipeline(root / "sd15", seed=1, unet=preset.host_unet),
+        "device": _pipeline(root / "bksdm", seed=2, unet=preset.device_unet),
+        # same configs, other VAE weights and scaling factor: cannot relay
+        "bad": _pipeline(root / "other-vae", seed=2, unet=preset.device_unet, vae_seed=5, vae_scaling=0.2),
+    }
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_family_init_from_two_pipelines_then_relay_with_their_scheduler(pair: dict[str, Path], tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    fam = tmp_path / "my-family"
+    code, out, err = _run(capsys, "family", "init", "--host", str(pair["host"]), "--device", str(pair["device"]),
+                          "--variant", f"small={pair['device']}", "--out", str(fam), "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["variants"] == {"host": "unet", "device": "unet_device", "small": "unet_small"}
+    assert info["default_sampler"] == "pndm"  # the folder's own scheduler, not DDIM
+    assert json.loads((fam / "family.json").read_text())["default_device"] == "device"
+    # the id is a content hash: the label (folder name) plays no part
+    assert info["family_id"].startswith("fam-") and "my-family" not in info["family_id"]
+    code, out, _ = _run(capsys, "relay", "--family", str(fam), "--prompt", "a red circle", "--steps", "4",
+                        "--out", str(tmp_path / "r.png"), "--json")
+    assert code == 0 and json.loads(out)["scheduler"] == "pndm" and json.loads(out)["family_id"] == info["family_id"]
+    # and the plain pipelines relay directly too, with the same family id
+    code, out, _ = _run(capsys, "relay", "--host", str(pair["host"]), "--device", str(pair["device"]), "--prompt", "x",
+                        "--steps", "3", "--out", str(tmp_path / "p.png"), "--json")
+    assert code == 0 and json.loads(out)["family_id"] == info["family_id"]
+
+
+def test_family_init_refuses_a_pair_naming_every_mismatch(pair: dict[str, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = tmp_path / "refused"
+    code, out, err = _run(capsys, "family", "init", "--host", str(pair["host"]), "--device", str(pair["bad"]),
+                          "--out", str(out_dir), "--json")
+    assert code == 1
+    fields = {m["field"]: m for m in json.loads(out)["mismatches"]}
+    assert {"vae.scaling_factor", "vae.weights_hash", "vae.config_hash"} <= set(fields)
+    assert (fields["vae.scaling_factor"]["host"], fields["vae.scaling_factor"]["device"]) == (0.18215, 0.2)
+    assert not out_dir.exists() and list(tmp_path.iterdir()) == []  # nothing half-written, no temporary folder
+
+
+def test_family_init_refuses_a_folder_that_is_not_a_pipeline(pair: dict[str, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    half = tmp_path / "half"
+    (half / "unet").mkdir(parents=True)
+    (half / "model_index.json").write_text("{}")
+    code, _, err = _run(capsys, "family", "init", "--host", str(pair["host"]), "--device", str(half),
+                        "--out", str(tmp_path / "o"))
+    assert code == 2 and "missing unet/config.json, vae/config.json, text_encoder/config.json, tokenizer" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_check_reports_every_mismatch_with_both_values(pair: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, "check", "--host", str(pair["host"]), "--device", str(pair["bad"]), "--json")
+    assert code == 1
+    report = json.loads(out)
+    assert report["ok"] is False
+    fields = [m["field"] for m in report["mismatches"]]
+    assert {"vae.scaling_factor", "vae.weights_hash", "vae.config_hash"} <= set(fields) and len(fields) == len(set(fields))
+    code, out, _ = _run(capsys, "check", "--host", str(pair["host"]), "--device", str(pair["bad"]))
+    assert code == 1
+    assert "vae.scaling_factor: host 0.18215, device 0.2" in out and "vae.weights_hash: host '" in out
+    code, out, _ = _run(capsys, "check", "--host", str(pair["host"]), "--device", str(pair["device"]), "--json")
+    assert code == 0 and json.loads(out)["mismatches"] == []
+
+
+def test_a_plain_pipeline_is_refused_where_a_pair_is_needed(pair: dict[str, Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "relay", "--family", str(pair["host"]), "--prompt", "x", "--out", str(tmp_path / "x.png"))
+    assert code == 2 and "plain diffusers pipeline folder (no family.json)" in err and "family init" in err
+    code, _, err = _run(capsys, "bundle", "build", "--family", str(pair["host"]), "--out", str(tmp_path / "b"))
+    assert code == 2 and "plain diffusers pipeline folder" in err and not (tmp_path / "b").exists()
+
+
+def test_host_without_device_names_what_is_missing(pair: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "relay", "--host", str(pair["host"]), "--prompt", "x")
+    assert code == 2 and "needs a device: pass --device DIR" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_refuses_a_device_whose_vae_differs(pair: dict[str, Path], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "s.st"
+    code, _, err = _run(capsys, "relay", "--host", str(pair["host"]), "--device", str(pair["device"]), "--prompt", "x",
+                        "--steps", "4", "--relay-step", "2", "--out", str(tmp_path / "a.png"), "--state-out", str(state))
+    assert code == 0, err
+    code, _, err = _run(capsys, "resume", "--state", str(state), "--device", str(pair["bad"]), "--out", str(tmp_path / "b.png"))
+    assert code == 1 and "family_id" in err and "Traceback" not in err
+    assert not (tmp_path / "b.png").exists()
+    code, _, _ = _run(capsys, "resume", "--state", str(state), "--device", str(pair["device"]), "--out", str(tmp_path / "c.png"))
+    assert code == 0
