@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from relaydiff import bench_cli, bundle_cli, service_cli
+from relaydiff.cache import cli as cache_cli
 from relaydiff.core.errors import RelaydiffError
 
 
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     service_cli.add_parsers(sub)  # relaydiff host, relaydiff device
     bundle_cli.add_parsers(sub)  # relaydiff bundle build|verify
     bench_cli.add_parsers(sub)  # relaydiff bench device|link
+    cache_cli.add_parser(sub)  # relaydiff cache train (`eval cache` is routed to cache_cli.main in main())
 
     p = sub.add_parser("distill", help="relay-aware step + guidance distillation of the device UNet into a few-step student")
     p.add_argument("--family", default=None, help="family folder (default: the embedded family); the student is written into it")
@@ -383,11 +385,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "distill": cmd_distill, "relay": cmd_relay, "resume": cmd_resume, "diagnose": cmd_diagnose, "preset": cmd_preset, "check": cmd_check, "eval": cmd_eval, "family": cmd_family, **service_cli.COMMANDS, "bundle": bundle_cli.cmd_bundle, "bench": bench_cli.cmd_bench}
+COMMANDS = {"demo": cmd_demo, "distill": cmd_distill, "relay": cmd_relay, "resume": cmd_resume, "diagnose": cmd_diagnose, "preset": cmd_preset, "check": cmd_check, "eval": cmd_eval, "family": cmd_family, **service_cli.COMMANDS, "bundle": bundle_cli.cmd_bundle, "bench": bench_cli.cmd_bench, "cache": cache_cli.cmd_cache}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``relaydiff`` console script. Returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["eval", "cache"]:
+        _quiet_libraries()
+        return cache_cli.main(argv)
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
