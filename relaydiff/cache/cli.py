@@ -40,6 +40,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=int, default=24, help="training prompts (default 24)")
     p.add_argument("--relay-steps", type=_ints, default=(0, 4, 6, 8, 10, 12, 16), help="hand-off points k trained on")
     p.add_argument("--batch", type=int, default=8, help="schedules sampled per update (default 8)")
+    p.add_argument("--group", type=int, default=4, help="schedules per budget in an update (default 4)")
+    p.add_argument("--baseline", choices=("loo", "moving"), default="loo",
+                   help="REINFORCE baseline: leave-one-out within a budget group (default) or a moving average per (k, B)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint of an earlier run")
@@ -99,7 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else root / "cache_policy" / args.mechanism
     cfg = TrainConfig(out=out, family=root, mechanism=args.mechanism, cache_branch=args.cache_branch, minutes=args.minutes,
                       max_updates=args.max_updates, prompts=args.prompts, relay_steps=tuple(args.relay_steps),
-                      batch=args.batch, seed=args.seed)
+                      batch=args.batch, group=args.group, baseline=args.baseline, seed=args.seed)
     info = train(cfg, resume=not args.no_resume, log_fn=None if args.json else print)
     if args.json:
         print(json.dumps(info, sort_keys=True))

@@ -5,7 +5,13 @@ Inputs per device step j of a hand-off at k (m = N - k steps), all known before 
 the schedule is fixed up front and one policy serves every budget and hand-off point:
 
     budget fraction B/m, device position j/m, trajectory position (k + j)/N, hand-off fraction k/N,
-    the noise level log SNR(t_{k+j}) / 10 and the sampler's step in log SNR to the next grid point.
+    the noise level log SNR(t_{k+j}) / 10, the sampler's step in log SNR to the next grid point, whether j is
+    a step of the uniform schedule of budget B and its phase j B / m mod 1 within the uniform interval.
+
+The score is ``prior * uniform_member + MLP(features)`` with a learned scalar ``prior`` (initially 2): a
+score per step followed by top-B can only express spread-out schedules through such features (a smooth
+function of position alone selects a contiguous block), so the policy starts near the uniform schedule
+and learns where to deviate from it.
 
 Sampling (training) is a Plackett-Luce draw of B - 1 steps without replacement from steps 1..m-1 (step 0 is
 always full), done with the Gumbel-top-k trick (Kool et al. 2019), so its log-probability is
@@ -17,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +36,9 @@ from relaydiff.core.errors import RelaydiffError
 log = logging.getLogger(__name__)
 
 POLICY_FORMAT = "relaydiff-cache-policy/1"
-FEATURES = ("budget_fraction", "device_position", "trajectory_position", "handoff_fraction", "log_snr", "log_snr_step")
+FEATURES = ("budget_fraction", "device_position", "trajectory_position", "handoff_fraction", "log_snr", "log_snr_step",
+            "uniform_member", "uniform_phase")
+_UNIFORM = FEATURES.index("uniform_member")
 MAX_POLICY_BYTES = 1 << 20
 
 
@@ -84,17 +93,18 @@ class PolicyConfig:
 class SchedulePolicy(torch.nn.Module):
     """A two-hidden-layer MLP from per-step features to a score."""
 
-    def __init__(self, n_features: int = len(FEATURES), hidden: int = 32) -> None:
+    def __init__(self, n_features: int = len(FEATURES), hidden: int = 32, prior: float = 2.0) -> None:
         super().__init__()
         self.net = torch.nn.Sequential(
             torch.nn.Linear(n_features, hidden), torch.nn.Tanh(),
             torch.nn.Linear(hidden, hidden), torch.nn.Tanh(),
             torch.nn.Linear(hidden, 1),
         )
+        self.prior = torch.nn.Parameter(torch.tensor(float(prior)))  # weight of the uniform-schedule indicator
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(..., m, F) features -> (..., m) scores."""
-        return self.net(features).squeeze(-1)
+        return self.prior * features[..., _UNIFORM] + self.net(features).squeeze(-1)
 
 
 def step_features(timesteps: torch.Tensor, k: int, budget: int, scheduler_config: dict[str, Any]) -> torch.Tensor:
@@ -107,9 +117,11 @@ def step_features(timesteps: torch.Tensor, k: int, budget: int, scheduler_config
     a = torch.stack([ac[int(t)] for t in timesteps] + [final]).double().clamp(1e-8, 1 - 1e-8)
     snr = torch.log(a / (1 - a)).float()
     j = torch.arange(m, dtype=torch.float32)
+    uniform = torch.zeros(m)
+    uniform[[math.floor(i * m / budget) for i in range(budget)]] = 1.0  # as relaydiff.cache.schedules.uniform_mask
     cols = [
         torch.full((m,), budget / m), j / m, (k + j) / n, torch.full((m,), k / n),
-        snr[k:n] / 10, (snr[k + 1 : n + 1] - snr[k:n]),
+        snr[k:n] / 10, (snr[k + 1 : n + 1] - snr[k:n]), uniform, torch.remainder(j * budget / m, 1.0),
     ]
     return torch.stack(cols, dim=1)
 

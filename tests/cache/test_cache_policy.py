@@ -70,6 +70,7 @@ def test_step_features_shape_and_range(tiny_pair) -> None:
     f = step_features(sch.timesteps, 4, 3, device.scheduler_config)
     assert f.shape == (6, len(FEATURES))
     assert torch.allclose(f[:, 0], torch.full((6,), 0.5))
+    assert f[:, 6].tolist() == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]  # the uniform schedule of B = 3 in m = 6
     assert bool((f[1:, 1] > f[:-1, 1]).all()) and bool((f[:, 5] > 0).all())  # log SNR rises as noise is removed
 
 

@@ -20,7 +20,7 @@ def test_train_writes_a_policy_and_resumes(tiny_family: Path, tiny_pair, tmp_pat
 
     init = SchedulePolicy(hidden=8).state_dict()
     cfg = TrainConfig(out=tmp_path / "reuse", family=tiny_family, max_updates=2, prompts=1, relay_steps=(2,), steps=6,
-                      batch=2, hidden=8)
+                      batch=2, group=2, hidden=8)
     info = train(cfg, resume=True)
     assert info["training"]["updates"] == 2 and info["training"]["episodes"] == 4
     policy, pcfg = load_policy(tmp_path / "reuse.json")
