@@ -22,7 +22,7 @@ from relaydiff.core.errors import RelaydiffError
 def register(sub: Any) -> None:
     p = sub.add_parser("eval", help="evaluations: relay (quality and cost vs relay step), scheduler (the split "
                                     "scheduler on a measured table), distill (students vs the device half)")
-    what = p.add_subparsers(dest="eval_command", required=True, metavar="{relay,scheduler,distill}")
+    what = p.add_subparsers(dest="eval_command", required=True, metavar="{relay,scheduler,distill,cache}")
 
     r = what.add_parser("relay", help="accuracy, PSNR/SSIM and cost vs relay step (RISE Fig. 5)")
     add_pair_args(r)
@@ -57,6 +57,10 @@ def register(sub: Any) -> None:
     d.add_argument("--out-dir", default="out/eval-distill", help="output folder")
     add_json(d, "print the summary as one JSON document, no progress bars")
     d.set_defaults(func=cmd_eval_distill)
+
+    from relaydiff.cache.cli import register_eval as register_eval_cache
+
+    register_eval_cache(what)  # eval cache: budget-aware feature caching (relaydiff.cache)
 
 
 def cmd_eval_relay(args: argparse.Namespace) -> int:
