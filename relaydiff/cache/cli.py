@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -100,13 +99,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(out=out, family=root, mechanism=args.mechanism, cache_branch=args.cache_branch, minutes=args.minutes,
                       max_updates=args.max_updates, prompts=args.prompts, relay_steps=tuple(args.relay_steps),
                       batch=args.batch, group=args.group, baseline=args.baseline, seed=args.seed)
-    info = train(cfg, resume=not args.no_resume, log_fn=None if args.json else print)
-    if args.json:
-        print(json.dumps(info, sort_keys=True))
-    else:
-        t = info["training"]
-        print(f"policy ({info['mechanism']}): {t['updates']} updates, {t['episodes']} episodes, {t['wall_s']:.0f} s; wrote "
-              + ", ".join(info["files"]))
+    from relaydiff.cli.output import emit, message
+
+    info = train(cfg, resume=not args.no_resume, log_fn=None if args.json else message)
+    t = info["training"]
+    emit(args.json, info, [f"policy ({info['mechanism']}): {t['updates']} updates, {t['episodes']} episodes, "
+                           f"{t['wall_s']:.0f} s; wrote " + ", ".join(info["files"])])
     return 0
 
 
@@ -127,20 +125,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = family.load(family.resolve(root, role="device"), share_with=host)
     report = run_cache_eval(host, device, cfg, progress=not args.json)
     paths = write_outputs(report, Path(args.out_dir))
-    if args.json:
-        print(json.dumps({"config": report["config"], "flops": report["flops"], "latency": report["latency"],
-                          "summary": report["summary"], "comparisons": report["comparisons"], "files": paths}))
-        return 0
-    print(f"{'k':>3} {'mech':>8} {'schedule':>9} {'B':>3} {'B/m':>5} {'acc':>6} {'d acc vs unc [95% CI]':>24} {'PSNR':>6} "
-          f"{'SSIM':>6} {'FLOPs':>6} {'time':>6}")
+    from relaydiff.cli.output import emit
+
+    payload = {"config": report["config"], "flops": report["flops"], "latency": report["latency"],
+               "summary": report["summary"], "comparisons": report["comparisons"], "files": paths}
+    lines = [f"{'k':>3} {'mech':>8} {'schedule':>9} {'B':>3} {'B/m':>5} {'acc':>6} {'d acc vs unc [95% CI]':>24} {'PSNR':>6} "
+             f"{'SSIM':>6} {'FLOPs':>6} {'time':>6}"]
     for s in report["summary"]:
         ci = s["accuracy_minus_uncached_ci"]
-        print(f"{s['k']:>3} {s['mechanism']:>8} {s['schedule']:>9} {s['budget']:>3} {s['fraction']:>5.2f} {100 * s['accuracy']:>5.1f}% "
+        lines.append(f"{s['k']:>3} {s['mechanism']:>8} {s['schedule']:>9} {s['budget']:>3} {s['fraction']:>5.2f} {100 * s['accuracy']:>5.1f}% "
               f"{100 * s['accuracy_minus_uncached']:>+6.1f} [{100 * ci[0]:+5.1f}, {100 * ci[1]:+5.1f}]     {s['psnr_db']:>6.2f} "
               f"{s['ssim']:>6.3f} {s.get('flops_ratio_vs_uncached', 1.0):>6.3f} {s.get('latency_ratio_vs_uncached') or 1.0:>6.3f}")
     for c in report["comparisons"]:
         ci = c["psnr_diff_ci"]
-        print(f"k={c['k']} {c['mechanism']} B={c['budget']}: {c['a']} - {c['b']} PSNR {c['psnr_diff_db']:+.2f} dB "
+        lines.append(f"k={c['k']} {c['mechanism']} B={c['budget']}: {c['a']} - {c['b']} PSNR {c['psnr_diff_db']:+.2f} dB "
               f"[{ci[0]:+.2f}, {ci[1]:+.2f}]")
-    print("wrote " + ", ".join(paths.values()))
+    lines.append("wrote " + ", ".join(paths.values()))
+    emit(args.json, payload, lines)
     return 0
