@@ -247,3 +247,12 @@ def test_family_train_rejects_bad_options(argv: list[str], named: str, tmp_path:
     err = capsys.readouterr().err
     assert named in err and "Traceback" not in err
     assert not (tmp_path / "fam").exists()
+
+
+def test_training_sampler_of_the_family_uses_the_train_split() -> None:
+    from relaydiff.embedded.train import TrainConfig, _batch
+    from relaydiff.world import split_of
+
+    cfg = TrainConfig.micro()
+    caps = [c for step in range(30) for c in _batch(cfg, "host", step, 16)[1]]
+    assert {split_of(c) for c in caps} == {"train"}

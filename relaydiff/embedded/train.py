@@ -1,7 +1,8 @@
 """Train the embedded ``tinyshapes`` family on a CPU: VAE, text encoder, text encoder + host UNet, device UNet.
 
 Data come from :func:`relaydiff.world.make_batch` on the fly (a fresh seed every step, nothing on
-disk). Every stage has a wall-clock budget and a step cap, whichever comes first; checkpoints
+disk), from the world's **train split** only: validation and test captions (``relaydiff.world.splits``)
+are never drawn. Every stage has a wall-clock budget and a step cap, whichever comes first; checkpoints
 (safetensors + a JSON of the step) make every stage resumable. The output is a standard
 diffusers folder (``StableDiffusionPipeline.from_pretrained`` loads the host model) plus
 ``unet_device/`` and ``family.json``.
@@ -147,7 +148,7 @@ def _batch(cfg: TrainConfig, stage: str, step: int, n: int) -> tuple["torch.Tens
     rng = np.random.default_rng(seed)
     w = np.asarray(cfg.n_objects_weights, dtype=float)
     k = int(rng.choice(len(w), p=w / w.sum())) + 1
-    images, captions, _ = make_batch(seed, n, size=cfg.arch.resolution, n_objects=k)
+    images, captions, _ = make_batch(seed, n, size=cfg.arch.resolution, n_objects=k, split="train")
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return x, list(captions)
 
@@ -503,7 +504,8 @@ def _text_aux_loss_fn(cfg: TrainConfig, stage: str, text_encoder: Any, head: Any
     n = 64 if stage != "text" else cfg.text.batch_size
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        prompts = sample_prompts(_data_seed(cfg, "text", step) if stage == "text" else _data_seed(cfg, stage, step) + 2**31, n)
+        prompts = sample_prompts(_data_seed(cfg, "text", step) if stage == "text" else _data_seed(cfg, stage, step) + 2**31, n,
+                                 split="train")
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
         logits = head(text_encoder(ids)[0].mean(dim=1)).split(sizes, dim=1)
