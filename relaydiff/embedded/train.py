@@ -119,19 +119,23 @@ class TrainConfig:
 
     @classmethod
     def recipe_next(cls, seed: int = 0) -> "TrainConfig":
-        """The recipe the diagnosis of docs/family.md points to (7.4 h on 2 cores; run in resumable pieces).
+        """The recipe the diagnosis of docs/family.md points to; run it in resumable pieces.
 
-        Against the default: the VAE weights object pixels 10x and trains 40 min (its round trips lost small
-        diamonds, squares and triangles); the host trains 290 min, not 50 (it had seen fewer steps than the
-        device and placed objects worse), with a slower EMA; the device 110 min; 3-object scenes are
-        35% of the steps, not 20%.
+        Its stages are budgeted in **steps** (the minutes are only generous caps), so a run on a CPU shared
+        with other jobs trains the same model, only later; the learning-rate schedule follows the steps.
+        On an idle 2-core CPU (0.33 s per VAE step, 0.5 per text step, 0.9 per host step, 0.28 per device
+        step) it takes about 7.1 hours. Against the default recipe: the VAE weights object pixels 10x
+        (its round trips lost small diamonds, squares and triangles) over 5,000 steps; the host trains
+        19,000 steps, not 3,341 (it had seen fewer steps than the device and placed objects worse), with a
+        slower EMA; the device 23,000 steps; 3-object scenes are 35% of the steps, not 20%.
         """
         base = cls(seed=seed)
         return replace(
             base, name="tinyshapes-next", vae_object_weight=9.0, n_objects_weights=(0.25, 0.4, 0.35),
-            vae=replace(base.vae, minutes=40.0, max_steps=100_000),
-            host=replace(base.host, minutes=290.0, max_steps=1_000_000, ema_decay=0.9995),
-            device=replace(base.device, minutes=110.0, max_steps=1_000_000),
+            vae=replace(base.vae, minutes=150.0, max_steps=5_000),
+            text=replace(base.text, minutes=30.0, max_steps=600),
+            host=replace(base.host, minutes=900.0, max_steps=19_000, ema_decay=0.9995),
+            device=replace(base.device, minutes=400.0, max_steps=23_000),
         )
 
     def stage(self, name: str) -> StageConfig:
@@ -957,7 +961,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro", action="store_true", help="seconds-long smoke run with tiny models")
     p.add_argument("--recipe", choices=("default", "next"), default="default",
                    help="default: the committed tinyshapes recipe; next: the recipe of docs/family.md "
-                        "(object-weighted VAE, 290-min host, 110-min device)")
+                        "(object-weighted VAE, 19k-step host, 23k-step device; budgets in steps)")
     p.add_argument("--resume-from", type=Path, default=None,
                    help="continue from a family folder's weights and family.json alone (e.g. a committed "
                         "snapshot): finished stages are kept, a partial stage continues")
