@@ -324,3 +324,25 @@ def test_object_weights_mark_objects_and_their_rim() -> None:
     w = object_weights(x, 9.0)[0, 0]
     assert w[3, 3] == 10.0 and w[2, 2] == 10.0 and w[4, 4] == 10.0  # the pixel and its 1-px rim
     assert w[0, 0] == 1.0 and w[6, 6] == 1.0 and int((w == 10.0).sum()) == 9
+
+
+def test_probes_on_a_tiny_random_family(tiny_family: Path) -> None:
+    from relaydiff.embedded.evaluate import load_family
+    from relaydiff.embedded.probes import denoise_error, swap_probe, trajectories, vae_roundtrip, val_prompts
+    from relaydiff.world import split_of
+
+    torch.set_num_threads(1)
+    fam = load_family(tiny_family)
+    prompts = val_prompts(4)
+    assert {split_of(p) for p in prompts} == {"val"}
+    out = swap_probe(fam, prompts, steps=3, single=(1,), relay=(0, 3))
+    assert len(out["gap_by_step"]) == 3 and all(g >= 0 for g in out["gap_by_step"])
+    same = out["relay"]["3"]  # the device runs no step: the host's own images
+    assert same["changed_verdicts"] == 0.0 and tuple(same["minus_host"]) == (0.0, 0.0, 0.0) and same["psnr_to_host"] == 60.0
+    assert out["relay"]["0"]["psnr_to_host"] < 60.0  # device-only differs
+    with pytest.raises(ValueError, match="one entry per step"):
+        trajectories(fam, prompts, plan=["host"], steps=3)
+    err = denoise_error(fam, n=4, timesteps=(100, 900))
+    assert set(err) == {"host", "device"} and set(err["host"]) == {"100", "900"}
+    vae = vae_roundtrip(fam, n_per_count=3)
+    assert [vae[f"{m}obj"]["exact"] for m in (1, 2, 3)] == [1.0, 1.0, 1.0]  # the scorer passes exact renders

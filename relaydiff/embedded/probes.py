@@ -4,10 +4,10 @@
 - ``vae``: the scorer on VAE round trips of exact renders (validation split): what any UNet is capped at;
 - ``denoise``: each UNet's noise-prediction error against the true noise, by timestep, on noised latents of
   validation renders (which model is better where: a capacity / training question);
-- ``gap``: along the host's own guided trajectories (validation prompts), the device's guided noise prediction
-  against the host's at every step (relative squared error), and the host->device swap of one single step;
-- ``swap``: accuracy of host trajectories in which the device replaces the host at one step only, or finishes
-  from step k (a relay), per check kind.
+- ``swap``: along the host's own guided trajectories (validation prompts), the device's guided noise prediction
+  against the host's at every step (relative squared error, ``gap_by_step``), and the accuracy, PSNR to the
+  host image and per-check failures when the device replaces the host at one step only (``single``) or
+  finishes from step k (``relay``), each with its paired difference to host-only.
 
 Every probe prints one JSON object (figures for ``docs/family.md``). Prompts come from the validation split.
 """
