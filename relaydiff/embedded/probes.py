@@ -179,10 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1:
         p.error(f"--n must be >= 1, got {args.n!r}")
     torch.set_num_threads(args.threads)
+    if args.probe == "vae":  # the VAE alone: also works on a family whose UNet stages have not run yet
+        from diffusers import AutoencoderKL
+
+        result = vae_roundtrip({"vae": AutoencoderKL.from_pretrained(str(args.family / "vae")).eval()}, args.n)
+        print(json.dumps(result, default=float))
+        return 0
     fam = load_family(args.family, args.device_subfolder)
-    if args.probe == "vae":
-        result = vae_roundtrip(fam, args.n)
-    elif args.probe == "denoise":
+    if args.probe == "denoise":
         result = denoise_error(fam, args.n)
     else:
         result = swap_probe(fam, val_prompts(args.n))
