@@ -922,6 +922,7 @@ def train_family(cfg: TrainConfig, out_dir: str | Path, resume: bool = True,
         reports[stage] = trainers[stage](cfg, out, ckpt, resume, _Resume(record, write_progress))
         ckpt.mkdir(parents=True, exist_ok=True)
         reports_path.write_text(json.dumps(reports, indent=1))
+        write_progress(stage, reports[stage])  # the finished stage, before the next one's first snapshot
     _store_fp16(out, cfg.fp16_folders)
     measured = _measure(cfg, out)
     measured["weights_bytes"] = _weight_bytes(out)
