@@ -247,3 +247,102 @@ def test_family_train_rejects_bad_options(argv: list[str], named: str, tmp_path:
     err = capsys.readouterr().err
     assert named in err and "Traceback" not in err
     assert not (tmp_path / "fam").exists()
+
+
+def test_training_sampler_of_the_family_uses_the_train_split() -> None:
+    from relaydiff.embedded.train import TrainConfig, _batch
+    from relaydiff.world import split_of
+
+    cfg = TrainConfig.micro()
+    caps = [c for step in range(30) for c in _batch(cfg, "host", step, 16)[1]]
+    assert {split_of(c) for c in caps} == {"train"}
+
+
+def test_partial_snapshot_resumes_from_committed_weights_alone(tmp_path: Path, monkeypatch: Any) -> None:
+    import shutil
+    from dataclasses import replace
+
+    import relaydiff.embedded.train as train
+
+    cfg = TrainConfig.micro(seed=2)
+    cfg = replace(cfg, checkpoint_every_s=0.0, vae=replace(cfg.vae, max_steps=3),
+                  host=replace(cfg.host, max_steps=6), device=replace(cfg.device, max_steps=2))
+    real = train._diffusion_loss_fn
+
+    def crashing(cfg_: Any, stage: str, *a: Any, **k: Any):  # the process dies during host step 4
+        fn = real(cfg_, stage, *a, **k)
+
+        def loss_fn(step: int):
+            if stage == "host" and step == 4:
+                raise KeyboardInterrupt
+            return fn(step)
+
+        return loss_fn
+
+    monkeypatch.setattr(train, "_diffusion_loss_fn", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train_family(cfg, tmp_path / "run")
+    monkeypatch.setattr(train, "_diffusion_loss_fn", real)
+    snap = tmp_path / "snapshot"  # what a session commits: the folder without checkpoints/
+    shutil.copytree(tmp_path / "run", snap, ignore=shutil.ignore_patterns("checkpoints"))
+    progress = json.loads((snap / "family.json").read_text())["training"]
+    assert progress["complete"] is False
+    assert progress["stages"]["host"]["partial"] is True and progress["stages"]["host"]["steps"] == 4
+    assert "partial" not in progress["stages"]["vae"] and "device" not in progress["stages"]
+    vae_bytes = (snap / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+    out = train_family(cfg, tmp_path / "next", resume_from=snap)
+    family = json.loads((out / "family.json").read_text())["training"]
+    assert family["complete"] is True
+    stages = family["stages"]
+    assert stages["vae"]["steps"] == 3 and stages["host"]["steps"] == 6 and stages["device"]["steps"] == 2
+    assert "partial" not in stages["host"]
+    assert (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == vae_bytes  # kept, not retrained
+    assert stages["host"]["samples_seen"] == 6 * cfg.host.batch_size
+
+
+def test_resume_from_rejects_a_folder_of_another_architecture(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from relaydiff.embedded.train import read_progress
+
+    out = train_family(TrainConfig.micro(seed=0), tmp_path / "fam", resume=False)
+    with pytest.raises(ValueError, match="architecture"):
+        read_progress(out, TrainConfig())
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "b"), "--resume-from", str(tmp_path / "missing")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and "Traceback" not in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_object_weights_mark_objects_and_their_rim() -> None:
+    from relaydiff.embedded.train import object_weights
+
+    x = -torch.ones(1, 3, 8, 8)
+    x[0, :, 3, 3] = 1.0  # one white pixel on black
+    w = object_weights(x, 9.0)[0, 0]
+    assert w[3, 3] == 10.0 and w[2, 2] == 10.0 and w[4, 4] == 10.0  # the pixel and its 1-px rim
+    assert w[0, 0] == 1.0 and w[6, 6] == 1.0 and int((w == 10.0).sum()) == 9
+
+
+def test_probes_on_a_tiny_random_family(tiny_family: Path) -> None:
+    from relaydiff.embedded.evaluate import load_family
+    from relaydiff.embedded.probes import denoise_error, swap_probe, trajectories, vae_roundtrip, val_prompts
+    from relaydiff.world import split_of
+
+    torch.set_num_threads(1)
+    fam = load_family(tiny_family)
+    prompts = val_prompts(4)
+    assert {split_of(p) for p in prompts} == {"val"}
+    out = swap_probe(fam, prompts, steps=3, single=(1,), relay=(0, 3))
+    assert len(out["gap_by_step"]) == 3 and all(g >= 0 for g in out["gap_by_step"])
+    same = out["relay"]["3"]  # the device runs no step: the host's own images
+    assert same["changed_verdicts"] == 0.0 and tuple(same["minus_host"]) == (0.0, 0.0, 0.0) and same["psnr_to_host"] == 60.0
+    assert out["relay"]["0"]["psnr_to_host"] < 60.0  # device-only differs
+    with pytest.raises(ValueError, match="one entry per step"):
+        trajectories(fam, prompts, plan=["host"], steps=3)
+    err = denoise_error(fam, n=4, timesteps=(100, 900))
+    assert set(err) == {"host", "device"} and set(err["host"]) == {"100", "900"}
+    vae = vae_roundtrip(fam, n_per_count=3)
+    assert [vae[f"{m}obj"]["exact"] for m in (1, 2, 3)] == [1.0, 1.0, 1.0]  # the scorer passes exact renders

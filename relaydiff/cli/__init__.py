@@ -28,7 +28,7 @@ from relaydiff.core.errors import RelaydiffError
 log = logging.getLogger(__name__)
 
 GROUPS = (relay, family, preset, evaluation, distill, quantize, export, bundle, bench, demo, cache)
-PASSTHROUGH = {"family train", "family evaluate"}  # long runs whose own prints are their output: nothing captured
+PASSTHROUGH = {"family train", "family evaluate", "family probe"}  # long runs whose own prints are their output: nothing captured
 
 
 def _leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:

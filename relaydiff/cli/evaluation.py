@@ -30,7 +30,10 @@ def register(sub: Any) -> None:
     r.add_argument("--steps", type=int, default=25, help="denoising steps N")
     r.add_argument("--scheduler", default=None, help="sampler (default: the host folder's own scheduler where supported, else ddim)")
     r.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    r.add_argument("--seed", type=int, default=0, help="prompt-sampling seed; prompt i uses noise seed seed + i")
+    r.add_argument("--seed", type=int, default=0, help="prompt-sampling seed within the split")
+    r.add_argument("--split", default="test", choices=("test", "val"),
+                   help="held-out prompts and noise seeds: 'test' (reported figures) or 'val' (model selection and "
+                        "tuning); see docs/world.md, Splits")
     r.add_argument("--out-dir", default="out/eval-relay", help="output folder")
     add_json(r, "print the summary as one JSON document, no progress bars")
     r.set_defaults(func=cmd_eval_relay)
@@ -69,36 +72,49 @@ def cmd_eval_relay(args: argparse.Namespace) -> int:
     from relaydiff.core.diagnose import run_diagnostic
     from relaydiff.core.diagnose import write_outputs as write_diag
     from relaydiff.core.relay import RelayRequest
-    from relaydiff.evaluate import EvalConfig, eval_prompts, run_eval, write_outputs
+    from relaydiff.evaluate import EvalConfig, eval_noise_seed, eval_prompts, run_eval, write_outputs
 
     host_ref, device_ref = resolve_pair(args)
     sampler = args.scheduler or family.default_sampler(host_ref)
-    cfg = EvalConfig(prompts=args.prompts, steps=args.steps, sampler=sampler, guidance_scale=args.guidance, seed=args.seed)
+    cfg = EvalConfig(prompts=args.prompts, steps=args.steps, sampler=sampler, guidance_scale=args.guidance, seed=args.seed,
+                     split=args.split)
     RelayRequest("x", relay_step=0, steps=cfg.steps, sampler=cfg.sampler, guidance_scale=cfg.guidance_scale)  # validate early
     host, device = load_pair(host_ref, device_ref)
     report = run_eval(host, device, cfg, progress=not args.json)
     out_dir = Path(args.out_dir)
     paths = write_outputs(report, out_dir)
-    prompt = next((p for p in eval_prompts(cfg.prompts, cfg.seed) if " of " in p or " above " in p or " below " in p),
-                  eval_prompts(1, cfg.seed)[0])
+    prompt = next((p for p in eval_prompts(cfg.prompts, cfg.seed, cfg.split) if " of " in p or " above " in p or " below " in p),
+                  eval_prompts(1, cfg.seed, cfg.split)[0])
     k = round(0.3 * cfg.steps)
     diag = None
     if device.student is None:  # the per-step norm diagnostic compares equal-length trajectories; a student jumps
         diag = run_diagnostic(host, device, RelayRequest(prompt, relay_step=k, steps=cfg.steps, sampler=cfg.sampler,
-                                                         guidance_scale=cfg.guidance_scale, seed=cfg.seed))
+                                                         guidance_scale=cfg.guidance_scale,
+                                                         seed=eval_noise_seed(cfg.split, cfg.seed, 0)))
         paths.update({f"diagnostic.{k_}": v for k_, v in write_diag(diag, out_dir / "diagnostic").items()})
     payload = {"host": host_ref.label, "device": device_ref.label, "config": report["config"],
                "summary": report["summary"], "diagnostic": None if diag is None else {"prompt": prompt, "relay_step": k,
                "max_deviation_after_handoff": diag.max_deviation_after_handoff,
                "final_latent_rel_l2": diag.final_latent_rel_l2}, "files": paths}
-    lines = [f"{'k':>3} {'k/N':>5} {'acc':>6} {'1obj':>6} {'2obj':>6} {'3obj':>6} {'PSNR':>7} {'SSIM':>6} {'host s':>7} {'dev s':>7}"]
+    def pct(s: dict[str, Any], key: str) -> str:
+        if key not in s:
+            return f"{'-':>17}"
+        lo, hi = s[key + "_ci95"]
+        return f"{100 * s[key]:>5.1f} [{100 * lo:>4.0f},{100 * hi:>4.0f}]"
+
+    lines = [f"{cfg.split} split, {cfg.prompts} prompts; accuracies in % with 95% bootstrap CIs over prompts",
+             f"{'k':>3} {'k/N':>5} {'acc':>17} {'1obj':>17} {'2obj':>17} {'3obj':>17} {'vs host':>17} {'PSNR':>7} "
+             f"{'SSIM':>6} {'host s':>7} {'dev s':>7}"]
     for s in report["summary"]:
+        diff = s.get("accuracy_minus_host")
         lines.append(
-            f"{s['k']:>3} {s['fraction']:>5.2f} {100 * s['accuracy']:>5.1f}% "
-            + " ".join(f"{100 * s.get(f'accuracy_{m}obj', float('nan')):>5.1f}%" for m in (1, 2, 3))
+            f"{s['k']:>3} {s['fraction']:>5.2f} " + " ".join(pct(s, key) for key in ("accuracy", "accuracy_1obj",
+                                                                                     "accuracy_2obj", "accuracy_3obj"))
+            + (f" {100 * diff[0]:>+5.1f} [{100 * diff[1]:>+4.0f},{100 * diff[2]:>+4.0f}]" if diff else f" {'-':>17}")
             + (f" {s['psnr_vs_host_db']:>7.2f}" if s["psnr_vs_host_db"] is not None else f" {'same':>7}")
             + f" {s['ssim_vs_host']:>6.3f} {s['host_seconds']:>7.3f} {s['device_seconds']:>7.3f}"
         )
+        lines.append("      failed checks: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in s["failed_checks"].items()))
     lines.append(f"latent diagnostic ({prompt!r}, k={k}): max ||x_t|| deviation after hand-off "
                  f"{100 * diag.max_deviation_after_handoff:.2f}%" if diag is not None
                  else "latent diagnostic skipped: the device is a distilled student (its trajectory has fewer steps)")

@@ -18,7 +18,7 @@ from relaydiff.core.errors import CompatibilityError, RelaydiffError
 
 def register(sub: Any) -> None:
     p = sub.add_parser("family", help="model families: init (from a host and a device pipeline folder), train, evaluate")
-    actions = p.add_subparsers(dest="family_command", required=True, metavar="{init,train,evaluate}")
+    actions = p.add_subparsers(dest="family_command", required=True, metavar="{init,train,evaluate,probe}")
 
     i = actions.add_parser("init", help="build a family folder from two plain diffusers pipeline folders (checked to relay)")
     i.add_argument("--host", required=True, help="host pipeline folder (e.g. stable-diffusion-v1-5): gives the VAE, "
@@ -40,6 +40,11 @@ def register(sub: Any) -> None:
                                                             "prompts (`relaydiff family evaluate --help` for its flags)")
     e.add_argument("rest", nargs=argparse.REMAINDER)
     e.set_defaults(func=cmd_evaluate)
+
+    pr = actions.add_parser("probe", add_help=False, help="diagnostic probes of a family: VAE round trips, denoising "
+                                                          "error by timestep, per-step swaps (`relaydiff family probe --help`)")
+    pr.add_argument("rest", nargs=argparse.REMAINDER)
+    pr.set_defaults(func=cmd_probe)
 
 
 def _variants(specs: list[str]) -> dict[str, Path]:
@@ -88,6 +93,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from relaydiff.embedded.evaluate import main as evaluate_main
 
     return int(evaluate_main(_rest(args)))
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from relaydiff.embedded.probes import main as probes_main
+
+    return int(probes_main(_rest(args)))
 
 
 def _rest(args: argparse.Namespace) -> list[str]:

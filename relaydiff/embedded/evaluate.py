@@ -1,7 +1,8 @@
 """Quick prompt-accuracy check of a trained family with the classical scorer.
 
-``relaydiff family evaluate DIR [--n 50] [--steps 25] [--guidance 5]`` prints host-only,
-device-only and relay (host for the first k of the steps) accuracies on one- and two-object prompts, and
+``relaydiff family evaluate DIR [--n 50] [--steps 25] [--guidance 5] [--split val]`` prints host-only,
+device-only and relay (host for the first k of the steps) accuracies on one- and two-object prompts of the
+validation split (model selection; ``--split test`` for reported figures), with 95% bootstrap CIs, and
 for each how often each of the scorer's checks failed (object found, shape, size, position, relation,
 background, count): where a family falls short, not only how much.
 """
@@ -13,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-EVAL_SEED = 777  # sample_prompts seed for evaluation prompts (training uses seeds >= 2**32)
+PROMPT_SET = 777  # split_prompts seed of this quick check's prompts (validation split by default)
 
 
 def load_family(root: str | Path, device_subfolder: str = "unet_device") -> dict[str, Any]:
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     """Print accuracies of a family folder; save a grid PNG per mode when --grid-dir is given."""
     import torch
 
-    from relaydiff.world import sample_prompts
+    from relaydiff.world import noise_seed, split_prompts
 
     p = argparse.ArgumentParser(prog="relaydiff family evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("family", type=Path, help="family folder")
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--grid-dir", type=Path, default=None, help="write a PNG grid per mode here (default: none)")
     p.add_argument("--device-subfolder", default="unet_device", help="device UNet subfolder")
+    p.add_argument("--split", default="val", choices=("val", "test"),
+                   help="prompts from the validation split (model selection) or the test split")
     p.add_argument("--text", action="store_true", help="also print how far apart the text encoder puts prompts "
                    "that differ only in position, colour or shape")
     args = p.parse_args(argv)
@@ -133,13 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[int, float]] = {}
     failures: dict[str, dict[int, dict[str, float]]] = {}
     for n_obj in (1, 2):
-        prompts = sample_prompts(EVAL_SEED + n_obj, args.n, n_objects=n_obj)
+        prompts = split_prompts(args.split, args.n, n_obj, seed=PROMPT_SET)
         for mode in args.modes.split(","):
             acc, images = accuracy(fam, prompts, mode=mode, k=args.k, steps=args.steps,
-                                   guidance=args.guidance)
+                                   guidance=args.guidance, seed=noise_seed(args.split, 1000 * n_obj))
             results.setdefault(mode, {})[n_obj] = acc
             failures.setdefault(mode, {})[n_obj] = fails = check_failures(images, prompts)
-            print(f"{mode:6s} {n_obj}-object: {acc:.1%}  failed checks: "
+            from relaydiff.evaluate import bootstrap_ci
+            from relaydiff.scorer import score
+
+            lo, hi = bootstrap_ci([score(im, pr).correct for im, pr in zip(images, prompts)])
+            print(f"{mode:6s} {n_obj}-object: {acc:.1%} [{lo:.0%}, {hi:.0%}]  failed checks: "
                   + ", ".join(f"{k} {v:.0%}" for k, v in fails.items()), flush=True)
             if args.grid_dir is not None:
                 from PIL import Image

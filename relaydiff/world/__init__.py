@@ -6,6 +6,7 @@ The full specification (palette, geometry, grammar, sampling) is ``docs/world.md
 from relaydiff.world.grammar import parse_prompt, vocabulary
 from relaydiff.world.render import object_mask, render, render_batch, shape_mask
 from relaydiff.world.sampling import make_batch, sample_prompts, sample_scene
+from relaydiff.world.splits import SPLITS, noise_seed, scene_phrase, split_of, split_prompts
 from relaydiff.world.scene import (
     Obj,
     ObjSpec,
@@ -33,12 +34,14 @@ __all__ = [
     "RELATIONS",
     "SHAPES",
     "SIZES",
+    "SPLITS",
     "Obj",
     "ObjSpec",
     "PromptSpec",
     "Relation",
     "Scene",
     "make_batch",
+    "noise_seed",
     "object_mask",
     "parse_prompt",
     "position_holds",
@@ -47,6 +50,9 @@ __all__ = [
     "render_batch",
     "sample_prompts",
     "sample_scene",
+    "scene_phrase",
     "shape_mask",
+    "split_of",
+    "split_prompts",
     "vocabulary",
 ]

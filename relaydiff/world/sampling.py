@@ -8,6 +8,7 @@ import numpy as np
 
 from relaydiff.world.render import render_batch
 from relaydiff.world.scene import MAX_OBJECTS, Obj, Relation, Scene
+from relaydiff.world.splits import check_split, split_of_scene
 from relaydiff.world.vocab import (
     BACKGROUNDS,
     CENTRE_HALF,
@@ -143,15 +144,25 @@ def _layout(
     return None
 
 
-def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scene:
-    """Draw one scene (see docs/world.md, "Sampling").
+def sample_scene(rng: np.random.Generator, n_objects: int | None = None, split: str | None = None) -> Scene:
+    """Draw one scene (see docs/world.md, "Sampling" and "Splits").
 
     Args:
         rng: the generator; the scene is a deterministic function of its state.
         n_objects: 1, 2 or 3; None draws it with weights N_OBJECTS_WEIGHTS.
+        split: None (any caption), or "train", "val", "test": scenes whose caption is in another split
+            are rejected and redrawn (``relaydiff.world.splits``). Training uses "train".
     Raises:
-        ValueError: if ``n_objects`` is not None, 1, 2 or 3.
+        ValueError: if ``n_objects`` is not None, 1, 2 or 3, or ``split`` is unknown.
     """
+    check_split(split)
+    while True:
+        scene = _sample_scene(rng, n_objects)
+        if split is None or split_of_scene(scene) == split:
+            return scene
+
+
+def _sample_scene(rng: np.random.Generator, n_objects: int | None) -> Scene:
     if n_objects is None:
         n = int(np.searchsorted(_N_CUM, rng.random() * _N_CUM[-1], side="right")) + 1
         n = min(n, MAX_OBJECTS)
@@ -192,16 +203,16 @@ def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scen
         return Scene(objects, background, position, tuple(relations), mention)
 
 
-def sample_prompts(seed: int, n: int, n_objects: int | None = None) -> list[str]:
-    """``n`` captions of scenes drawn from ``numpy.random.default_rng(seed)``."""
+def sample_prompts(seed: int, n: int, n_objects: int | None = None, split: str | None = None) -> list[str]:
+    """``n`` captions of scenes drawn from ``numpy.random.default_rng(seed)`` (from ``split`` only, if given)."""
     rng = np.random.default_rng(seed)
-    return [sample_scene(rng, n_objects).caption() for _ in range(n)]
+    return [sample_scene(rng, n_objects, split).caption() for _ in range(n)]
 
 
 def make_batch(
-    seed: int, n: int, size: int = REF_SIZE, n_objects: int | None = None
+    seed: int, n: int, size: int = REF_SIZE, n_objects: int | None = None, split: str | None = None
 ) -> tuple[np.ndarray, list[str], list[Scene]]:
-    """A rendered training batch, deterministic in ``seed``.
+    """A rendered training batch, deterministic in ``seed``; ``split="train"`` keeps held-out captions out.
 
     Returns:
         (images (n, size, size, 3) uint8, captions, scenes); the scenes are the same as
@@ -212,6 +223,6 @@ def make_batch(
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n!r}")
     rng = np.random.default_rng(seed)
-    scenes = [sample_scene(rng, n_objects) for _ in range(n)]
+    scenes = [sample_scene(rng, n_objects, split) for _ in range(n)]
     images = render_batch(scenes, size)
     return images, [s.caption() for s in scenes], scenes
