@@ -4,6 +4,7 @@ and `relaydiff resume` answers any crafted state file with a clear error, never 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -90,7 +91,8 @@ def apply(base: bytes, changes) -> bytes:  # type: ignore[no-untyped-def]
         if kind == "meta":
             meta[key] = value
         elif kind == "config":
-            meta["scheduler_config"] = {**meta["scheduler_config"], key: value}
+            config = meta.get("scheduler_config")  # an earlier change may have replaced it with a non-object
+            meta["scheduler_config"] = {**(config if isinstance(config, dict) else {}), key: value}
         elif kind == "tensor":
             shape, dtype, fill = value
             tensors[key] = torch.full(shape, fill).to(dtype)
@@ -103,9 +105,13 @@ def apply(base: bytes, changes) -> bytes:  # type: ignore[no-untyped-def]
 @given(changes=mutations())
 def test_fuzzed_states_are_valid_or_refused_with_a_relay_state_error(base_state: bytes, changes) -> None:  # type: ignore[no-untyped-def]
     try:
-        RelayState.from_bytes(apply(base_state, changes))
+        state = RelayState.from_bytes(apply(base_state, changes))
     except RelayStateError:
-        pass  # refused with a clear error: what we want; anything else fails the test
+        return  # refused with a clear error: what we want; any other exception fails the test
+    # accepted: then it must be a state a device can finish
+    assert state.latents.numel() > 0 and bool(torch.isfinite(state.latents).all())
+    assert 0 <= state.step_index <= state.timesteps.numel() and state.timesteps.numel() > 0
+    assert math.isfinite(state.guidance_scale)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
