@@ -35,7 +35,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = DemoConfig(out_dir=Path(args.out_dir), family=Path(args.family) if args.family else None,
                         precision=args.precision, steps=args.steps, quality_preference=args.quality_preference,
                         seed=args.seed, rebuild=args.rebuild)
-    report = run_demo(config, log=None if args.json else log.info)
+    # the demo's own rows are its output; per-link records of the host and device show only with --verbose
+    quiet = [logging.getLogger(name) for name in ("relaydiff.link", "relaydiff.host", "relaydiff.runtime")]
+    levels = [logger.level for logger in quiet]
+    if not getattr(args, "verbose", False):
+        for logger in quiet:
+            logger.setLevel(logging.WARNING)
+    try:
+        report = run_demo(config, log=None if args.json else log.info)
+    finally:
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
     emit(args.json, report, [
         f"network emulation: {report['network_emulation']}",
         f"device backend: {report['device_backend']}; bundle {'reused' if report['bundle_reused'] else 'built'}: {report['bundle']}",
