@@ -90,7 +90,8 @@ def _sd_state(config: LinkBenchConfig) -> Any:
 async def _handoff_overhead(config: LinkBenchConfig) -> dict[str, Any]:
     import torch
 
-    from relaydiff.link import DeviceCapabilities, GenerateRequest, LinkConfig, Ping, Pong, RelayHandoff, Result
+    from relaydiff.core.state import RelayState, latents_to_bytes
+    from relaydiff.link import DeviceCapabilities, GenerateRequest, LinkConfig, Ping, Pong, RelayHandoff, Result, ResultKind
     from relaydiff.link.transport import Link, connect, serve
 
     state = _sd_state(config)
@@ -110,7 +111,7 @@ async def _handoff_overhead(config: LinkBenchConfig) -> dict[str, Any]:
             request = await link.recv()
             assert isinstance(request, GenerateRequest)
             t0 = time.perf_counter()
-            await link.send(RelayHandoff.from_state(request.request_id, state))  # serialise + send
+            await link.send(RelayHandoff(request.request_id, state.to_bytes()))  # serialise + send
             result = await link.recv()  # the device parsed and validated it, then answered
             handoff_s.append(time.perf_counter() - t0)
             assert isinstance(result, Result) and result.request_id == request.request_id
@@ -119,15 +120,18 @@ async def _handoff_overhead(config: LinkBenchConfig) -> dict[str, Any]:
     async def device(url: str) -> None:
         caps = DeviceCapabilities(("torch",), "bench-device", "00" * 32, 1.0)
         link = await connect(url, auth_token=TOKEN, capabilities=caps, config=link_config)
-        tiny = torch.zeros(1, 1, 1, 1)
+        tiny = latents_to_bytes(torch.zeros(1, 1, 1, 1))
         for i in range(config.rounds):
             ping = await link.recv()
             await link.send(ping.pong())
             await link.send(GenerateRequest(f"r{i}", "bench", 0.5, 60.0))
             handoff = await link.recv()
-            if not isinstance(handoff, RelayHandoff) or handoff.state.latents.shape != state.latents.shape:
+            if not isinstance(handoff, RelayHandoff):
                 raise RelaydiffError(f"bench device expected a RelayHandoff, got {type(handoff).__name__}")
-            await link.send(Result.from_latents(f"r{i}", tiny, {"device_s": 0.0}))
+            got = RelayState.from_bytes(handoff.relay_state)  # parse + validate, as the device runtime does
+            if got.latents.shape != state.latents.shape:
+                raise RelaydiffError(f"bench device got a latent of shape {tuple(got.latents.shape)}")
+            await link.send(Result(f"r{i}", ResultKind.LATENT, tiny, {"device_s": 0.0}))
         await done.wait()
         await link.close("bench done")
 

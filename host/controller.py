@@ -43,14 +43,14 @@ from typing import Any, TypeVar
 
 from relaydiff.core.errors import RelaydiffError
 from relaydiff.core.family import LoadedModel
-from relaydiff.core.state import RelayState
+from relaydiff.core.state import RelayState, latents_from_bytes, latents_to_bytes
 from relaydiff.host.ledger import Ledger, Source
 from relaydiff.host.policy import Conditions, ContextualPolicy, FixedPolicy, PersistentPolicy, Policy
 from relaydiff.link.config import LinkConfig
 from relaydiff.link.connection import RequestState
 from relaydiff.link.errors import ErrorCode, LocalProtocolError, ProtocolError
 from relaydiff.link.events import (
-    Close, Error, Feedback, GenerateRequest, Hello, Ping, Pong, Progress, RelayHandoff, Result, ResultKind,
+    MAX_RESULT_BYTES, Close, Error, Feedback, GenerateRequest, Hello, Ping, Pong, Progress, RelayHandoff, Result, ResultKind,
 )
 from relaydiff.link.transport import Link, LinkClosed, LinkServer, serve
 from relaydiff.runtime.device import MAX_IMAGE_PIXELS
@@ -491,7 +491,8 @@ class HostServer:
                 job.check()  # not while a Progress was written: the device may have aborted meanwhile
                 self.ledger.complete(key, Source.HOST, latents=state.latents, timings=timings)
                 self._finished(session, key, request, k)
-                await self._send(session, Result.from_latents(request.request_id, state.latents, {"host_s": host_s}))
+                await self._send(session, Result(request.request_id, ResultKind.LATENT, latents_to_bytes(state.latents),
+                                                  {"host_s": host_s}))
                 return
             try:
                 result = await self._await_device(session, request, state, job)
@@ -539,20 +540,23 @@ class HostServer:
         from relaydiff.runtime.device import decode_png
 
         self._finished(session, key, request, k)  # before the decode: the device's Feedback may follow at once
-        if result.kind is ResultKind.PNG:
-            try:
+        try:
+            if result.kind is ResultKind.PNG:
                 pixels = await asyncio.to_thread(decode_png, result.data, max_pixels=self.config.max_result_pixels)
-            except RelaydiffError as exc:
-                session.finished.pop(request.request_id, None)
-                self.stats.refused_results += 1
-                log.warning("link %s: result of request %r refused: %s", session.id, request.request_id, exc)
-                self.ledger.complete(key, Source.FAILED, error=f"the device's result was refused: {exc}", device_timings=result.timings)
-                await self._send(session, Error(ErrorCode.REQUEST_FAILED.value, f"result refused: {exc}"[:1000], request.request_id))
-                return
+            else:  # the link carried bytes: this is the one parse of the device's latent
+                latents = latents_from_bytes(result.data, max_bytes=MAX_RESULT_BYTES)
+        except RelaydiffError as exc:
+            session.finished.pop(request.request_id, None)
+            self.stats.refused_results += 1
+            log.warning("link %s: result of request %r refused: %s", session.id, request.request_id, exc)
+            self.ledger.complete(key, Source.FAILED, error=f"the device's result was refused: {exc}", device_timings=result.timings)
+            await self._send(session, Error(ErrorCode.REQUEST_FAILED.value, f"result refused: {exc}"[:1000], request.request_id))
+            return
+        if result.kind is ResultKind.PNG:
             size = (int(pixels.shape[1]), int(pixels.shape[0]))
             self.ledger.complete(key, Source.DEVICE, png=result.data, image_size=size, timings=timings, device_timings=result.timings)
         else:
-            self.ledger.complete(key, Source.DEVICE, latents=result.latents(), timings=timings, device_timings=result.timings)
+            self.ledger.complete(key, Source.DEVICE, latents=latents, timings=timings, device_timings=result.timings)
 
     async def _host_run(self, request: Any, job: _Job) -> tuple[RelayState, float, int]:
         """Queue ``request``'s host steps; returns (state, seconds of its host run, requests in that run)."""
@@ -627,7 +631,7 @@ class HostServer:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         job.check()  # the device may have aborted while the Progress was written (no await between this and the send)
         session.waiting[request.request_id] = future  # registered before sending: a fast Result finds it
-        if session.closed or not await self._send(session, RelayHandoff.from_state(request.request_id, state)):
+        if session.closed or not await self._send(session, RelayHandoff(request.request_id, state.to_bytes())):
             session.waiting.pop(request.request_id, None)
             raise _NoResult("the hand-off could not be sent")
         remaining = job.deadline - time.monotonic()
@@ -661,8 +665,12 @@ def _host_batch(model: LoadedModel, requests: list[Any]) -> list[tuple[RelayStat
 
 
 def _device_steps(model: LoadedModel, state: RelayState, job: _Job) -> tuple[Any, float]:
+    """The host's fallback: finish its own copy of the state with the device model. The host consumes the state
+    here, so it validates it here (once) and runs the compatibility check every consumer runs (in ``resume``)."""
     from relaydiff.core.relay import resume
+    from relaydiff.core.state import validate
 
     t0 = time.perf_counter()
+    validate(state)
     latents = resume(model, state, on_step=job.on_step).latents
     return latents, time.perf_counter() - t0

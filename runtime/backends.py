@@ -46,7 +46,8 @@ class Backend(Protocol):
         ...
 
     def finish(self, state: RelayState) -> torch.Tensor:
-        """Run steps [k, N) of a relayed state; the final latent (B, C, H, W)."""
+        """Run steps [k, N) of a relayed, validated state; the final latent (B, C, H, W). Refuses a state it cannot
+        continue with :func:`relaydiff.core.family.check_state` (the built-in backends run it through ``relay.resume``)."""
         ...
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
@@ -320,15 +321,22 @@ class BundleBackend:
     # ------------------------------------------------------------------------------------------ checks
 
     def check_state(self, state: RelayState) -> None:
-        """Refuse a state the bundle cannot continue.
+        """Refuse a (validated) state the bundle cannot continue: first the compatibility check every consumer runs
+        (:func:`relaydiff.core.family.check_state`: family id, noise schedule, channels, embedding width, every
+        mismatch), then what the bundle's fixed-shape artifacts need.
 
         Raises:
-            RelaydiffError: other family, batch, latent or text-embedding shape, noise schedule, or timestep grid.
+            CompatibilityError: another family or noise schedule.
+            RelaydiffError: batch, latent or text-embedding shape, or timestep grid the artifacts cannot take.
         """
-        from relaydiff.core.relay import check_state_for
+        from relaydiff.core.errors import RelayStateError
+        from relaydiff.core.family import check_state
 
-        if state.family_id and state.family_id != self.family_id:
-            raise RelaydiffError(f"relay state is from family {state.family_id!r}; the bundle is for {self.family_id!r}")
+        misfit: RelayStateError | None = None
+        try:
+            check_state(self.side, state)
+        except RelayStateError as exc:  # same family, a latent that does not fit: the artifact's shapes say it more exactly
+            misfit = exc
         if tuple(state.latents.shape) != self.latent_shape:
             raise RelaydiffError(
                 f"relay latent has shape {list(state.latents.shape)}; the bundle's unet_step takes {list(self.latent_shape)}"
@@ -338,11 +346,12 @@ class BundleBackend:
                 raise RelaydiffError(
                     f"relay {name} embeddings have shape {list(t.shape)}; the bundle's unet_step takes {list(self.embeds_shape)}"
                 )
-        check_state_for(self.side, state)  # noise-schedule keys, channels, embedding width
         sched = self.manifest.scheduler
         same_grid = (state.sampler, state.num_inference_steps) == (sched.sampler, sched.steps)
         if same_grid and tuple(state.timesteps.tolist()) != sched.timesteps:
             raise RelaydiffError(f"relay timestep grid {state.timesteps.tolist()} differs from the bundle's {list(sched.timesteps)}")
+        if misfit is not None:
+            raise misfit
 
     def _no_text(self, what: str) -> RelaydiffError:
         return RelaydiffError(

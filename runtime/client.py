@@ -29,10 +29,13 @@ from ssl import SSLContext
 import numpy as np
 from websockets.exceptions import InvalidHandshake, InvalidURI
 
-from relaydiff.core.errors import RelaydiffError
+from relaydiff.core.errors import RelaydiffError, RelayStateError
+from relaydiff.core.state import latents_from_bytes
 from relaydiff.link.config import LinkConfig
 from relaydiff.link.errors import ErrorCode, ProtocolError
-from relaydiff.link.events import Close, Error, Event, Feedback, GenerateRequest, Ping, Progress, RelayHandoff, Result, ResultKind
+from relaydiff.link.events import (
+    MAX_RESULT_BYTES, Close, Error, Event, Feedback, GenerateRequest, Ping, Progress, RelayHandoff, Result, ResultKind,
+)
 from relaydiff.link.transport import Link, LinkClosed, connect
 from relaydiff.runtime.device import DeviceImage, DeviceRuntime, decode_png, encode_png
 from relaydiff.runtime.settings import GenerationSettings
@@ -207,17 +210,17 @@ class DeviceClient:
             log.warning("request %s: link lost before the hand-off: %s: %s", request_id, type(exc).__name__, exc)
             raise _Fallback(request_id, f"link lost before the hand-off: {type(exc).__name__}: {exc}") from None
         handoff_s = time.perf_counter() - t0
-        state = event.state
-        try:
-            done = await asyncio.to_thread(self.runtime.finish, state)
-        except Exception as exc:  # e.g. a state from another family, or one the backend chokes on: never crash, tell the host
+        try:  # the runtime parses and validates the bytes, once, then finishes them
+            done = await asyncio.to_thread(self.runtime.finish, event.relay_state)
+        except Exception as exc:  # e.g. a malformed state, or one from another family: never crash, tell the host
             log.warning("request %s: cannot finish the host's relay state: %s: %s", request_id, type(exc).__name__, exc)
-            await self._send_quietly(link, Error(ErrorCode.REQUEST_FAILED.value, f"{type(exc).__name__}: {exc}"[:1000], request_id))
+            code = ErrorCode.BAD_RELAY_STATE if isinstance(exc, RelayStateError) else ErrorCode.REQUEST_FAILED
+            await self._send_quietly(link, Error(code.value, f"{type(exc).__name__}: {exc}"[:1000], request_id))
             raise _Fallback(request_id, f"cannot finish the host's relay state: {exc}", True) from None
         latency = time.perf_counter() - t0
         await self._report(link, request_id, prompt, done, latency)
         return DeviceOutcome(
-            request_id, prompt, done.image, RELAY, state.step_index, state.num_inference_steps, latency,
+            request_id, prompt, done.image, RELAY, done.start_step, done.start_step + done.steps, latency,
             {"handoff_s": handoff_s, **done.timings},
         )
 
@@ -226,7 +229,8 @@ class DeviceClient:
         if result.kind is ResultKind.PNG:
             image = decode_png(result.data)
         else:
-            image = (await asyncio.to_thread(self.runtime.backend.decode, result.latents()))[0]
+            latents = latents_from_bytes(result.data, max_bytes=MAX_RESULT_BYTES)  # the one parse of the host's latent
+            image = (await asyncio.to_thread(self.runtime.backend.decode, latents))[0]
         steps = total if total is not None else self.settings.steps
         return DeviceOutcome(
             result.request_id, prompt, image, HOST_ONLY, steps, steps, time.perf_counter() - t0, dict(result.timings),

@@ -1,7 +1,7 @@
 """The device runtime: finish relayed states (or generate alone) with a backend, and describe the device.
 
     runtime = DeviceRuntime(create_backend("torch", family_dir=folder))
-    image = runtime.finish(handoff.state)            # relayed: steps [k, N) + decode
+    image = runtime.finish(handoff.relay_state)      # relayed: parse + validate once, steps [k, N), decode
     image = runtime.generate(settings.request(p, 0)) # device-only
 """
 
@@ -31,6 +31,7 @@ class DeviceImage:
 
     image: np.ndarray  # (H, W, 3) uint8
     steps: int  # denoising steps the device ran
+    start_step: int = 0  # k: the step the device started at (0 for device-only); it ran [k, k + steps)
     timings: dict[str, float] = field(default_factory=dict)  # "device_s" (steps), "decode_s" (VAE), seconds
 
     def png(self) -> bytes:
@@ -85,16 +86,27 @@ class DeviceRuntime:
         self.backend = backend
         self._steps_per_second: float | None = None
 
-    def finish(self, state: RelayState) -> DeviceImage:
+    def finish(self, state: RelayState | bytes) -> DeviceImage:
         """Run steps [k, N) of a relayed state and decode it.
 
+        ``state`` is the hand-off's bytes (``RelayHandoff.relay_state``), parsed and validated here, once, or a
+        RelayState built in this process, validated here. The backend's ``finish`` then runs the compatibility
+        check (:func:`relaydiff.core.family.check_state`, through ``relay.resume``).
+
         Raises:
-            RelaydiffError: the state belongs to another model family, or does not fit the device model.
+            RelayStateError: the bytes are not a valid relay state (over the link's cap included), or the latent
+                does not fit the device model.
+            CompatibilityError: the state belongs to another family or noise schedule (every mismatched field).
         """
-        if state.family_id and state.family_id != self.backend.family_id:
-            raise RelaydiffError(
-                f"relay state is from family {state.family_id!r}; this device runs {self.backend.family_id!r}"
-            )
+        from relaydiff.core.state import validate
+        from relaydiff.link.events import MAX_RELAY_STATE_BYTES
+
+        if isinstance(state, (bytes, bytearray, memoryview)):
+            state = RelayState.from_bytes(state, max_bytes=MAX_RELAY_STATE_BYTES)
+        elif isinstance(state, RelayState):
+            validate(state)
+        else:
+            raise TypeError(f"expected relay state bytes or a RelayState, got {type(state).__name__}")
         return self._finish(state)
 
     def _finish(self, state: RelayState) -> DeviceImage:
@@ -103,15 +115,16 @@ class DeviceRuntime:
         t1 = time.perf_counter()
         image = self.backend.decode(latents)[0]
         t2 = time.perf_counter()
-        return DeviceImage(image, state.num_inference_steps - state.step_index, {"device_s": t1 - t0, "decode_s": t2 - t1})
+        return DeviceImage(image, state.num_inference_steps - state.step_index, state.step_index,
+                           {"device_s": t1 - t0, "decode_s": t2 - t1})
 
     def generate(self, request: RelayRequest) -> DeviceImage:
         """Device-only generation: every step of ``request`` on the device (its relay step is ignored)."""
         t0 = time.perf_counter()
         state = self.backend.begin(request)
         t1 = time.perf_counter()
-        out = self._finish(state)  # our own state: no family check needed
-        return DeviceImage(out.image, out.steps, {"encode_s": t1 - t0, **out.timings})
+        out = self._finish(state)  # our own state: not validated (nothing crossed a boundary)
+        return DeviceImage(out.image, out.steps, 0, {"encode_s": t1 - t0, **out.timings})
 
     def steps_per_second(self, *, steps: int = 2) -> float:
         """The device model's denoising speed, measured once on a short trajectory and then remembered."""

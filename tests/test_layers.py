@@ -126,3 +126,49 @@ def test_the_checker_finds_a_bad_import(module: str, source: str, expect: str) -
 ])
 def test_the_checker_passes_a_good_import(module: str, source: str) -> None:
     assert violations(module, source, is_package=module == "relaydiff.export") == []
+
+
+# -- the link core carries bytes: no torch anywhere under relaydiff.link, nor in what it imports ---------------
+
+TORCH_MODULES = ("torch", "safetensors.torch")
+
+
+def torch_imports(source: str) -> list[tuple[str, int]]:
+    """(module, line) for every import of torch (or safetensors' torch API) in ``source``, at any depth."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+        found += [(n, node.lineno) for n in names if any(n == t or n.startswith(t + ".") for t in TORCH_MODULES)]
+    return found
+
+
+def test_the_link_imports_no_torch_directly_or_through_relaydiff() -> None:
+    modules = library_modules()
+    todo = [name for name in modules if rank(name) == LAYERS["relaydiff.link"]]
+    assert "relaydiff.link.events" in todo and "relaydiff.link.transport" in todo
+    seen: set[str] = set()
+    found = []
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in modules:
+            continue
+        seen.add(name)
+        path = modules[name]
+        source = path.read_text()
+        found += [f"{name}:{line}: imports {mod}" for mod, line in torch_imports(source)]
+        for target, imported, _ in imports(name, source, is_package=path.name == "__init__.py"):
+            todo += [target, f"{target}.{imported}"]
+    assert "relaydiff.core.errors" in seen and "relaydiff.core.state" not in seen
+    assert found == [], "\n".join(found)
+
+
+@pytest.mark.parametrize(("source", "expect"), [
+    ("import torch", ["torch"]),
+    ("def f():\n    from safetensors.torch import load\n", ["safetensors.torch"]),
+    ("import torch.nn as nn", ["torch.nn"]),
+    ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import torch\n", ["torch"]),
+    ("import torchvision\nfrom safetensors import safe_open\nimport json", []),
+])
+def test_the_torch_checker(source: str, expect: list[str]) -> None:
+    assert [m for m, _ in torch_imports(source)] == expect

@@ -17,8 +17,7 @@ import torch
 
 from relaydiff.cache.denoiser import CachedDenoiser
 from relaydiff.core.errors import RelaydiffError, RelayStateError
-from relaydiff.core.family import LoadedModel
-from relaydiff.core.relay import check_state_for
+from relaydiff.core.family import LoadedModel, check_state
 from relaydiff.core.schedulers import import_history, sampler_spec
 from relaydiff.core.state import RelayState
 
@@ -69,7 +68,7 @@ def cached_half(model: LoadedModel, state: RelayState, decide: Decide, copies: i
     """
     if getattr(model, "student", None) is not None:
         raise RelaydiffError("feature caching runs the undistilled device UNet; this device model is a distilled student")
-    check_state_for(model, state)
+    check_state(model, state)
     scheduler = _scheduler_for(state)
     den = CachedDenoiser(model.unet, mechanism, cache_branch)
     k, n = state.step_index, state.num_inference_steps

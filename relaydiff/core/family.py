@@ -20,6 +20,8 @@ from relaydiff.core.errors import CompatibilityError, FamilyNotFoundError, Relay
 from relaydiff.core.schedulers import NOISE_SCHEDULE_KEYS
 
 if TYPE_CHECKING:
+    from relaydiff.core.relay import RelaySide
+    from relaydiff.core.state import RelayState
     from relaydiff.core.student import StudentSpec
 
 logger = logging.getLogger(__name__)
@@ -261,35 +263,56 @@ def check_pair(host: ModelRef, device: ModelRef) -> None:
         raise CompatibilityError.of(found)
 
 
-def check_state(model: LoadedModel, state: Any) -> None:
-    """Check that ``model`` can continue relay ``state`` (a :class:`relaydiff.core.state.RelayState`): the same
-    family id (a content hash of the shared weights and latent spec), noise schedule, latent channels and
-    text-embedding width. Every path that consumes a state runs this.
+def _target_facts(target: Any) -> tuple[str, Any, int, int]:
+    """(family id, scheduler config, latent channels, text-embedding width) of a LoadedModel or a RelaySide."""
+    if isinstance(target, LoadedModel):
+        unet = target.unet.config
+        return target.family_id, target.scheduler_config, int(unet.in_channels), int(unet.cross_attention_dim)
+    denoiser = target.denoiser  # a relaydiff.core.relay.RelaySide (not imported: relay imports this module)
+    return target.family_id, target.scheduler_config, int(denoiser.latent_spec.channels), int(denoiser.text_embed_dim)
 
-    Raises:
-        CompatibilityError: listing every mismatch as (field, state's value, device's value).
-        RelayStateError: the latent or embeddings do not fit the device UNet (every such problem).
-    """
+
+def state_mismatches(target: LoadedModel | RelaySide, state: RelayState) -> list[tuple[str, Any, Any]]:
+    """Every reason ``target`` cannot continue ``state``, as ``(field, state's value, target's value)``: family id,
+    each noise-schedule key, latent channels and text-embedding width."""
+    fid, sched, channels, width = _target_facts(target)
     found: list[tuple[str, Any, Any]] = []
-    if state.family_id != model.family_id:
-        found.append(("family_id", state.family_id, model.family_id))
+    if state.family_id != fid:
+        found.append(("family_id", state.family_id, fid))
     for key in NOISE_SCHEDULE_KEYS:
         default = "epsilon" if key == "prediction_type" else None
-        theirs, mine = state.scheduler_config.get(key, default), model.scheduler_config.get(key, default)
+        theirs, mine = state.scheduler_config.get(key, default), sched.get(key, default)
         mine = list(mine) if isinstance(mine, tuple) else mine
+        theirs = list(theirs) if isinstance(theirs, tuple) else theirs
         if theirs != mine:
             found.append((f"scheduler.{key}", theirs, mine))
-    if found:
-        raise CompatibilityError.of(found, subject="the relay state and this device")
-    shapes = []
-    channels = int(model.unet.config.in_channels)
     if int(state.latents.shape[1]) != channels:
-        shapes.append(f"relay latent has {int(state.latents.shape[1])} channels; the device UNet expects {channels}")
-    width = int(model.unet.config.cross_attention_dim)
+        found.append(("latent.channels", int(state.latents.shape[1]), channels))
     if int(state.prompt_embeds.shape[-1]) != width:
-        shapes.append(f"relay text embeddings have width {int(state.prompt_embeds.shape[-1])}; the device UNet expects {width}")
-    if shapes:
-        raise RelayStateError("; ".join(shapes))
+        found.append(("text_embeds.width", int(state.prompt_embeds.shape[-1]), width))
+    return found
+
+
+def check_state(target: LoadedModel | RelaySide, state: RelayState) -> None:
+    """Check that ``target`` (a loaded model, or the RelaySide of a runtime backend) can continue relay ``state``.
+
+    THE compatibility check of a state: ``relay.resume`` runs it, and with it every path that consumes a state
+    (``relaydiff resume``, ``DeviceRuntime.finish``, the host's fallback). It checks a *validated* state
+    (``RelayState.from_bytes`` or ``relaydiff.core.state.validate``); it does not validate again.
+
+    Raises:
+        CompatibilityError: the state is from another family or noise schedule, listing every mismatch
+            (``latent.channels`` and ``text_embeds.width`` too) as (field, state's value, device's value).
+        RelayStateError: same family and schedule, but the latent or embeddings do not fit the device UNet
+            (a malformed state; every such problem).
+    """
+    found = state_mismatches(target, state)
+    shapes = {"latent.channels": "relay latent has {} channels; the device UNet expects {}",
+              "text_embeds.width": "relay text embeddings have width {}; the device UNet expects {}"}
+    if any(f not in shapes for f, _, _ in found):
+        raise CompatibilityError.of(found, subject="the relay state and this device")
+    if found:
+        raise RelayStateError("; ".join(shapes[f].format(a, b) for f, a, b in found))
 
 
 # diffusers scheduler class (and config) -> our sampler name (relaydiff.core.schedulers.SAMPLERS)

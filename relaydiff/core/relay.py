@@ -26,10 +26,9 @@ import numpy as np
 import torch
 
 from relaydiff.core.denoiser import Conditioning, Denoiser, GuidedDenoiser, unet_denoiser
-from relaydiff.core.errors import CompatibilityError, RelaydiffError, RelayStateError
-from relaydiff.core.family import LoadedModel
+from relaydiff.core.errors import RelaydiffError, RelayStateError
+from relaydiff.core.family import LoadedModel, check_state
 from relaydiff.core.schedulers import (
-    NOISE_SCHEDULE_KEYS,
     build_scheduler,
     export_history,
     import_history,
@@ -360,26 +359,6 @@ def _make_state(
     )
 
 
-def check_state_for(model: LoadedModel | RelaySide, state: RelayState) -> None:
-    """Check that ``model`` can continue ``state``: same noise schedule, latent channels and text-embedding width."""
-    side = _side(model)
-    for key in NOISE_SCHEDULE_KEYS:
-        mine = side.scheduler_config.get(key, "epsilon" if key == "prediction_type" else None)
-        theirs = state.scheduler_config.get(key, "epsilon" if key == "prediction_type" else None)
-        if isinstance(mine, tuple):
-            mine = list(mine)
-        if mine != theirs:
-            raise CompatibilityError(f"scheduler.{key}", theirs, mine)
-    channels = side.denoiser.latent_spec.channels
-    if state.latents.shape[1] != channels:
-        raise RelayStateError(f"relay latent has {state.latents.shape[1]} channels; the device UNet expects {channels}")
-    dim = side.denoiser.text_embed_dim
-    if state.prompt_embeds.shape[-1] != dim:
-        raise RelayStateError(
-            f"relay text embeddings have width {state.prompt_embeds.shape[-1]}; the device UNet expects {dim}"
-        )
-
-
 def resume(
     model: LoadedModel | RelaySide,
     state: RelayState,
@@ -390,10 +369,12 @@ def resume(
 ) -> RelayState:
     """Device half: rebuild the sampler from the state, run steps [k, end) (default: to N), return the new state.
 
-    ``model`` is a loaded family model, or any :class:`RelaySide` (e.g. a bundle's artifact denoiser).
+    ``model`` is a loaded family model, or any :class:`RelaySide` (e.g. a bundle's artifact denoiser). ``state``
+    must be validated already (``RelayState.from_bytes`` does it; the relay loop's own states need not be): this
+    runs the compatibility check (:func:`relaydiff.core.family.check_state`), not the validation.
     """
     side = _side(model)
-    check_state_for(side, state)
+    check_state(side, state)
     n = state.num_inference_steps
     end = n if end is None else end
     if not state.step_index <= end <= n:

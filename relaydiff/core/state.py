@@ -5,6 +5,11 @@ JSON metadata entry): no pickle, no eval, bounded size, checked on load. Nothing
 the latent, the relay step, the whole timestep grid, the sampler and its config, the
 multistep solver history, guidance, text embeddings and, for stochastic samplers, the
 generator state all travel explicitly.
+
+A state is parsed and validated **once per hop, by the layer that consumes it**: :meth:`RelayState.from_bytes`
+(the device runtime, ``relaydiff resume``, the in-process relay) or :func:`validate` for an in-memory state
+(the host's fallback). Building a ``RelayState`` checks nothing: the relay loop that builds one is trusted,
+and whoever receives its bytes checks them. The link carries the bytes and never looks inside.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 
 import torch
 
-from relaydiff.core.errors import RelayStateError
+from relaydiff.core.errors import RelaydiffError, RelayStateError
 
 FORMAT = "relaydiff-relay-state"
 VERSION = 1
@@ -38,7 +43,10 @@ _CONFIG_CHOICES = {  # scheduler_config keys diffusers reads, and the values it 
 
 @dataclass(frozen=True)
 class RelayState:
-    """A trajectory paused after ``step_index`` of ``len(timesteps)`` steps."""
+    """A trajectory paused after ``step_index`` of ``len(timesteps)`` steps.
+
+    Construction does not validate (see the module docstring): :meth:`from_bytes` and :func:`validate` do.
+    """
 
     latents: torch.Tensor  # (B, C, H, W) latent after the host's last step
     step_index: int  # k: the number of steps already taken; the device runs [k, N)
@@ -60,9 +68,6 @@ class RelayState:
     @property
     def num_inference_steps(self) -> int:
         return int(self.timesteps.shape[0])
-
-    def __post_init__(self) -> None:
-        validate(self)
 
     def to_bytes(self) -> bytes:
         """Serialize to a safetensors buffer; identical states give identical bytes."""
@@ -101,9 +106,11 @@ class RelayState:
     def from_bytes(cls, data: bytes, *, max_bytes: int = MAX_STATE_BYTES) -> "RelayState":
         """Parse and validate a buffer written by :meth:`to_bytes`.
 
+        This is the one place a state from the wire or a file is checked: it runs :func:`validate`.
+
         Raises:
             RelayStateError: oversized, not a relay state, wrong version, missing fields,
-                wrong dtypes or shapes, non-finite tensors.
+                wrong dtypes or shapes, non-finite tensors (anything torch or safetensors refuses included).
         """
         from safetensors import SafetensorError
         from safetensors.torch import load
@@ -115,7 +122,7 @@ class RelayState:
         try:
             tensors = load(bytes(data))
             meta_raw = _read_metadata(bytes(data))
-        except (SafetensorError, ValueError, OSError) as exc:
+        except (SafetensorError, ValueError, OSError, RuntimeError, OverflowError, TypeError) as exc:
             raise RelayStateError(f"relay state is not a valid safetensors buffer: {exc}") from None
         if meta_raw is None:
             raise RelayStateError("relay state has no 'relaydiff' metadata entry")
@@ -135,7 +142,7 @@ class RelayState:
         if extra:
             raise RelayStateError(f"relay state has unexpected tensors {sorted(extra)}")
         try:
-            return cls(
+            state = cls(
                 latents=tensors["latents"],
                 step_index=_typed(meta, "step_index", int),
                 timesteps=tensors["timesteps"],
@@ -155,6 +162,11 @@ class RelayState:
             )
         except (TypeError, ValueError) as exc:
             raise RelayStateError(f"relay state metadata is malformed: {exc}") from None
+        try:
+            validate(state)
+        except (ValueError, TypeError, RuntimeError, OverflowError) as exc:  # torch's own errors on hostile tensors
+            raise RelayStateError(f"relay state cannot be read: {type(exc).__name__}: {exc}") from None
+        return state
 
 
 def _read_metadata(data: bytes) -> str | None:
@@ -295,3 +307,38 @@ def _validate_semantics(state: RelayState) -> None:
             torch.Generator("cpu").set_state(state.generator_state)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise RelayStateError(f"generator_state is not a CPU torch.Generator state: {exc}") from None
+
+
+MAX_LATENT_BYTES = 16 * 1024 * 1024  # the link's cap on a Result blob
+
+
+def latents_to_bytes(latents: torch.Tensor) -> bytes:
+    """A final latent (B, C, H, W) as the safetensors buffer a ``latent`` Result carries (one tensor, "latents")."""
+    from safetensors.torch import save
+
+    return save({"latents": latents.detach().contiguous().cpu()})
+
+
+def latents_from_bytes(data: bytes, *, max_bytes: int = MAX_LATENT_BYTES) -> torch.Tensor:
+    """Parse and check the blob of a ``latent`` Result: exactly one finite 4-D float tensor named "latents".
+
+    Raises:
+        RelaydiffError: oversized, not a safetensors buffer, other tensors, wrong rank or dtype, NaN or Inf.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    if len(data) > max_bytes:
+        raise RelaydiffError(f"the latent is {len(data)} bytes; the cap is {max_bytes}")
+    try:
+        tensors = load(bytes(data))
+    except (SafetensorError, ValueError, RuntimeError, OverflowError, TypeError) as exc:
+        raise RelaydiffError(f"the latent is not a safetensors buffer: {exc}") from None
+    lat = tensors.get("latents")
+    if set(tensors) != {"latents"} or lat is None:
+        raise RelaydiffError(f"the latent buffer holds tensors {sorted(tensors)}; expected exactly ['latents']")
+    if lat.ndim != 4 or lat.dtype not in _FLOAT_DTYPES:
+        raise RelaydiffError(f"the latent is {lat.dtype} {tuple(lat.shape)}; expected a 4-D float tensor")
+    if not _finite(lat):
+        raise RelaydiffError("the latent contains NaN or Inf values")
+    return lat

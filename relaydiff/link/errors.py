@@ -27,7 +27,6 @@ class ErrorCode(str, Enum):
     BAD_JSON = "bad_json"  # not UTF-8, not JSON, not an object, duplicate keys, NaN/Infinity
     INVALID_FIELD = "invalid_field"  # missing/unknown key, wrong type, out of range, too long
     BAD_BLOB = "bad_blob"  # blob not allowed for this event, or not what the event says it is
-    BAD_RELAY_STATE = "bad_relay_state"  # the relay state blob fails RelayState.from_bytes
     UNEXPECTED_EVENT = "unexpected_event"  # event not allowed in this state or from this role
     AUTH_FAILED = "auth_failed"  # Hello auth token does not match
     ROLE_CONFLICT = "role_conflict"  # both sides claim the same role
@@ -38,6 +37,7 @@ class ErrorCode(str, Enum):
     BUSY = "busy"  # the host cannot take the request now
     DEADLINE_EXCEEDED = "deadline_exceeded"  # the request's deadline passed
     REQUEST_FAILED = "request_failed"  # the generation itself failed
+    BAD_RELAY_STATE = "bad_relay_state"  # the device refused the hand-off's relay state (RelayState.from_bytes)
     INTERNAL = "internal"  # a bug on the sending side
 
 

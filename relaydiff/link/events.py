@@ -6,13 +6,15 @@ The same schema checks events we build and events decoded from the peer, so both
 obey one set of rules; :mod:`relaydiff.link.wire` only frames them.
 
 Invalid values raise :class:`~relaydiff.link.errors.LocalProtocolError` (code
-``invalid_field``, ``bad_blob`` or ``bad_relay_state``) quoting the value; the decoder turns
-that into a RemoteProtocolError when the value came from the peer.
+``invalid_field`` or ``bad_blob``) quoting the value; the decoder turns that into a
+RemoteProtocolError when the value came from the peer.
+
+Blobs are bytes here: the link caps their size (and checks a PNG's signature) but never parses a relay
+state or a latent. The layer that consumes one parses and validates it once (``RelayState.from_bytes``
+and ``latents_from_bytes`` in :mod:`relaydiff.core.state`), so this package needs no torch.
 """
 
 from __future__ import annotations
-
-import contextvars
 
 import math
 import re
@@ -20,21 +22,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from relaydiff.link.errors import ErrorCode, LocalProtocolError
-
-if TYPE_CHECKING:
-    import torch
-
-    from relaydiff.core.state import RelayState
 
 PROTOCOL_VERSION = 1  # the version this module speaks; travels in every header and in Hello/HelloAck
 MIB = 1024 * 1024
 MIN_MESSAGE_CAP = 64 * 1024  # the smallest receive cap a peer may announce
 MAX_MESSAGE_CAP = 1024 * MIB  # the largest receive cap a peer may announce (blob length is a u32)
 DEFAULT_MAX_MESSAGE_BYTES = 16 * MIB
-MAX_RELAY_STATE_BYTES = 16 * MIB  # an SD-size relay state is ~0.5 MiB
+MAX_RELAY_STATE_BYTES = 16 * MIB  # an SD-size relay state is ~0.5 MiB (the consumer parses it: RelayState.from_bytes)
 MAX_RESULT_BYTES = 16 * MIB  # a 1024x1024 PNG or a final latent
 MAX_PADDING_BYTES = 4 * MIB  # Ping/Pong padding for bandwidth probes
 MAX_ERROR_MESSAGE_BYTES = 1024
@@ -207,7 +204,6 @@ class _Nested(_Spec):
 
 
 _REQUEST_ID = _Str(min_bytes=1, max_bytes=64, pattern=_ID)
-_SENDING_STATE: "contextvars.ContextVar[Any]" = contextvars.ContextVar("relaydiff_sending_state", default=None)
 
 
 class _Record:
@@ -356,56 +352,27 @@ class GenerateRequest(Event):
 
 @dataclass(frozen=True)
 class RelayHandoff(Event):
-    """Host -> device: the relay state after the host's steps; the device resumes from it."""
+    """Host -> device: the relay state after the host's steps; the device resumes from it.
+
+    ``relay_state`` is the ``RelayState.to_bytes()`` buffer, carried as bytes (capped at ``MAX_BLOB``): the
+    device runtime parses and validates it once (``RelayState.from_bytes``), and refuses a bad one with a
+    request ``Error`` ``bad_relay_state``.
+    """
 
     request_id: str
     relay_state: bytes = field(repr=False)  # RelayState.to_bytes(): a safetensors buffer (the blob)
-    state: "RelayState" = field(init=False, repr=False, compare=False)  # relay_state decoded and validated
 
     TYPE_CODE: ClassVar[int] = 4
     BLOB_FIELD: ClassVar[str | None] = "relay_state"
     MAX_BLOB: ClassVar[int] = MAX_RELAY_STATE_BYTES
     _SCHEMA: ClassVar[dict[str, _Spec]] = {"request_id": _REQUEST_ID}
 
-    def _check(self) -> None:
-        from relaydiff.core.errors import RelayStateError
-        from relaydiff.core.state import RelayState
-
-        trusted = _SENDING_STATE.get()
-        if trusted is not None:  # from_state: the sender's own state, validated when it was built; no re-parse
-            object.__setattr__(self, "state", trusted)
-            return
-        try:
-            state = RelayState.from_bytes(self.relay_state, max_bytes=MAX_RELAY_STATE_BYTES)
-        except RelayStateError as exc:
-            raise LocalProtocolError(ErrorCode.BAD_RELAY_STATE, f"relay state of request {self.request_id!r}: {exc}") from None
-        except (ValueError, TypeError, RuntimeError, OverflowError) as exc:
-            # torch/safetensors raise these on hostile input RelayState.from_bytes does not anticipate
-            raise LocalProtocolError(
-                ErrorCode.BAD_RELAY_STATE, f"relay state of request {self.request_id!r} cannot be read: {exc}"
-            ) from None
-        object.__setattr__(self, "state", state)
-
-    @classmethod
-    def from_state(cls, request_id: str, state: "RelayState") -> "RelayHandoff":
-        """Wrap a RelayState for sending (its bytes are not parsed back: the state validated itself when built)."""
-        from relaydiff.core.state import RelayState, validate
-
-        if not isinstance(state, RelayState):
-            raise TypeError(f"expected a RelayState, got {type(state).__name__}")
-        validate(state)  # cheap, and catches a state mutated after it was built
-        token = _SENDING_STATE.set(state)
-        try:
-            return cls(request_id=request_id, relay_state=state.to_bytes())
-        finally:
-            _SENDING_STATE.reset(token)
-
 
 class ResultKind(str, Enum):
     """What a Result's blob holds."""
 
     PNG = "png"  # a PNG image
-    LATENT = "latent"  # a safetensors buffer with one finite float tensor "latents" of shape (B, C, H, W)
+    LATENT = "latent"  # a safetensors buffer with one finite float tensor "latents" of shape (B, C, H, W) (checked by the consumer)
 
 
 @dataclass(frozen=True)
@@ -414,7 +381,7 @@ class Result(Event):
 
     request_id: str
     kind: ResultKind
-    data: bytes = field(repr=False)  # the blob: PNG bytes or a latent safetensors buffer (see ResultKind)
+    data: bytes = field(repr=False)  # the blob: PNG bytes or a latent safetensors buffer (relaydiff.core.state.latents_to_bytes)
     timings: Mapping[str, float] = field(default_factory=dict)  # stage name -> seconds
 
     TYPE_CODE: ClassVar[int] = 6
@@ -427,39 +394,9 @@ class Result(Event):
     }
 
     def _check(self) -> None:
-        if self.kind is ResultKind.PNG:
-            if not self.data.startswith(PNG_SIGNATURE):
-                raise _bad("Result.data", self.data[:8], f"a PNG (starting {PNG_SIGNATURE!r})", ErrorCode.BAD_BLOB)
-        else:
-            self.latents()
-
-    def latents(self) -> "torch.Tensor":
-        """The final latent of a ``latent`` result; raises LocalProtocolError for a PNG result."""
-        import torch
-        from safetensors import SafetensorError
-        from safetensors.torch import load
-
-        if self.kind is not ResultKind.LATENT:
-            raise LocalProtocolError(ErrorCode.BAD_BLOB, f"Result {self.request_id!r} holds a {self.kind.value}, not a latent")
-        try:
-            tensors = load(self.data)
-        except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
-            raise LocalProtocolError(ErrorCode.BAD_BLOB, f"Result.data is not a safetensors buffer: {exc}") from None
-        lat = tensors.get("latents")
-        if set(tensors) != {"latents"} or lat is None:
-            raise _bad("Result.data tensors", sorted(tensors), "exactly ['latents']", ErrorCode.BAD_BLOB)
-        if lat.ndim != 4 or lat.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise _bad("Result.data latents", f"{lat.dtype} {tuple(lat.shape)}", "a 4-D float tensor", ErrorCode.BAD_BLOB)
-        if not torch.isfinite(lat).all():
-            raise LocalProtocolError(ErrorCode.BAD_BLOB, "Result.data latents contain NaN or Inf values")
-        return lat
-
-    @classmethod
-    def from_latents(cls, request_id: str, latents: "torch.Tensor", timings: Mapping[str, float] | None = None) -> "Result":
-        """A ``latent`` result holding ``latents`` (B, C, H, W)."""
-        from safetensors.torch import save
-
-        return cls(request_id, ResultKind.LATENT, save({"latents": latents.detach().contiguous().cpu()}), dict(timings or {}))
+        if self.kind is ResultKind.PNG and not self.data.startswith(PNG_SIGNATURE):
+            raise _bad("Result.data", self.data[:8], f"a PNG (starting {PNG_SIGNATURE!r})", ErrorCode.BAD_BLOB)
+        # a latent is parsed by its consumer (relaydiff.core.state.latents_from_bytes), not by the link
 
 
 @dataclass(frozen=True)

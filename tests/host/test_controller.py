@@ -12,6 +12,7 @@ import torch
 from websockets.asyncio.client import connect as ws_connect
 
 from relaydiff.core.relay import relay
+from relaydiff.core.state import RelayState
 from relaydiff.host.ledger import Source, digest_bytes, digest_latents
 from relaydiff.link import wire
 from relaydiff.link.errors import PeerError
@@ -33,12 +34,15 @@ def expected_latents(tiny_pair, prompt: str, k: int) -> torch.Tensor:  # type: i
     return relay(*tiny_pair, SETTINGS.request(prompt, k)).latents
 
 
-async def recv_handoff(link) -> RelayHandoff:  # type: ignore[no-untyped-def]
+async def recv_handoff(link) -> RelayState:  # type: ignore[no-untyped-def]
+    """The next hand-off's relay state, parsed as the device runtime parses it."""
     progress = await link.recv()
     assert isinstance(progress, Progress) and progress.total == 4  # the host says k and N first
     handoff = await link.recv()
-    assert isinstance(handoff, RelayHandoff) and handoff.state.step_index == progress.step
-    return handoff
+    assert isinstance(handoff, RelayHandoff)
+    state = RelayState.from_bytes(handoff.relay_state)
+    assert state.step_index == progress.step
+    return state
 
 
 def assert_exactly_once(host) -> None:  # type: ignore[no-untyped-def]
@@ -54,7 +58,7 @@ def test_device_vanishing_after_the_hand_off_is_cancelled(tiny_pair, make_host, 
             link = await connect(host.url, auth_token=token, capabilities=CAPS, config=link_config)
             await link.send(GenerateRequest("r1", "a red circle", 0.5, 30.0))
             handoff = await recv_handoff(link)
-            assert handoff.state.step_index == 2
+            assert handoff.step_index == 2
             await link.websocket.close()  # gone, without a Result or a Close event
 
     run(main())  # nobody would see the image: the host does not finish it (issue 19: work amplification)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relaydiff.core.state import RelayState
+from relaydiff.core.state import RelayState, latents_to_bytes
 from relaydiff.link import (
     EVENT_TYPES,
     NEED_DATA,
@@ -62,7 +62,7 @@ CORPUS = [
         RelayHandoff("r1", RELAY_BLOB),
         Progress("r1", 1, 2),
         Result("r1", ResultKind.PNG, b"\x89PNG\r\n\x1a\n"),
-        Result.from_latents("r1", torch.zeros(1, 4, 2, 2), {"t": 1.0}),
+        Result("r1", ResultKind.LATENT, latents_to_bytes(torch.zeros(1, 4, 2, 2)), {"t": 1.0}),
         Feedback("r1", 1.0, 0.5),
         Error("busy", "no", "r1"),
         Ping(1, 2.0, b"pad"),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from websockets.asyncio.client import connect as ws_connect
 
-from relaydiff.core.state import RelayState
+from relaydiff.core.state import RelayState, latents_to_bytes
 from relaydiff.link import (
     Close,
     DeviceCapabilities,
@@ -27,6 +27,7 @@ from relaydiff.link import (
     Progress,
     RelayHandoff,
     Result,
+    ResultKind,
     Role,
     State,
 )
@@ -61,7 +62,7 @@ async def host_handler(link: Link) -> None:
             await link.send(event.pong(echo_padding=True))
         elif isinstance(event, GenerateRequest):
             await link.send(Progress(event.request_id, 3, 5))
-            await link.send(RelayHandoff.from_state(event.request_id, relay_state(event.prompt)))
+            await link.send(RelayHandoff(event.request_id, relay_state(event.prompt).to_bytes()))
         elif isinstance(event, Result):
             await link.send(Ping(len(event.data), 0.0))  # tell the device how many bytes arrived
         elif isinstance(event, Feedback):
@@ -86,9 +87,10 @@ async def good_session(server: LinkServer, prompt: str) -> None:
     assert await link.recv() == Progress("req-1", 3, 5)
     handoff = await link.recv()
     assert isinstance(handoff, RelayHandoff)
-    assert handoff.state.step_index == 3 and handoff.state.prompt == prompt
-    assert torch.equal(handoff.state.latents, relay_state(prompt).latents)
-    result = Result.from_latents("req-1", handoff.state.latents * 2, {"device_s": 0.01})
+    state = RelayState.from_bytes(handoff.relay_state)  # the link carried bytes; the consumer parses them
+    assert state.step_index == 3 and state.prompt == prompt
+    assert torch.equal(state.latents, relay_state(prompt).latents)
+    result = Result("req-1", ResultKind.LATENT, latents_to_bytes(state.latents * 2), {"device_s": 0.01})
     await link.send(result)
     ack = await link.recv()
     assert isinstance(ack, Ping) and ack.nonce == len(result.data)

@@ -7,7 +7,7 @@ import struct
 import pytest
 import torch
 
-from relaydiff.core.state import RelayState
+from relaydiff.core.state import RelayState, latents_from_bytes, latents_to_bytes
 from relaydiff.link import (
     EVENT_TYPES,
     NEED_DATA,
@@ -99,12 +99,13 @@ def test_every_event_type_crosses_the_pipe() -> None:
     # r1: relayed, the device reports the final latent, then feedback
     send(p.device, GenerateRequest("r1", "a red circle", 0.3, 5.0))
     send(p.host, Progress("r1", 1, 5))
-    handoff = send(p.host, RelayHandoff.from_state("r1", relay_state()))
-    assert isinstance(handoff, RelayHandoff) and handoff.state.step_index == 2
-    assert torch.equal(handoff.state.latents, relay_state().latents)
+    handoff = send(p.host, RelayHandoff("r1", relay_state().to_bytes()))
+    assert isinstance(handoff, RelayHandoff) and handoff.relay_state == relay_state().to_bytes()  # bytes, untouched
+    got = RelayState.from_bytes(handoff.relay_state)  # what the consumer does
+    assert got.step_index == 2 and torch.equal(got.latents, relay_state().latents)
     send(p.device, Progress("r1", 5, 5))
-    result = send(p.device, Result.from_latents("r1", torch.ones(1, 4, 8, 8), {"device_s": 0.4, "decode_s": 0.1}))
-    assert isinstance(result, Result) and torch.equal(result.latents(), torch.ones(1, 4, 8, 8))
+    result = send(p.device, Result("r1", ResultKind.LATENT, latents_to_bytes(torch.ones(1, 4, 8, 8)), {"device_s": 0.4, "decode_s": 0.1}))
+    assert isinstance(result, Result) and torch.equal(latents_from_bytes(result.data), torch.ones(1, 4, 8, 8))
     send(p.device, Feedback("r1", 1.25, 0.9))
     assert p.host.request_state("r1") is None and p.device.request_state("r1") is None
     # r2: the host ran every step and returns a PNG
@@ -147,7 +148,7 @@ def test_encode_decode_encode_is_identical() -> None:
         Hello(Role.DEVICE, TOKEN, CAPS, 65536),
         HelloAck(Role.HOST, "s", 1 << 20),
         GenerateRequest("r-1.a:b", "ünïcødé prompt ✓", 0.25, 0.5),
-        RelayHandoff.from_state("r", relay_state()),
+        RelayHandoff("r", relay_state().to_bytes()),
         Progress("r", 0, 1),
         Result("r", ResultKind.PNG, PNG, {"a": 1}),
         Feedback("r", 0, 0),
@@ -193,7 +194,7 @@ def test_relay_state_with_solver_history_survives() -> None:
     base = relay_state(sampler="dpmpp_2m")
     state = RelayState(**{**base.__dict__, "history": {"model_outputs.0": torch.ones(1, 4, 8, 8)},
                           "history_ints": {"lower_order_nums": 1}})
-    got = RelayHandoff("r", state.to_bytes()).state
+    got = RelayState.from_bytes(RelayHandoff("r", state.to_bytes()).relay_state)
     assert torch.equal(got.history["model_outputs.0"], torch.ones(1, 4, 8, 8))
     assert got.history_ints == {"lower_order_nums": 1} and got.sampler == "dpmpp_2m"
 

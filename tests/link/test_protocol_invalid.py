@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from relaydiff.core.errors import RelaydiffError
-from relaydiff.core.state import RelayState
+from relaydiff.core.errors import RelaydiffError, RelayStateError
+from relaydiff.core.state import RelayState, latents_from_bytes
 from relaydiff.link import (
     NEED_DATA,
     Close,
@@ -256,54 +256,74 @@ def rewrite(state: RelayState, **tensors: torch.Tensor) -> bytes:
     return save({**load(data), **tensors}, metadata=meta)
 
 
-@pytest.mark.parametrize(
-    ("blob", "match"),
-    [
-        (rewrite(relay_state(), latents=torch.full((1, 4, 8, 8), float("nan"))), "latents contain NaN"),
-        (rewrite(relay_state(), latents=torch.zeros(4, 8, 8)), r"latents must be a 4-D tensor .* got shape \(4, 8, 8\)"),
-        (rewrite(relay_state(), prompt_embeds=torch.zeros(2, 4, 8)), "prompt_embeds must be"),
-        (b"garbage" * 10, "not a valid safetensors buffer"),
-        (b"", "not a valid safetensors buffer"),
-    ],
-)
-def test_relay_handoff_with_a_bad_state(blob: bytes, match: str) -> None:
+BAD_STATES = [
+    (rewrite(relay_state(), latents=torch.full((1, 4, 8, 8), float("nan"))), "latents contain NaN"),
+    (rewrite(relay_state(), latents=torch.zeros(4, 8, 8)), r"latents must be a 4-D tensor .* got shape \(4, 8, 8\)"),
+    (rewrite(relay_state(), prompt_embeds=torch.zeros(2, 4, 8)), "prompt_embeds must be"),
+    (b"garbage" * 10, "not a valid safetensors buffer"),
+    (b"", "not a valid safetensors buffer"),
+]
+
+
+@pytest.mark.parametrize(("blob", "match"), BAD_STATES)
+def test_the_link_carries_a_bad_state_as_bytes_and_its_consumer_refuses_it(blob: bytes, match: str) -> None:
+    """The link core caps the blob and never parses it (no torch in relaydiff.link); RelayState.from_bytes, which
+    the device runtime calls once per hop, refuses it (the device then answers a request Error bad_relay_state)."""
     device, h = ready_pair()
     h.receive_data(device.send(GenerateRequest("r1", "p", 0.5, 5)))
     h.next_event()
-    err = refuse(device, frame(4, '{"request_id":"r1"}', blob), ErrorCode.BAD_RELAY_STATE, match)
-    assert "'r1'" in str(err)
+    device.receive_data(frame(4, '{"request_id":"r1"}', blob))
+    handoff = device.next_event()
+    assert isinstance(handoff, RelayHandoff) and handoff.relay_state == blob and device.state is State.READY
+    with pytest.raises(RelayStateError, match=match):
+        RelayState.from_bytes(handoff.relay_state)
 
 
 def test_nan_injected_into_the_raw_bytes_of_a_valid_state() -> None:
-    device, h = ready_pair()
-    h.receive_data(device.send(GenerateRequest("r1", "p", 0.5, 5)))
-    h.next_event()
     blob = bytearray(relay_state().to_bytes())
     header_end = 8 + int.from_bytes(blob[:8], "little")
     offsets = json.loads(blob[8:header_end])["latents"]["data_offsets"]
     at = header_end + offsets[0] + 4 * 17
     blob[at : at + 4] = struct.pack("<f", float("nan"))
-    refuse(device, frame(4, '{"request_id":"r1"}', bytes(blob)), ErrorCode.BAD_RELAY_STATE, "NaN")
+    with pytest.raises(RelayStateError, match="NaN"):
+        RelayState.from_bytes(RelayHandoff("r1", bytes(blob)).relay_state)
 
 
-def test_building_a_handoff_from_bad_bytes_is_a_local_error() -> None:
-    with pytest.raises(LocalProtocolError, match="not a valid safetensors") as info:
-        RelayHandoff("r1", b"nope")
-    assert info.value.code is ErrorCode.BAD_RELAY_STATE
+def test_a_relay_state_over_the_blob_cap_is_refused_from_the_header() -> None:
+    """The cap the link still enforces on the bytes it carries (decided from the header, before reading the blob)."""
+    body = b'{"request_id":"r1"}'
+    data = wire.HEADER.pack(wire.MAGIC, 1, RelayHandoff.TYPE_CODE, len(body), RelayHandoff.MAX_BLOB + 1) + body
+    with pytest.raises(RemoteProtocolError, match=f"blob cap is {RelayHandoff.MAX_BLOB}") as info:
+        wire.decode(data, max_message_bytes=1 << 30, max_json_bytes=1 << 16)
+    assert info.value.code is ErrorCode.MESSAGE_TOO_LARGE
+    with pytest.raises(LocalProtocolError, match="cap") as local:
+        RelayHandoff("r1", bytes(RelayHandoff.MAX_BLOB + 1))
+    assert local.value.code is ErrorCode.MESSAGE_TOO_LARGE
 
 
 @pytest.mark.parametrize(
-    ("kind", "blob", "match"),
+    ("blob", "match"),
     [
-        ("png", b"GIF89a", "expected a PNG"),
-        ("latent", b"nope", "not a safetensors buffer"),
-        ("latent", save({"latents": torch.full((1, 4, 2, 2), float("inf"))}), "NaN or Inf"),
-        ("latent", save({"latents": torch.zeros(4, 2, 2)}), "4-D float tensor"),
-        ("latent", save({"x": torch.zeros(1, 4, 2, 2)}), r"exactly \['latents'\]"),
+        (b"nope", "not a safetensors buffer"),
+        (save({"latents": torch.full((1, 4, 2, 2), float("inf"))}), "NaN or Inf"),
+        (save({"latents": torch.zeros(4, 2, 2)}), "4-D float tensor"),
+        (save({"x": torch.zeros(1, 4, 2, 2)}), r"exactly \['latents'\]"),
     ],
 )
-def test_result_blob_must_match_its_kind(kind: str, blob: bytes, match: str) -> None:
-    refuse(ready_pair()[1], frame(6, json.dumps({"request_id": "r", "kind": kind, "timings": {}}), blob), ErrorCode.BAD_BLOB, match)
+def test_a_latent_result_is_carried_as_bytes_and_its_consumer_refuses_a_bad_one(blob: bytes, match: str) -> None:
+    device, h = ready_pair()
+    h.receive_data(device.send(GenerateRequest("r", "p", 0.5, 5)))
+    h.next_event()
+    h.receive_data(frame(6, json.dumps({"request_id": "r", "kind": "latent", "timings": {}}), blob))
+    result = h.next_event()
+    assert isinstance(result, Result) and result.data == blob
+    with pytest.raises(RelaydiffError, match=match):
+        latents_from_bytes(result.data)
+
+
+def test_a_png_result_must_start_with_the_png_signature() -> None:
+    refuse(ready_pair()[1], frame(6, json.dumps({"request_id": "r", "kind": "png", "timings": {}}), b"GIF89a"), ErrorCode.BAD_BLOB,
+           "expected a PNG")
 
 
 # -- the handshake -----------------------------------------------------------------------------
@@ -354,7 +374,7 @@ def test_direction_rules() -> None:
     device, h = ready_pair()
     refuse(device, wire.encode(GenerateRequest("r", "p", 0.5, 1)), ErrorCode.UNEXPECTED_EVENT, "sent by the device only; the sender is the host")
     device, h = ready_pair()
-    refuse(h, wire.encode(RelayHandoff.from_state("r", relay_state())), ErrorCode.UNEXPECTED_EVENT, "sent by the host only")
+    refuse(h, wire.encode(RelayHandoff("r", relay_state().to_bytes())), ErrorCode.UNEXPECTED_EVENT, "sent by the host only")
 
 
 def test_events_for_unknown_or_finished_requests() -> None:

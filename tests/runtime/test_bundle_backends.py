@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from relaydiff.core.errors import RelaydiffError
+from relaydiff.core.errors import CompatibilityError, RelaydiffError
 from relaydiff.core.relay import RelayRequest, start
 from relaydiff.runtime.artifact_denoiser import ArtifactDenoiser
 from relaydiff.runtime.backends import create_backend
@@ -126,8 +126,9 @@ def test_a_state_with_other_latent_channels_is_refused(onnx_fp32, handoff) -> No
     wide = dataclasses.replace(state, latents=torch.zeros(1, 8, *state.latents.shape[2:]))
     with pytest.raises(RelaydiffError, match=r"relay latent has shape \[1, 8, 8, 8\]; the bundle's unet_step takes \[1, 4, 8, 8\]"):
         onnx_fp32.finish(wide)
-    with pytest.raises(RelaydiffError, match="the bundle is for"):
+    with pytest.raises(CompatibilityError, match="family_id differs") as refused:
         onnx_fp32.finish(dataclasses.replace(state, family_id="another-family"))
+    assert refused.value.to_json() == [{"field": "family_id", "host": "another-family", "device": onnx_fp32.family_id}]
 
 
 def test_without_its_family_the_bundle_relays_but_cannot_generate_alone(bundle, handoff, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -80,24 +80,16 @@ def test_wrong_token_is_an_error_not_a_fallback(make_client, make_host) -> None:
     assert len(host.ledger) == 0
 
 
-class OtherFamily:
-    """The tiny device backend claiming another family: it must refuse the host's relay states."""
-
-    def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
-        self.inner = inner
-        self.name, self.bundle_id, self.bundle_sha256 = inner.name, inner.bundle_id, inner.bundle_sha256
-        self.family_id = "other-000000000000"
-
-    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
-        return getattr(self.inner, name)
-
-
 def test_a_state_the_device_cannot_use_is_finished_by_the_host(tiny_pair, device_runtime, make_host, link_config) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    from relaydiff.runtime.backends import TorchBackend
     from relaydiff.runtime.client import DeviceClient
     from relaydiff.runtime.device import DeviceRuntime
 
     host = make_host(fraction=0.5)
-    other = DeviceRuntime(OtherFamily(device_runtime.backend))
+    # the tiny device model claiming another family: it must refuse the host's relay states
+    other = DeviceRuntime(TorchBackend(model=dataclasses.replace(tiny_pair[1], family_id="other-000000000000")))
 
     async def main():  # type: ignore[no-untyped-def]
         async with host:
@@ -106,7 +98,7 @@ def test_a_state_the_device_cannot_use_is_finished_by_the_host(tiny_pair, device
 
     outcomes = run(main())
     assert [o.mode for o in outcomes] == [DEVICE_ONLY, DEVICE_ONLY]
-    assert all("this device runs 'other-000000000000'" in o.fallback_reason for o in outcomes)
+    assert all("family_id differs" in o.fallback_reason and "'other-000000000000'" in o.fallback_reason for o in outcomes)
     assert [e.source for e in host.ledger.entries()] == [Source.HOST_FALLBACK, Source.HOST_FALLBACK]
     assert host.ledger.pending() == [] and host.ledger.refused == []
 

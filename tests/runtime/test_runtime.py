@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from relaydiff.core.errors import RelaydiffError
+from relaydiff.core.errors import CompatibilityError, RelaydiffError
 from relaydiff.core.relay import relay, start
 from relaydiff.runtime.backends import BACKENDS, TorchBackend, create_backend
 from relaydiff.runtime.device import decode_png, encode_png
@@ -33,8 +33,11 @@ def test_finish_matches_the_in_process_relay(tiny_pair, device_runtime) -> None:
 
 def test_finish_refuses_a_state_of_another_family(tiny_pair, device_runtime) -> None:  # type: ignore[no-untyped-def]
     state = replace(start(tiny_pair[0], SETTINGS.request("x", 2)), family_id="other-000000000000")
-    with pytest.raises(RelaydiffError, match="from family 'other-000000000000'"):
+    with pytest.raises(CompatibilityError, match="family_id differs") as refused:
         device_runtime.finish(state)
+    assert refused.value.to_json() == [{"field": "family_id", "host": "other-000000000000", "device": tiny_pair[1].family_id}]
+    with pytest.raises(CompatibilityError, match="family_id differs"):  # the hand-off's bytes, parsed here, too
+        device_runtime.finish(state.to_bytes())
 
 
 def test_capabilities_describe_the_torch_backend(device_runtime) -> None:  # type: ignore[no-untyped-def]
