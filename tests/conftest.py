@@ -26,3 +26,11 @@ def tiny_pair(tiny_family: Path):  # type: ignore[no-untyped-def]
     host = family.load(family.resolve(tiny_family, role="host"))
     device = family.load(family.resolve(tiny_family, role="device"), share_with=host)
     return host, device
+
+
+@pytest.fixture(scope="session")
+def plain_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Plain diffusers pipeline folders (no family.json): "host", "device", and "bad" (another VAE: cannot relay)."""
+    from plain_pipelines import build_pair
+
+    return build_pair(tmp_path_factory.mktemp("own"))

@@ -147,9 +147,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
     state = RelayState.from_bytes(path.read_bytes())
     ref = family.resolve(args.device or family.default_family_dir(), args.device_variant, role="device")
     model = family.load(ref)
-    family.check_state(model, state)  # the same check the runtime and the host fallback run
     t0 = time.perf_counter()
-    final = resume(model, state, progress=not args.json)
+    try:  # resume runs family.check_state first, the check the runtime and the host fallback run
+        final = resume(model, state, progress=not args.json)  # the state was parsed and validated once, above
+    except CompatibilityError as exc:  # every mismatched field, both values
+        return _refused(args, exc, f"the relay state cannot continue on {ref.label}")
     image = decode(model, final.latents)[0]
     secs = time.perf_counter() - t0
     out = Path(args.out)
@@ -178,6 +180,15 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refused(args: argparse.Namespace, exc: CompatibilityError, head: str = "cannot relay") -> int:
+    """Exit 1 with every mismatched field and both values (one JSON document under --json)."""
+    fields = exc.to_json()
+    emit(args.json, {"ok": False, "mismatches": fields},
+         [f"{head}: {len(fields)} field(s) differ"]
+         + [f"  {m['field']}: host {m['host']!r}, device {m['device']!r}" for m in fields])
+    return 1
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Exit 0 when the pair can relay; 1 with every mismatched field (both values) when it cannot."""
     from relaydiff.core import family
@@ -185,11 +196,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         host, device = resolve_pair(args)
     except CompatibilityError as exc:
-        fields = exc.to_json()
-        emit(args.json, {"ok": False, "mismatches": fields},
-             [f"cannot relay: {len(fields)} field(s) differ"]
-             + [f"  {m['field']}: host {m['host']!r}, device {m['device']!r}" for m in fields])
-        return 1
+        return _refused(args, exc)
     payload = {"ok": True, "host": host.label, "device": device.label, "family_id": family.family_id(host),
                "mismatches": []}
     emit(args.json, payload, [f"ok: {host.label} can relay to {device.label} (family {payload['family_id']})"])

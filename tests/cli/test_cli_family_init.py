@@ -10,45 +10,10 @@ import pytest
 
 from relaydiff.cli import main
 
-PNDM = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
-        "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1}  # as SD-1.5 and BK-SDM ship it
-
-
-def _pipeline(out: Path, *, seed: int, unet: dict, vae_seed: int = 0, vae_scaling: float = 0.18215) -> Path:
-    """A plain StableDiffusionPipeline folder (no family.json) with tiny random weights."""
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from relaydiff.presets import get_preset, write_char_tokenizer
-
-    preset = get_preset("tiny")
-    tokenizer = write_char_tokenizer(out / "_tok", preset.max_length)
-    torch.manual_seed(vae_seed)  # the shared parts: same seed, same weights in both folders
-    vae = AutoencoderKL(**{**preset.vae, "scaling_factor": vae_scaling})
-    torch.manual_seed(0)
-    text = CLIPTextModel(CLIPTextConfig(**preset.text, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    torch.manual_seed(seed)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=UNet2DConditionModel(**unet),
-                                   scheduler=PNDMScheduler(**PNDM), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(str(out), safe_serialization=True)
-    return out
-
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from relaydiff.presets import get_preset
-
-    preset = get_preset("tiny")
-    root = tmp_path_factory.mktemp("own")
-    return {
-        "host": _pipeline(root / "sd15", seed=1, unet=preset.host_unet),
-        "device": _pipeline(root / "bksdm", seed=2, unet=preset.device_unet),
-        # same configs, other VAE weights and scaling factor: cannot relay
-        "bad": _pipeline(root / "other-vae", seed=2, unet=preset.device_unet, vae_seed=5, vae_scaling=0.2),
-    }
+def pair(plain_pair: dict[str, Path]) -> dict[str, Path]:
+    return plain_pair
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -134,8 +99,14 @@ def test_resume_refuses_a_device_whose_vae_differs(pair: dict[str, Path], tmp_pa
     code, _, err = _run(capsys, "relay", "--host", str(pair["host"]), "--device", str(pair["device"]), "--prompt", "x",
                         "--steps", "4", "--relay-step", "2", "--out", str(tmp_path / "a.png"), "--state-out", str(state))
     assert code == 0, err
-    code, _, err = _run(capsys, "resume", "--state", str(state), "--device", str(pair["bad"]), "--out", str(tmp_path / "b.png"))
-    assert code == 1 and "family_id" in err and "Traceback" not in err
+    code, out, err = _run(capsys, "resume", "--state", str(state), "--device", str(pair["bad"]), "--out", str(tmp_path / "b.png"))
+    assert code == 1 and "family_id: host 'fam-" in out and "Traceback" not in out + err
+    assert not (tmp_path / "b.png").exists()
+    code, out, _ = _run(capsys, "resume", "--state", str(state), "--device", str(pair["bad"]), "--out", str(tmp_path / "b.png"),
+                        "--json")
+    report = json.loads(out)  # exactly one JSON document: every mismatched field with both values
+    (fid,) = [m for m in report["mismatches"] if m["field"] == "family_id"]
+    assert code == 1 and report["ok"] is False and fid["host"] != fid["device"] and fid["device"].startswith("fam-")
     assert not (tmp_path / "b.png").exists()
     code, _, _ = _run(capsys, "resume", "--state", str(state), "--device", str(pair["device"]), "--out", str(tmp_path / "c.png"))
     assert code == 0
