@@ -119,6 +119,7 @@ def build(config: BundleConfig, *, progress: bool = True, log: Callable[[str], N
 
     Raises:
         BundleError: the output folder is not empty.
+        RelaydiffError: ``config.family`` is a plain pipeline folder (no family.json: no device variant).
         ExportError: an export or a quantization failed.
     """
     from tqdm.auto import tqdm
@@ -131,6 +132,8 @@ def build(config: BundleConfig, *, progress: bool = True, log: Callable[[str], N
     out = config.out
     if out.exists() and any(out.iterdir()):
         raise BundleError(f"bundle folder '{out}' is not empty")
+    # a plain pipeline folder has one UNet: resolving it for both roles would export the host UNet as the device model
+    family.require_family(config.family, needed="a device variant to export (and a host for calibration)")
     host_ref = family.resolve(config.family, role="host")
     dev_ref = family.resolve(config.family, config.device_variant, role="device")
     family.check_pair(host_ref, dev_ref)

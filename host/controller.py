@@ -258,11 +258,13 @@ class HostServer:
         """Load the host variant and (for fallbacks) the device variant of a family folder.
 
         Raises:
-            FamilyNotFoundError / CompatibilityError / RelaydiffError: missing folder or variant, or a pair that cannot relay.
+            FamilyNotFoundError / CompatibilityError / RelaydiffError: missing folder or variant, a plain pipeline
+                folder (one UNet: no family.json naming a host and a device), or a pair that cannot relay.
         """
         from relaydiff.core import family
 
-        root = family_dir if family_dir is not None else family.default_family_dir()
+        root = family.require_family(family_dir, needed="a host UNet and a device UNet (the host finishes a relay "
+                                     "itself when a device cannot)") if family_dir is not None else family.default_family_dir()
         host_ref = family.resolve(root, host_variant, role="host")
         device_ref = family.resolve(root, device_variant, role="device")
         family.check_pair(host_ref, device_ref)

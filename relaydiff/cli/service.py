@@ -29,11 +29,14 @@ MIN_TOKEN_CHARS = 16  # shortest link token accepted (a bearer secret)
 MAX_TOKEN_FILE_BYTES = 4096
 LOG_LEVELS = ("debug", "info", "warning", "error")
 POLICIES = ("fixed", "rule", "bandit")  # relaydiff host --policy
+HOST_NEEDS = "a host UNet and a device UNet (the host finishes a relay itself when a device cannot)"
 
 
 def _add_settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=25, help="denoising steps N (default 25)")
-    p.add_argument("--scheduler", default="ddim", help="sampler: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_sde")
+    p.add_argument("--scheduler", default=None,
+                   help="sampler: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_sde, pndm, unipc (default: the family folder's "
+                        "own scheduler where supported, else ddim; a bundle's: the sampler it was built for)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (<= 1: off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--negative-prompt", default="", help="negative prompt for classifier-free guidance")
@@ -85,12 +88,27 @@ def add_parsers(subparsers: Any) -> None:
     _add_settings_args(p)
 
 
-def _settings(args: argparse.Namespace) -> Any:
+def _settings(args: argparse.Namespace, default_sampler: str) -> Any:
+    """The generation settings of the flags; ``default_sampler`` when no --scheduler was given."""
     from relaydiff.runtime.settings import GenerationSettings
 
     return GenerationSettings(
-        steps=args.steps, sampler=args.scheduler, guidance_scale=args.guidance, seed=args.seed, negative_prompt=args.negative_prompt,
+        steps=args.steps, sampler=args.scheduler or default_sampler, guidance_scale=args.guidance, seed=args.seed,
+        negative_prompt=args.negative_prompt,
     )
+
+
+def _backend_sampler(backend: Any) -> str:
+    """The sampler a device backend runs by default: its family folder's own scheduler where supported (torch),
+    the sampler its bundle was built for (onnx, executorch)."""
+    from relaydiff.core import family
+    from relaydiff.runtime.backends import BundleBackend, TorchBackend
+
+    if isinstance(backend, TorchBackend):
+        return family.default_sampler(backend.model.ref)
+    if isinstance(backend, BundleBackend):
+        return backend.manifest.scheduler.sampler
+    return "ddim"
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -224,26 +242,29 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], lines: list[str]) -
 
 
 def cmd_host(args: argparse.Namespace) -> int:
+    from relaydiff.core import family
     from relaydiff.host.controller import HostConfig
     from relaydiff.link.config import LinkConfig
 
     listen_host, port = parse_listen(args.listen)
+    root = family.require_family(args.family, needed=HOST_NEEDS) if args.family else family.default_family_dir()
+    sampler = family.default_sampler(family.resolve(root, args.host_variant, role="host"))
     token = _token(args, required=False)
     generated = token is None
     token = token or secrets.token_urlsafe(18)
     if args.duration is not None and not args.duration > 0:
         raise RelaydiffError(f"--duration must be > 0 seconds, got {args.duration!r}")
     config = HostConfig(
-        settings=_settings(args), listen_host=listen_host, port=port, result_timeout_s=args.result_timeout,
+        settings=_settings(args, sampler), listen_host=listen_host, port=port, result_timeout_s=args.result_timeout,
         workers=args.workers, max_queue=args.max_queue, max_requests_per_session=args.max_per_device, link=LinkConfig(),
     )
     tls = _server_tls(args)
     policy = _policy(args)
     with _logging(args):
-        return _serve_host(args, config, token, generated, tls, policy, listen_host)
+        return _serve_host(args, root, config, token, generated, tls, policy, listen_host)
 
 
-def _serve_host(args: argparse.Namespace, config: Any, token: str, generated: bool, tls: Any, policy: Any,
+def _serve_host(args: argparse.Namespace, root: Path, config: Any, token: str, generated: bool, tls: Any, policy: Any,
                 listen_host: str) -> int:
     from relaydiff.host.controller import HostServer
 
@@ -251,7 +272,7 @@ def _serve_host(args: argparse.Namespace, config: Any, token: str, generated: bo
         logging.getLogger("relaydiff.host").warning(
             "serving ws:// on %s without TLS: the link token travels in cleartext (use --tls-cert/--tls-key)", listen_host)
     server = HostServer.from_family(
-        args.family, auth_token=token, host_variant=args.host_variant, device_variant=args.device_variant,
+        root, auth_token=token, host_variant=args.host_variant, device_variant=args.device_variant,
         policy=policy, config=config, ssl=tls,
     )
 
@@ -317,9 +338,9 @@ def cmd_device(args: argparse.Namespace) -> int:
     tls = _client_tls(args)
     if not args.connect_timeout > 0:
         raise RelaydiffError(f"--connect-timeout must be > 0 seconds, got {args.connect_timeout!r}")
-    settings = _settings(args)
     name, options = _backend_options(args)
     runtime = DeviceRuntime(create_backend(name, **options))
+    settings = _settings(args, _backend_sampler(runtime.backend))
     link = LinkConfig(open_timeout_s=args.connect_timeout, handshake_timeout_s=args.connect_timeout)
     client = DeviceClient(runtime, args.connect, auth_token=token, settings=settings, quality_preference=args.quality,
                           deadline_s=args.deadline, link_config=link, ssl=tls)
@@ -330,7 +351,8 @@ def cmd_device(args: argparse.Namespace) -> int:
     Image.fromarray(outcome.image).save(out)
     payload = {"image": str(out), "mode": outcome.mode, "relay_step": outcome.relay_step, "steps": outcome.steps,
                "latency_s": round(outcome.latency_s, 4), "timings": {k: round(v, 4) for k, v in outcome.timings.items()},
-               "fallback_reason": outcome.fallback_reason, "request_id": outcome.request_id, "prompt": outcome.prompt}
+               "fallback_reason": outcome.fallback_reason, "request_id": outcome.request_id, "prompt": outcome.prompt,
+               "scheduler": settings.sampler}
     lines = [f"wrote {out}  ({outcome.mode}, k={outcome.relay_step}/{outcome.steps}, {outcome.latency_s:.3f} s)"]
     if outcome.fallback_reason:
         lines.append(f"generated on the device alone: {outcome.fallback_reason}")

@@ -4,6 +4,7 @@ pairs that cannot relay are refused with every mismatch; a state is refused by a
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,54 @@ def test_resume_refuses_a_device_whose_vae_differs(pair: dict[str, Path], tmp_pa
     assert not (tmp_path / "b.png").exists()
     code, _, _ = _run(capsys, "resume", "--state", str(state), "--device", str(pair["device"]), "--out", str(tmp_path / "c.png"))
     assert code == 0
+
+
+def test_host_refuses_a_plain_pipeline_folder_naming_what_is_missing(pair: dict[str, Path], tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(capsys, "host", "--family", str(pair["host"]), "--listen", "127.0.0.1:0", "--duration", "0.1")
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert "plain diffusers pipeline folder (no family.json)" in err and "a host UNet and a device UNet" in err
+    assert "family init" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bundle_build_as_a_library_refuses_a_plain_pipeline_folder(pair: dict[str, Path], tmp_path: Path) -> None:
+    from relaydiff.core.errors import RelaydiffError
+    from relaydiff.export.bundle import BundleConfig, build
+
+    out = tmp_path / "bundle"
+    with pytest.raises(RelaydiffError, match=r"plain diffusers pipeline folder \(no family.json\).*a device variant to export"):
+        build(BundleConfig(family=pair["host"], out=out, relay_step=2, steps=4))
+    assert not out.exists()  # it did not export the host UNet as the device model
+
+
+@pytest.fixture(scope="module")
+def pndm_family(pair: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from relaydiff.core.family import init_family
+
+    return init_family(pair["host"], pair["device"], tmp_path_factory.mktemp("fam") / "pndm-family")
+
+
+def test_host_and_device_default_to_the_family_folders_own_scheduler(pndm_family: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("host", "device"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "default: the family folder's own scheduler where supported, else ddim" in " ".join(capsys.readouterr().out.split())
+    code, out, err = _run(capsys, "host", "--family", str(pndm_family), "--listen", "127.0.0.1:0", "--duration", "0.1",
+                          "--steps", "4", "--json")
+    assert code == 0, err
+    assert json.loads(out)["settings"]["sampler"] == "pndm"  # PNDM, as the folder ships it: not DDIM
+    code, out, _ = _run(capsys, "host", "--family", str(pndm_family), "--listen", "127.0.0.1:0", "--duration", "0.1",
+                        "--steps", "4", "--scheduler", "euler", "--json")
+    assert code == 0 and json.loads(out)["settings"]["sampler"] == "euler"  # a named one still wins
+    token = tmp_path / "token"
+    token.write_text("a-token-of-sixteen-chars")
+    with socket.socket() as s:  # a port nobody listens on: the device generates alone, with the folder's sampler
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, out, err = _run(capsys, "device", "--connect", f"ws://127.0.0.1:{port}/", "--family", str(pndm_family),
+                          "--token-file", str(token), "--prompt", "x", "--steps", "3", "--out", str(tmp_path / "d.png"),
+                          "--connect-timeout", "2", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["scheduler"] == "pndm" and report["mode"] == "device-only" and (tmp_path / "d.png").is_file()
