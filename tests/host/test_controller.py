@@ -16,7 +16,7 @@ from relaydiff.core.state import RelayState
 from relaydiff.host.ledger import Source, digest_bytes, digest_latents
 from relaydiff.link import wire
 from relaydiff.link.errors import PeerError
-from relaydiff.link.events import DeviceCapabilities, Error, GenerateRequest, Progress, RelayHandoff, Result, ResultKind
+from relaydiff.link.events import DeviceCapabilities, Error, GenerateRequest, Ping, Pong, Progress, RelayHandoff, Result, ResultKind
 from relaydiff.link.transport import connect
 from relaydiff.runtime.client import RELAY
 from relaydiff.runtime.device import encode_png
@@ -240,4 +240,29 @@ def test_a_contextual_policy_gets_the_probed_rtt_and_bandwidth(tiny_pair, make_c
     assert seen.rtt_s is not None and 0.15 <= seen.rtt_s < 1.0
     # 64 KiB at 8 Mbit/s adds ~65 ms to the second Pong: the estimate lands near 8 Mbit/s
     assert seen.bandwidth_mbit_s is not None and 3.0 < seen.bandwidth_mbit_s < 12.0
+    assert_exactly_once(host)
+
+
+def test_a_device_latent_the_host_cannot_read_is_refused_for_that_request_only(tiny_pair, make_host, token, link_config) -> None:  # type: ignore[no-untyped-def]
+    """The link carries a latent Result as bytes; the host parses it once and refuses a bad one with a request Error."""
+    host = make_host(fraction=0.5)
+
+    async def main() -> tuple[Error, Pong]:
+        async with host:
+            link = await connect(host.url, auth_token=token, capabilities=CAPS, config=link_config)
+            await link.send(GenerateRequest("r1", "a red circle", 0.5, 30.0))
+            await recv_handoff(link)
+            await link.send(Result("r1", ResultKind.LATENT, b"not a safetensors buffer"))
+            error = await link.recv()
+            await link.send(Ping(7, 1.0))  # the link is still up
+            pong = await link.recv()
+            await link.close()
+            return error, pong
+
+    error, pong = run(main())
+    assert isinstance(error, Error) and error.code == "request_failed" and error.request_id == "r1"
+    assert "the latent is not a safetensors buffer" in error.message and isinstance(pong, Pong) and pong.nonce == 7
+    (entry,) = host.ledger.entries()
+    assert entry.source is Source.FAILED and "the device's result was refused" in (entry.error or "")
+    assert host.stats.refused_results == 1
     assert_exactly_once(host)
