@@ -420,9 +420,17 @@ def ray_init(address: str | None, num_cpus: int | None = None) -> None:
         from ray import serve
     except ImportError as exc:
         raise RelaydiffError(f"the cluster needs Ray Serve: pip install 'relaydiff[cluster]' ({exc})") from None
-    if not ray.is_initialized():
-        ray.init(address=address or "local", num_cpus=num_cpus if address is None else None, include_dashboard=False,
-                 log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
+    for attempt in (1, 2):  # Ray gives its raylet a fixed 30 s to register: a loaded machine may need a second try
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(address=address or "local", num_cpus=num_cpus if address is None else None, include_dashboard=False,
+                     log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
+        except Exception as exc:  # Ray raises bare Exception/ConnectionError kinds here
+            ray.shutdown()
+            if attempt == 2:
+                raise RelaydiffError(f"Ray did not start ({address or 'local'}): {type(exc).__name__}: {exc}") from None
+            log.warning("Ray did not start (%s: %s); trying once more", type(exc).__name__, exc)
     serve.start(proxy_location="Disabled")
 
 
