@@ -438,8 +438,8 @@ def deploy(cluster: ClusterConfig, spec: ReplicaSpec, *, replicas: int | None = 
            slow: tuple[int, float] | None = None) -> Any:
     """Deploy the host replicas as a Serve application; returns its DeploymentHandle (Ray must be initialised).
 
-    Deploying again with the same ``spec`` only reconfigures (replica count, routing, ``slow``): Serve keeps the
-    running replicas. ``slow`` = (rank, factor) slows one replica down (benchmarks).
+    Deploying again replaces the application (Serve 2.60 gives every ``serve.run`` a new code version, so its
+    replicas restart). ``slow`` = (rank, factor) slows one replica down (benchmarks).
     """
     from ray import serve
     from ray.serve.config import RequestRouterConfig

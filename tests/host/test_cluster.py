@@ -126,12 +126,12 @@ def replicas(tiny_family: Path) -> Any:
         ray.shutdown()
 
 
-def test_a_replica_killed_mid_stream_loses_no_request(replicas: Any, make_client: Any, link_config: Any) -> None:
+def test_a_replica_killed_mid_stream_loses_no_request(replicas: Any, make_client: Any, link_config: Any, token: str) -> None:
     from relaydiff.host.controller import HostConfig
     from relaydiff.runtime.settings import GenerationSettings
 
     config, handle = replicas
-    host = ClusterHost(handle, config, auth_token=TOKEN, policy=FixedPolicy(0.5),
+    host = ClusterHost(handle, config, auth_token=token, policy=FixedPolicy(0.5),
                        config=HostConfig(settings=GenerationSettings(steps=4), link=link_config))
     killed: list[dict[str, Any]] = []
 
