@@ -1,10 +1,9 @@
 """``relaydiff bench cluster``: the Ray Serve cluster's requests/s and latency by replica count and by routing.
 
-One local Ray instance, one Serve application redeployed between phases (same replica code, so Serve keeps
-the running replicas and only scales or reconfigures them):
+One local Ray instance, one Serve application redeployed between phases (Serve restarts the replicas each time):
 
 1. least-loaded routing with 1, 2, 4 ... replicas (``replica_counts``);
-2. ``slow_replicas`` replicas with one (the lowest rank) slowed ``slowdown`` x (its worker thread is held that
+2. ``slow_replicas`` replicas with one (rank 0) slowed ``slowdown`` x (its worker thread is held that
    much longer per run, without using CPU): least-loaded, then round-robin, in the same run.
 
 Each phase: a fresh link ingress (:class:`~relaydiff.host.cluster.ClusterHost`), one warm-up request per replica,
@@ -115,6 +114,7 @@ async def _phase(handle: Any, cluster: Any, runtime: Any, config: ClusterBenchCo
         "modes": {m: sum(o.mode == m for o in outcomes) for m in sorted({o.mode for o in outcomes})},
         "calls_by_replica": {rid: {"calls": n, "slowdown": slowed.get(rid, 1.0)} for rid, n in sorted(calls.items())},
         "replica_lost": host.cluster_stats.replica_lost,
+        "slowed_seen": sum(float(v.get("slowdown", 1.0)) != 1.0 for v in loads.values()),
     }
 
 
@@ -144,40 +144,21 @@ def bench_cluster(config: ClusterBenchConfig, log: Callable[[str], None] | None 
             cluster = ClusterConfig(min_replicas=replicas, max_replicas=replicas, routing=routing,
                                     replica_num_cpus=config.replica_num_cpus, max_batch=config.max_batch, stats_period_s=0.25)
             t = time.perf_counter()
-            handle = deploy(cluster, spec)
-            slow_arg = None
-            if slow is not None:  # slow the lowest-rank replica: ranks come from the replicas' own reports
-                ranks = sorted(int(v) for v in asyncio.run(_ranks(handle, replicas)))
-                slow_arg = (ranks[0], config.slowdown)
-                handle = deploy(cluster, spec, slow=slow_arg)
+            slow_arg = (0, config.slowdown) if slow is not None else None  # Serve ranks replicas 0..N-1: slow rank 0
+            handle = deploy(cluster, spec, slow=slow_arg)
             deploy_s.append(round(time.perf_counter() - t, 2))
             say(f"{replicas} replica(s), {routing}" + (f", rank {slow_arg[0]} slowed {config.slowdown:g}x" if slow_arg else ""))
             phase = asyncio.run(_phase(handle, cluster, runtime, config, replicas))
             phase["slowed"] = slow_arg is not None
+            seen = phase.pop("slowed_seen")
+            if phase["slowed"] and seen != 1:
+                raise RelaydiffError(f"{seen} replicas reported a slowdown, expected exactly 1 (rank 0)")
             phases.append(phase)
     finally:
         _shutdown()
     return {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()},
             "ray_init_s": round(ray_s, 2), "deploy_s": deploy_s, "phases": phases, "ratios": _ratios(phases),
             "cpu_count": _cpus()}
-
-
-async def _ranks(handle: Any, replicas: int) -> set[int]:
-    """The ranks of the running replicas (asked until every replica answered, at most 50 calls)."""
-    from relaydiff.host.cluster import NODE_LOADS
-
-    seen: set[int] = set()
-    for _ in range(50):
-        await handle.pid.remote()
-        for load in NODE_LOADS.get("relaydiff", {}).values():
-            if "rank" in load:
-                seen.add(int(load["rank"]))
-        if len(seen) >= replicas:
-            break
-        await asyncio.sleep(0.3)
-    if not seen:
-        raise RelaydiffError("no replica reported its rank")
-    return seen
 
 
 def _ratios(phases: list[dict[str, Any]]) -> dict[str, float]:
