@@ -45,8 +45,7 @@ class LoadAwareRouter(RequestRouter):
             return []
         loads = self._loads(replicas)
         if self.routing == "round_robin":
-            i = self._turn % len(replicas)
-            self._turn += 1
+            i = self._turn % len(replicas)  # the turn moves on when a request is routed (Serve may ask several times per request)
             order = replicas[i:] + replicas[:i]
         else:
             default = default_service(list(loads.values()))
@@ -55,6 +54,7 @@ class LoadAwareRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         self._held[replica_id.unique_id] += 1
+        self._turn += 1
         self._requests[pending_request.metadata.internal_request_id] = replica_id.unique_id
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
