@@ -58,6 +58,8 @@ from relaydiff.runtime.settings import GenerationSettings
 
 PROBE_PADDING = 64 * 1024  # bytes of the second probe Ping: its extra delay over the first measures bandwidth
 PROBE_WAIT_S = 1.0  # longest wait for the link probe before a contextual policy chooses without it
+LOAD_WINDOW_S = 2.0  # NodeLoad.busy_fraction is measured over about this long
+LOAD_RUNS = 8  # NodeLoad.batch_fill and service_s average the last this many host runs
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -113,6 +115,19 @@ class HostStats:
     refused_results: int = 0  # device Results refused (an unreadable PNG, or one above the pixel cap)
     failed: int = 0  # requests that failed on the host (Error(request_failed) sent)
     ignored_results: int = 0  # Results that arrived when nobody waited (after a cancellation, or unsolicited)
+
+
+@dataclass(frozen=True)
+class NodeLoad:
+    """An edge node's load, as it reports it (to a cluster router, and into a contextual policy's conditions)."""
+
+    queue: int = 0  # requests whose host steps are queued or running on this node
+    busy_fraction: float = 0.0  # share of the last LOAD_WINDOW_S its worker threads spent on torch work, [0, 1]
+    batch_fill: float = 0.0  # mean size of the last host runs / max_batch, [0, 1] (0: no run yet)
+    service_s: float = 0.0  # mean wall seconds of the last host runs per request (0: no run yet)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"queue": self.queue, "busy_fraction": self.busy_fraction, "batch_fill": self.batch_fill, "service_s": self.service_s}
 
 
 class _Cancelled(Exception):
@@ -231,6 +246,11 @@ class HostServer:
         self.batch_sizes: list[int] = []  # requests per host run, in order (batching statistics; the last 10,000)
         self.host_busy_s = 0.0  # wall seconds spent in host runs (host steps of every batch), for capacity figures
         self._flush_task: asyncio.Task[None] | None = None  # saving a PersistentPolicy's state in a worker thread
+        self._running = 0  # requests in the host run now (NodeLoad.queue counts them with the queued ones)
+        self._run_seconds: list[float] = []  # wall seconds per request of the last LOAD_RUNS host runs
+        self._busy_integral = 0.0  # worker-thread seconds of torch work so far (NodeLoad.busy_fraction)
+        self._busy_mark = time.monotonic()  # when _busy_integral was last brought up to date
+        self._load_samples: list[tuple[float, float]] = []  # (monotonic time, _busy_integral) over the load window
 
     @property
     def ignored_results(self) -> int:
@@ -242,6 +262,26 @@ class HostServer:
         rtt, bandwidth = network if network is not None else (None, None)
         return Conditions(host_queue=max(self._in_flight - 1, 0), host_utilisation=min(self._busy / self.config.workers, 1.0),
                           rtt_s=rtt, bandwidth_mbit_s=bandwidth)
+
+    def _account_busy(self) -> None:
+        now = time.monotonic()
+        self._busy_integral += self._busy * (now - self._busy_mark)
+        self._busy_mark = now
+
+    def node_load(self) -> NodeLoad:
+        """This node's load now: host steps queued or running, busy share over the last LOAD_WINDOW_S, batch fill."""
+        self._account_busy()
+        now = self._busy_mark
+        self._load_samples.append((now, self._busy_integral))
+        while len(self._load_samples) > 2 and now - self._load_samples[1][0] >= LOAD_WINDOW_S:
+            self._load_samples.pop(0)
+        t0, b0 = self._load_samples[0]
+        busy = (self._busy_integral - b0) / ((now - t0) * self.config.workers) if now - t0 > 1e-3 else min(self._busy / self.config.workers, 1.0)
+        sizes = self.batch_sizes[-LOAD_RUNS:]
+        fill = sum(sizes) / (len(sizes) * self.config.max_batch) if sizes else 0.0
+        service = sum(self._run_seconds) / len(self._run_seconds) if self._run_seconds else 0.0
+        return NodeLoad(queue=len(self._pending) + self._running, busy_fraction=min(max(busy, 0.0), 1.0),
+                        batch_fill=min(fill, 1.0), service_s=service)
 
     @classmethod
     def from_family(
@@ -280,11 +320,16 @@ class HostServer:
             raise RelaydiffError("the host server is not started")
         return self._server.url
 
+    def start_workers(self) -> None:
+        """Start the worker threads only (a cluster replica runs host steps without listening for links)."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="relaydiff-host")
+
     async def start(self) -> str:
         """Start listening; returns the URL devices connect to."""
         if self._server is not None:
             raise RelaydiffError("the host server is already started")
-        self._executor = ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="relaydiff-host")
+        self.start_workers()
         self._server = await serve(
             self._serve_link, self.config.listen_host, self.config.port, auth_token=self._auth_token,
             config=self.config.link, ssl=self._ssl,
@@ -464,10 +509,12 @@ class HostServer:
     async def _work(self, fn: Callable[..., T], *args: Any) -> T:
         if self._executor is None:
             raise RelaydiffError("the host server is not started")
+        self._account_busy()
         self._busy += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         finally:
+            self._account_busy()
             self._busy -= 1
 
     # -- one request -------------------------------------------------------------------------
@@ -503,7 +550,7 @@ class HostServer:
                     job.check()
                     raise _Cancelled(str(no)) from None
                 job.check()  # the device cannot use the state: the host finishes its copy, if the deadline allows
-                latents, fallback_s = await self._work(_device_steps, self.fallback_model, state, job)
+                latents, fallback_s = await self._fallback_run(state, job)
                 self.ledger.complete(key, Source.HOST_FALLBACK, latents=latents, timings={**timings, "fallback_s": fallback_s})
                 self._finished(session, key, request, k)
                 return
@@ -560,6 +607,10 @@ class HostServer:
         else:
             self.ledger.complete(key, Source.DEVICE, latents=latents, timings=timings, device_timings=result.timings)
 
+    async def _fallback_run(self, state: RelayState, job: _Job) -> tuple[Any, float]:
+        """Finish steps [k, N) of ``state`` with the fallback model; returns (final latents, seconds)."""
+        return await self._work(_device_steps, self.fallback_model, state, job)
+
     async def _host_run(self, request: Any, job: _Job) -> tuple[RelayState, float, int]:
         """Queue ``request``'s host steps; returns (state, seconds of its host run, requests in that run)."""
         future: asyncio.Future[tuple[RelayState, float, int]] = asyncio.get_running_loop().create_future()
@@ -586,6 +637,7 @@ class HostServer:
                 self.batch_sizes.append(len(group))
                 del self.batch_sizes[:-10_000]
                 t_run = time.perf_counter()
+                self._running = len(group)
                 try:
                     if len(group) == 1:  # the unbatched path: bit-identical to relaydiff.core.relay.start
                         results = [await self._work(_host_steps, self.host_model, first, group[0][1])]
@@ -597,7 +649,10 @@ class HostServer:
                             future.set_exception(exc)
                     continue
                 finally:
+                    self._running = 0
                     self.host_busy_s += time.perf_counter() - t_run
+                    self._run_seconds.append((time.perf_counter() - t_run) / len(group))
+                    del self._run_seconds[:-LOAD_RUNS]
                 for (_, _, future), (state, seconds) in zip(group, results):
                     if not future.done():
                         future.set_result((state, seconds, len(group)))

@@ -1,5 +1,5 @@
-"""``relaydiff bench device | link``: the command-line layer over the benchmarks (``relaydiff.export.bench``,
-``relaydiff.host.bench``). The library never sees argparse.
+"""``relaydiff bench device | link | cluster``: the command-line layer over the benchmarks (``relaydiff.export.bench``,
+``relaydiff.host.bench``, ``relaydiff.host.cluster_bench``). The library never sees argparse.
 """
 
 from __future__ import annotations
@@ -43,6 +43,21 @@ def register(sub: Any) -> None:
     n.add_argument("--json", action="store_true", help="print the report as one JSON object")
     n.set_defaults(func=cmd_link)
 
+    c = bench_sub.add_parser("cluster", help="Ray Serve cluster: requests/s and p50/p95 for 1, 2, 4 replicas; least-loaded vs round-robin "
+                                             "with one replica slowed")
+    c.add_argument("--family", help="family the replicas serve (default: the embedded family)")
+    c.add_argument("--replicas", default="1,2,4", help="replica counts of the scaling phases, comma-separated (default 1,2,4)")
+    c.add_argument("--slow-replicas", type=int, default=2, help="replicas of the routing comparison, one of them slowed (default 2)")
+    c.add_argument("--slowdown", type=float, default=2.0, help="how much slower the slowed replica is (default 2)")
+    c.add_argument("--devices", type=int, default=8, help="concurrent devices per phase (default 8)")
+    c.add_argument("--requests-per-device", type=int, default=4, help="requests each device sends (default 4)")
+    c.add_argument("--steps", type=int, default=25, help="denoising steps N (default 25)")
+    c.add_argument("--fraction", type=float, default=1.0, help="host share of the steps (default 1: host-only, the nodes are measured)")
+    c.add_argument("--max-batch", type=int, default=1, help="host-step batching per replica (default 1: off)")
+    c.add_argument("--replica-cpus", type=float, default=0.5, help="Ray CPUs reserved per replica (default 0.5)")
+    c.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    c.set_defaults(func=cmd_cluster)
+
 
 def cmd_device(args: argparse.Namespace) -> int:
     from relaydiff.export.bench import BenchConfig, bench_device, format_table
@@ -62,5 +77,22 @@ def cmd_link(args: argparse.Namespace) -> int:
                              requests_per_device=args.requests_per_device, steps=args.steps, fraction=args.fraction,
                              max_batch=args.max_batch, throughput=not args.no_throughput)
     report = bench_link(config, log=None if args.json else (lambda m: log.info("running %s", m)))
+    result(json.dumps(report, sort_keys=True) if args.json else format_report(report))
+    return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from relaydiff.core.errors import RelaydiffError
+    from relaydiff.host.cluster_bench import ClusterBenchConfig, bench_cluster, format_report
+
+    try:
+        counts = tuple(int(x) for x in args.replicas.split(","))
+    except ValueError:
+        raise RelaydiffError(f"--replicas must be comma-separated positive integers, got {args.replicas!r}") from None
+    config = ClusterBenchConfig(family=Path(args.family) if args.family else None, replica_counts=counts,
+                                slow_replicas=args.slow_replicas, slowdown=args.slowdown, devices=args.devices,
+                                requests_per_device=args.requests_per_device, steps=args.steps, fraction=args.fraction,
+                                max_batch=args.max_batch, replica_num_cpus=args.replica_cpus)
+    report = bench_cluster(config, log=None if args.json else (lambda m: log.info("running %s", m)))
     result(json.dumps(report, sort_keys=True) if args.json else format_report(report))
     return 0

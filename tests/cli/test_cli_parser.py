@@ -27,7 +27,7 @@ def test_every_command_is_a_real_subcommand() -> None:
     paths = {p for p, _ in _leaves(build_parser())}
     for path in [("eval", "relay"), ("eval", "scheduler"), ("eval", "distill"), ("quantize", "compare"),
                  ("quantize", "sensitivity"), ("family", "init"), ("family", "train"), ("family", "evaluate"),
-                 ("bundle", "build"), ("bundle", "verify"), ("bench", "device"), ("bench", "link"), ("relay",),
+                 ("bundle", "build"), ("bundle", "verify"), ("bench", "device"), ("bench", "link"), ("bench", "cluster"), ("cluster", "up"), ("relay",),
                  ("resume",), ("check",), ("host",), ("device",), ("export",), ("demo",), ("distill",)]:
         assert path in paths, path
 
