@@ -543,7 +543,7 @@ def get_exporter(name: str, **options: Any) -> Exporter:
         TypeError: an option the exporter does not have (lists the ones it accepts).
     """
     cls = EXPORTERS.get(name)
-    accepted = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+    accepted: list[str] = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise TypeError(f"exporter {name!r} has no option(s) {unknown}; it accepts: {', '.join(accepted) or 'none'}")

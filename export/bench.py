@@ -15,6 +15,7 @@ The artifacts run in :class:`relaydiff.runtime.sessions.ArtifactSession`, as on 
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -192,7 +193,7 @@ def _bench(root: Path, manifest: Manifest, config: BenchConfig, say: Callable[[s
             say(f"{file}")
             session = open_session(root, art, file, threads=config.threads)
             inputs = fixtures[comp]
-            call_s = median_seconds(lambda s=session, x=inputs: s(x), config.repeats, config.warmup)
+            call_s = median_seconds(functools.partial(session, inputs), config.repeats, config.warmup)
             row.update({"load_seconds": round(session.load_seconds, 6), "call_seconds": round(call_s, 6)})
             row.update(_delegation(root, art))
             if config.memory:

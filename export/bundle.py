@@ -244,15 +244,15 @@ def _make(
             return art, f"coremltools mlprogram {config.coreml_target} fp32"
         from relaydiff.quantize.coreml_int8 import compress_coreml
 
-        q = compress_coreml(art, sub)
+        compressed = compress_coreml(art, sub)
         shutil.rmtree(art.path)
         art.metadata_path.unlink(missing_ok=True)
-        return q, f"coremltools linear_quantize_weights int8 per-channel ({config.coreml_target}, fp16 compute)"
+        return compressed, f"coremltools linear_quantize_weights int8 per-channel ({config.coreml_target}, fp16 compute)"
     if precision == "int8":
         from relaydiff.quantize.executorch_int8 import DEFAULT_FLOAT_MODULES, ExecuTorchInt8Config, export_int8
 
-        q = ExecuTorchInt8Config(float_modules=DEFAULT_FLOAT_MODULES if config.executorch_float is None else config.executorch_float)
-        art = export_int8(component, device, calibration.for_component(comp), sub, q, calibration_summary=calibration.summary())
+        qconfig = ExecuTorchInt8Config(float_modules=DEFAULT_FLOAT_MODULES if config.executorch_float is None else config.executorch_float)
+        art = export_int8(component, device, calibration.for_component(comp), sub, qconfig, calibration_summary=calibration.summary())
         kept = art.metadata["quantization"]["float_modules"]
         return art, (f"torchao pt2e (XNNPACKQuantizer, per-channel, {len(kept)} modules float) -> XNNPACK -> .pte" if kept
                      else "torchao prepare_pt2e/convert_pt2e (XNNPACKQuantizer, per-channel) -> XNNPACK -> .pte")

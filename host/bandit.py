@@ -244,7 +244,8 @@ class BanditConfig:
         known = {f.name for f in fields(cls)}
         if not isinstance(obj, dict) or not set(obj) <= known:
             raise BanditError(f"bandit config is {obj!r}; expected an object with keys among {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in obj.items()})
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in obj.items()}
+        return cls(**values)
 
 
 @dataclass(frozen=True)

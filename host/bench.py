@@ -123,6 +123,8 @@ async def _handoff_overhead(config: LinkBenchConfig) -> dict[str, Any]:
         tiny = latents_to_bytes(torch.zeros(1, 1, 1, 1))
         for i in range(config.rounds):
             ping = await link.recv()
+            if not isinstance(ping, Ping):
+                raise RuntimeError(f"bench device: expected a Ping, got {ping!r}")
             await link.send(ping.pong())
             await link.send(GenerateRequest(f"r{i}", "bench", 0.5, 60.0))
             handoff = await link.recv()

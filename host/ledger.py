@@ -19,6 +19,7 @@ import hashlib
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -126,7 +127,7 @@ class Ledger:
         latents: Any = None,
         image_size: tuple[int, int] | None = None,
         timings: dict[str, float] | None = None,
-        device_timings: dict[str, float] | None = None,
+        device_timings: Mapping[str, float] | None = None,
         error: str | None = None,
     ) -> bool:
         """Record the result of ``key`` (its digest, not the data) unless it already has one; True when recorded.

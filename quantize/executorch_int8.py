@@ -91,7 +91,7 @@ def _float_modules_quantizer(inner: Any, modules: Sequence[str]) -> Any:
 
     def refs(ann: Any) -> list[Any]:
         specs = list(ann.input_qspec_map.values()) + [ann.output_qspec]
-        found = []
+        found: list[Any] = []
         for spec in specs:
             if isinstance(spec, SharedQuantizationSpec):
                 e = spec.edge_or_node

@@ -223,7 +223,7 @@ def _write_grid(path: Path, images: Any, qualities: list[float], prompts: list[s
         draw.text((4, y + h // 2 - 6), prompt[:52], fill="black")
         for c in range(3):
             i = 3 * r + c
-            tile = Image.fromarray(images[i]).resize((w, h), Image.NEAREST)
+            tile = Image.fromarray(images[i]).resize((w, h), Image.Resampling.NEAREST)
             canvas.paste(tile, (label_w + c * (w + pad), y))
             k = (steps, ks[r], 0)[c]
             draw.text((label_w + c * (w + pad), y + h + 1), f"k={k} q={qualities[i]:.2f}", fill="black")

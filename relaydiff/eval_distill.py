@@ -108,6 +108,8 @@ def run_distill_eval(family_dir: Path, cfg: DistillEvalConfig, *, progress: bool
                 elif half in students:
                     latents = resume(students[half], state).latents
                 else:
+                    if state.negative_prompt_embeds is None:
+                        raise RelaydiffError(f"the students were distilled with guidance {g}, but the host state carries no unconditional embeddings")
                     guided = _GuidedTeacher(teacher, state.negative_prompt_embeds.float(), g)
                     latents = student_finish(guided, few, state.latents, state.timesteps, k, state.prompt_embeds.float(),
                                              teacher.scheduler_config, state.sampler)
@@ -164,7 +166,7 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
             draw.text((pad + c * (cw + pad), 2), name, fill="black")
         for r, row in enumerate(report["grid"]):
             for c, img in enumerate(row):
-                tile = Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST)
+                tile = Image.fromarray(img).resize((w * scale, h * scale), Image.Resampling.NEAREST)
                 canvas.paste(tile, (pad + c * (cw + pad), head + pad + r * (h * scale + pad)))
         canvas.save(out_dir / "grid.png")
         paths["grid"] = str(out_dir / "grid.png")

@@ -419,7 +419,7 @@ def run_scheduler_eval(table: SchedulerTable, cfg: SchedulerEvalConfig, *, progr
         choices[label if len(table.variants) == 1 else f"{label} @{a.variant}"] = np.full(n, j)
 
     oracle_exp = expected[rows, choices["oracle"]]
-    policies = []
+    policies: list[dict[str, Any]] = []
     curves: dict[str, np.ndarray] = {}
     for name, c in choices.items():
         exp_r = expected[rows, c]

@@ -270,7 +270,7 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
         for r, row in enumerate(grid):
             for c, img in enumerate(row):
                 canvas[r * (h + 2) : r * (h + 2) + h, c * (w_ + 2) : c * (w_ + 2) + w_] = img
-        Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(paths["grid.png"])
+        Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.Resampling.NEAREST).save(paths["grid.png"])
     summary = report["summary"]
     fig, ax = plt.subplots(figsize=(6, 3.8))
     x = [s["fraction"] for s in summary]

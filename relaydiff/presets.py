@@ -154,8 +154,8 @@ def build_preset(name: str, out: str | Path, *, seed: int = 0, dtype: str = "flo
         tokenizer=tokenizer,
         unet=UNet2DConditionModel(**preset.host_unet).to(tdtype),
         scheduler=DDIMScheduler(**SD_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
+        safety_checker=None,  # type: ignore[arg-type]  # diffusers annotates these without Optional; None is its documented "no checker"
+        feature_extractor=None,  # type: ignore[arg-type]  # as safety_checker
         requires_safety_checker=False,
     )
     pipe.save_pretrained(str(out), safe_serialization=True)

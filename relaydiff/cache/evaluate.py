@@ -332,7 +332,7 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
         for r, row in enumerate(grid):
             for c, img in enumerate(row):
                 canvas[r * (h + 2): r * (h + 2) + h, c * (w_ + 2): c * (w_ + 2) + w_] = img
-        Image.fromarray(canvas).resize((canvas.shape[1] * 3, canvas.shape[0] * 3), Image.NEAREST).save(paths["grid.png"])
+        Image.fromarray(canvas).resize((canvas.shape[1] * 3, canvas.shape[0] * 3), Image.Resampling.NEAREST).save(paths["grid.png"])
     k0 = min(report["config"]["relay_steps"])
     summ = [s for s in report["summary"] if s["k"] == k0]
     unc = next(s for s in summ if s["schedule"] == "uncached")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -39,7 +40,7 @@ def fixed(masks: torch.Tensor) -> Decide:
     return lambda j, _change, _used: masks[:, j]
 
 
-def _scheduler_for(state: RelayState) -> object:
+def _scheduler_for(state: RelayState) -> Any:  # a diffusers scheduler (Any, as in relaydiff.core.schedulers)
     """A fresh scheduler positioned at the state's step (as :func:`relaydiff.core.relay.resume` builds it)."""
     import diffusers
 

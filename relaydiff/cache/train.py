@@ -241,7 +241,9 @@ def train(cfg: TrainConfig, *, resume: bool = True, log_fn: Callable[[str], None
         for b in budgets:
             scores = policy(step_features(ctx.state.timesteps, ctx.k, int(b), ctx.state.scheduler_config))
             mask, logp = sample_mask(scores, int(b), gen)
-            masks.append(mask), logps.append(logp), ents.append(entropy_of(scores))
+            masks.append(mask)
+            logps.append(logp)
+            ents.append(entropy_of(scores))
         half = fixed_half(device, ctx.state, torch.stack(masks), mechanism=cfg.mechanism, cache_branch=cfg.cache_branch)
         rewards = _rewards(device, ctx, half.latents, cfg)
         adv = []

@@ -289,7 +289,11 @@ def start_batch(
         cond, uncond = encode_prompt(model, r.prompt, r.negative_prompt)
         gen = torch.Generator("cpu").manual_seed(r.seed)
         lat = randn_tensor(_latent_shape(side, r), generator=gen, dtype=torch.float32) * sch.init_noise_sigma
-        schedulers.append(sch), generators.append(gen), conds.append(cond), unconds.append(uncond), latents.append(lat)
+        schedulers.append(sch)
+        generators.append(gen)
+        conds.append(cond)
+        unconds.append(uncond)
+        latents.append(lat)
     out: list[tuple[RelayState, float] | None] = [None] * n
 
     def finish(j: int) -> None:

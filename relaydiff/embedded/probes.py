@@ -84,7 +84,7 @@ def denoise_error(fam: dict[str, Any], n: int = 96, timesteps: Sequence[int] = (
         for t in timesteps:
             noise = torch.randn(z0.shape, generator=g)
             tt = torch.full((n,), t)
-            zt = sched.add_noise(z0, noise, tt)
+            zt = sched.add_noise(z0, noise, tt)  # type: ignore[arg-type]  # diffusers annotates timesteps as IntTensor
             for name in unets:
                 eps = fam[name](zt, tt, encoder_hidden_states=ctx).sample
                 out[name][str(t)] = round(float((eps - noise).pow(2).mean()), 5)

@@ -64,13 +64,13 @@ def generate(
     sched.set_timesteps(steps)
     n = len(prompts)
     u0 = unets[0]
-    size = u0.config.sample_size
+    size = u0.config["sample_size"]
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         cond = encode_prompts(tokenizer, text_encoder, prompts)
         uncond = encode_prompts(tokenizer, text_encoder, [""] * n)
         ctx = torch.cat([uncond, cond])
-        latents = torch.randn(n, u0.config.in_channels, size, size, generator=gen)
+        latents = torch.randn(n, u0.config["in_channels"], size, size, generator=gen)
         n_first = round(switch_fraction * steps) if len(unets) == 2 else steps
         for i, t in enumerate(sched.timesteps):
             unet = unets[0] if i < n_first else unets[-1]
@@ -78,7 +78,7 @@ def generate(
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
             latents = sched.step(eps, t, latents).prev_sample
-        images = vae.decode(latents / vae.config.scaling_factor).sample
+        images = vae.decode(latents / vae.config["scaling_factor"]).sample
     images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return images.permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
 

@@ -313,7 +313,7 @@ async def connect(
     config = config if config is not None else LinkConfig()
     connection = Connection(role, auth_token=auth_token, config=config)
     hello = connection.hello(capabilities)  # validates capabilities before opening a socket
-    tls = {} if ssl is None else {"ssl": ssl}  # without one, websockets uses the system's trust for wss://
+    tls: dict[str, Any] = {} if ssl is None else {"ssl": ssl}  # without one, websockets uses the system's trust for wss://
     websocket = await ws_connect(url, proxy=None, **tls, **_ws_options(config))  # a direct edge link: no proxy
     link = Link(websocket, connection)
     try:

@@ -88,7 +88,7 @@ def decode(data: bytes, *, max_message_bytes: int, max_json_bytes: int) -> Event
             ErrorCode.BAD_HEADER, f"{cls.__name__} message is {state}: header declares {declared} bytes, got {n}"
         )
     obj = _load_object(bytes(data[HEADER_SIZE : HEADER_SIZE + json_len]), cls.__name__)
-    extra = {} if cls.BLOB_FIELD is None else {cls.BLOB_FIELD: bytes(data[HEADER_SIZE + json_len :])}
+    extra: dict[str, Any] = {} if cls.BLOB_FIELD is None else {cls.BLOB_FIELD: bytes(data[HEADER_SIZE + json_len :])}
     try:
         return cls.from_json(obj, **extra)
     except LocalProtocolError as exc:  # the peer built an invalid event: same code, blamed on the peer

@@ -5,6 +5,8 @@ A hand-written recursive-descent parser: the grammar is a dozen fixed phrases (d
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from relaydiff.world.scene import ObjSpec, PromptSpec, Relation
 from relaydiff.world.vocab import (
     BACKGROUNDS,
@@ -31,7 +33,7 @@ class _Tokens:
     def peek(self, n: int = 1) -> tuple[str, ...]:
         return tuple(self.words[self.i : self.i + n])
 
-    def take(self, choices: dict[str, object] | tuple[str, ...], what: str) -> str:
+    def take(self, choices: Mapping[str, object] | tuple[str, ...], what: str) -> str:
         if self.i >= len(self.words):
             raise self.fail(f"expected {what} at the end")
         w = self.words[self.i]
