@@ -130,12 +130,40 @@ def test_a_state_with_other_latent_channels_is_refused(onnx_fp32, handoff) -> No
         onnx_fp32.finish(dataclasses.replace(state, family_id="another-family"))
 
 
-def test_without_its_family_the_bundle_relays_but_cannot_generate_alone(bundle, handoff, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr("relaydiff.runtime.bundle.find_family", lambda *_a, **_k: None)  # as on a phone: no family folder
+def test_without_its_family_the_bundle_generates_alone(bundle, handoff, tiny_pair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """As on a phone: no family folder; the bundle's tokenizer/ and text_encoder artifact encode prompts like the family."""
+    from relaydiff.core.relay import encode_prompt
+
+    monkeypatch.setattr("relaydiff.runtime.bundle.find_family", lambda *_a, **_k: None)
     backend = create_backend("onnx", bundle_dir=bundle)
+    assert backend.finish(handoff[0]).shape == handoff[1].shape
+    got, ref = backend.encode_prompt("a green triangle"), encode_prompt(tiny_pair[1], "a green triangle")
+    assert all(float((g - r).abs().max()) < 1e-4 for g, r in zip(got, ref, strict=True))
+    assert DeviceRuntime(backend).generate(GenerationSettings(steps=4).request("a green triangle", 0)).steps == 4
+
+
+def test_without_tokenizer_or_family_it_relays_but_cannot_generate(bundle, handoff, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An old-style bundle without text_encoder and no family folder: relays only, and begin says why."""
+    import hashlib
+    import json
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["component"] != "text_encoder"]
+    keep = {a["file"] for a in manifest["artifacts"]} | {e["file"] for a in manifest["artifacts"] for e in a["extra_files"]}
+    for p in sorted(copy.rglob("*")):
+        rel = p.relative_to(copy).as_posix()
+        if p.is_file() and "text_encoder" in rel and rel not in keep and not rel.startswith("parity/"):
+            p.unlink()
+    text = json.dumps(manifest)
+    (copy / "manifest.json").write_text(text)
+    (copy / "manifest.sha256").write_text(hashlib.sha256(text.encode()).hexdigest() + "  manifest.json\n")
+    monkeypatch.setattr("relaydiff.runtime.bundle.find_family", lambda *_a, **_k: None)
+    backend = create_backend("onnx", bundle_dir=copy)
     assert DeviceRuntime(backend).steps_per_second() > 0  # the Hello still gets a speed
     assert backend.finish(handoff[0]).shape == handoff[1].shape
-    with pytest.raises(RelaydiffError, match="carries no tokenizer"):
+    with pytest.raises(RelaydiffError, match="family folder was not found"):
         backend.begin(RelayRequest("x", relay_step=0, steps=4))
 
 
