@@ -387,7 +387,8 @@ def _session(artifact: Any) -> Any:
 
 
 def _loop_steps(device: Any, config: BundleConfig) -> tuple[LoopStep, ...]:
-    """The device calls of the bundle's device half [k, N) with their DDIM constants, as diffusers' DDIMScheduler.step
+    """The device calls with their DDIM constants (a teacher: every grid step, so any hand-off k finishes; a student: its jumps
+    from the bundle's k), as diffusers' DDIMScheduler.step
     computes them (a_prev at t - num_train_timesteps // N, final_alpha_cumprod below 0) or, for a student, its jumps.
 
     Raises:
@@ -413,7 +414,7 @@ def _loop_steps(device: Any, config: BundleConfig) -> tuple[LoopStep, ...]:
     if info is None:
         gap = scheduler.config.num_train_timesteps // config.steps
         return tuple(LoopStep(i, ts[i], float(ac[ts[i]]), float(ac[ts[i] - gap]) if ts[i] - gap >= 0 else final)
-                     for i in range(config.relay_step, config.steps))
+                     for i in range(config.steps))  # every step: a hand-off at any k finishes from the same table
     from relaydiff.core.student import coarse_indices, jump_alphas, lcm_scalings
 
     idx = coarse_indices(config.steps, config.relay_step, info.student_steps)

@@ -377,7 +377,7 @@ class DeviceLoop:
     """Everything the device half needs to finish a hand-off with the bundle's artifacts, without a diffusers scheduler.
 
     From a hand-off at grid step k (latent x, conditional and unconditional text embeddings, guidance g):
-    for each step in ``steps`` (those with index >= k), eps = unet_step(sample=x, timestep=[t], text_embeds=[uncond, cond],
+    for each step in ``steps`` with index >= k (the first must be k), eps = unet_step(sample=x, timestep=[t], text_embeds=[uncond, cond],
     guidance_scale=[g]) (a student: text_embeds = cond only, no guidance input), then ``update``; finally
     image = vae_decoder(latent=x) (scaling, shift and the [-1, 1] -> [0, 1] map are inside the decoder).
     """
@@ -385,7 +385,7 @@ class DeviceLoop:
     sampler: str  # "ddim"
     prediction_type: str  # "epsilon"
     timesteps: tuple[int, ...]  # the whole N-step grid (a relay state carries the same)
-    steps: tuple[LoopStep, ...]  # every device call from the bundle's relay step on (teacher: each step; student: its jumps)
+    steps: tuple[LoopStep, ...]  # teacher: every grid step (a hand-off at k runs those with index >= k); student: its jumps from k
     inputs: tuple[TensorEntry, ...]  # unet_step's inputs (names, dtypes, shapes)
     cfg: bool  # unet_step takes [uncond, cond] embeddings and a guidance scale
     update: str = DDIM_UPDATE
