@@ -1,12 +1,15 @@
 """Mobile bundles: the device half of a family exported per target and precision, with a verifiable manifest.
 
 A bundle folder holds ``<target>/<precision>/<files>``, ``parity/<component>.safetensors`` (inputs
-drawn from a held-out relay and the torch fp32 outputs on them), ``manifest.json`` and
-``manifest.sha256``; :func:`build` also writes ``<folder>.zip``. The manifest (schema:
-``relaydiff/runtime/manifest.schema.json``) says, for every artifact, its file, sha256, size, target,
-precision, component, inputs/outputs, the relay-step range its INT8 calibration covered, the parity
-measured at build time, and for the whole bundle the family id and config hash, the scheduler config
-and timestep grid, the latent shape and VAE scaling, and tool versions.
+drawn from a held-out relay and the torch fp32 outputs on them), ``tokenizer/`` (the family's tokenizer
+files), ``manifest.json`` and ``manifest.sha256``; :func:`build` also writes ``<folder>/<folder name>.zip``.
+The manifest (schema: ``relaydiff/runtime/manifest.schema.json``, format version 2) says, for every
+artifact, its file, sha256, size, target, precision, component, inputs/outputs, the relay-step range its
+INT8 calibration covered, the parity measured at build time and its gates and status
+(:mod:`relaydiff.runtime.gates`); and for the whole bundle the family id and config hash, the scheduler
+config and timestep grid, the latent shape and VAE scaling, the tokenizer, the ``device_loop`` (the device
+half's sampler constants per timestep, CFG order and formula, inputs, decode: docs/device_loop.md), the
+runtime requirements per target, and tool versions.
 
 Reading and verifying a bundle is the runtime's job (:mod:`relaydiff.runtime.bundle`, re-exported here).
 """
@@ -78,7 +81,7 @@ class BundleConfig:
     """What :func:`build` makes."""
 
     family: Path  # family folder (host and device variants)
-    out: Path  # bundle folder (must be empty or absent); the zip goes beside it as <out>.zip
+    out: Path  # bundle folder (must be empty or absent); the zip goes inside it as <out>/<out name>.zip
     targets: tuple[str, ...] = ("onnx",)  # subset of TARGETS
     precisions: tuple[str, ...] = ("fp32",)  # subset of PRECISIONS
     relay_step: int = 8  # k: the device runs [k, N); INT8 calibration is drawn from these steps
@@ -92,7 +95,7 @@ class BundleConfig:
     accuracy_prompts: int = ACCURACY_PROMPTS  # prompts of the INT8 prompt-accuracy gate (trained families only)
     eval_prompts: int = 2  # held-out relays for the build-time parity figures
     coreml_target: str = "iOS18"  # CoreML deployment target
-    zip: bool = True  # also write <out>.zip
+    zip: bool = True  # also write <out>/<out name>.zip
     device_variant: str | None = None  # the family's device UNet variant (e.g. "student"); None: its default device
     onnx_int8: str = "w8a16"  # ONNX static INT8 of unet_step: int8 weights with 16-bit ("w8a16") or 8-bit ("w8a8") activations
     executorch_float: tuple[str, ...] | None = None  # ExecuTorch INT8: module paths kept float; None: DEFAULT_FLOAT_MODULES

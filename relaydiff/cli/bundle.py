@@ -38,7 +38,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("bundle", help="mobile bundles: `bundle build` exports + quantizes the device half; `bundle verify` checks one")
     actions = p.add_subparsers(dest="bundle_command", required=True)
 
-    b = actions.add_parser("build", help="export the device half per target and precision, with manifest.json and DIR.zip")
+    b = actions.add_parser("build", help="export the device half per target and precision, gate every artifact, write manifest.json and DIR/DIR.zip")
     b.add_argument("--family", help="family folder with a host and a device variant (default: the embedded family, "
                                     "or the tiny preset); a plain pipeline folder is refused")
     b.add_argument("--targets", type=_names, default=("onnx",), help=f"comma list of {', '.join(TARGETS)}")
@@ -67,7 +67,7 @@ def register(sub: Any) -> None:
     b.add_argument("--executorch-float", default=None, metavar="MODULES",
                    help="ExecuTorch INT8: comma list of module paths left in float, 'none' to quantize all "
                         "(default unet.up_blocks.-1,unet.conv_norm_out,unet.conv_out: the full-resolution tail)")
-    b.add_argument("--no-zip", action="store_true", help="do not write DIR.zip")
+    b.add_argument("--no-zip", action="store_true", help="do not write DIR/DIR.zip")
     b.add_argument("--out", required=True, help="bundle folder (empty or absent)")
     add_json(b, "print the manifest as one JSON document on stdout, no progress bars (library output goes to a log file)")
     b.set_defaults(func=cmd_build)
