@@ -138,7 +138,7 @@ def test_unlisted_file_and_oversized_manifest(copy: Path) -> None:
 
 def test_schema_rejects_bad_manifests() -> None:
     assert any("'format' is a required property" in p or "format" in p for p in schema_problems({"version": 1}))
-    bad = {"format": "relaydiff-bundle", "version": 2}
+    bad = {"format": "relaydiff-bundle", "version": 3}
     assert any("version" in p for p in schema_problems(bad))
 
 
