@@ -98,3 +98,17 @@ def test_student_section_is_the_family_student(manifest: dict[str, Any], pair: t
     assert section["timesteps"] == [manifest["scheduler"]["timesteps"][i] for i in section["step_indices"]]
     assert inputs <= {("sample", "timestep", "text_embeds")}, inputs
     assert all(a["inputs"][2]["shape"][0] == 1 for a in steps)  # conditional embeddings only: no CFG batch
+
+
+def test_every_artifact_carries_its_build_gates(manifest: dict[str, Any]) -> None:
+    """The build applied the bars these tests use (relaydiff.runtime.gates) to every artifact and recorded the verdict."""
+    from relaydiff.runtime.gates import Gate, gate_names, status_of
+
+    wrong = []
+    for art in manifest["artifacts"]:
+        gates = [Gate.from_json(g) for g in art["gates"]]
+        if tuple(g.name for g in gates) != gate_names(art["target"], art["precision"], art["component"]):
+            wrong.append(f"{art['file']}: gates {[g.name for g in gates]}")
+        if art["status"] != status_of(gates):
+            wrong.append(f"{art['file']}: status {art['status']} but gates give {status_of(gates)}")
+    assert manifest["artifacts"] and not wrong, "\n".join(wrong)

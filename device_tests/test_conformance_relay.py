@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-IMAGE_PSNR_DB = {"int8": 30.0, "fp32": 50.0}
-ACCURACY_POINTS = 2.0  # |INT8 accuracy - fp32 accuracy| in percentage points
-ACCURACY_PROMPTS = int(os.environ.get("RELAYDIFF_ACCURACY_PROMPTS", "100"))  # eval_prompts(n, seed 0): even over 1-3 objects
+from relaydiff.runtime.gates import ACCURACY_POINTS
+from relaydiff.runtime.gates import ACCURACY_PROMPTS as DEFAULT_ACCURACY_PROMPTS
+from relaydiff.runtime.gates import RELAY_IMAGE_PSNR_DB as IMAGE_PSNR_DB  # the bars bundle build gates on: one definition
+
+ACCURACY_PROMPTS = int(os.environ.get("RELAYDIFF_ACCURACY_PROMPTS", str(DEFAULT_ACCURACY_PROMPTS)))  # eval_prompts(n, seed 0)
 
 
 def _decoder(manifest: dict[str, Any], entry: dict[str, Any], open_file: Callable[..., Any]) -> Any:
@@ -61,24 +63,12 @@ def _accuracy(images: list[np.ndarray], prompts: list[str]) -> float:
 @pytest.mark.artifacts(target=("onnx", "executorch"), precision="int8", component="unet_step")
 def test_int8_prompt_accuracy_within_two_points(trained_family: Path, entry: dict[str, Any], manifest: dict[str, Any],
                                                 pair: tuple[Any, Any], open_file: Callable[..., Any]) -> None:
-    from relaydiff.core.relay import RelayRequest, decode, resume, snapshots
     from relaydiff.evaluate import eval_prompts
-    from relaydiff.quantize.parity import artifact_side
+    from relaydiff.quantize.parity import relay_images
 
-    host, device = pair
     k, n = manifest["relay"]["relay_step"], manifest["relay"]["steps"]
-    unet, dec = open_file(entry), _decoder(manifest, entry, open_file)
     prompts = eval_prompts(ACCURACY_PROMPTS, 0)
-    ref_images, art_images = [], []
-    for i, prompt in enumerate(prompts):
-        state, _ = snapshots(host, RelayRequest(prompt, relay_step=k, steps=n, seed=i), [k])[k]
-        ref_images.append(decode(device, resume(device, state).latents)[0])
-        latents = resume(artifact_side(device, unet), state).latents
-        if dec is None:
-            art_images.append(decode(device, latents)[0])
-        else:
-            image = dec({"latent": latents.float().numpy()})["image"][0]
-            art_images.append((np.transpose(image, (1, 2, 0)) * 255).round().astype(np.uint8))
+    ref_images, art_images = relay_images(*pair, open_file(entry), _decoder(manifest, entry, open_file), prompts, k, n)
     ref_acc, art_acc = _accuracy(ref_images, prompts), _accuracy(art_images, prompts)
     assert abs(art_acc - ref_acc) <= ACCURACY_POINTS, (
         f"{entry['file']}: prompt accuracy {art_acc:.1f}% vs fp32 torch {ref_acc:.1f}% over {len(prompts)} prompts "

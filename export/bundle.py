@@ -1,12 +1,15 @@
 """Mobile bundles: the device half of a family exported per target and precision, with a verifiable manifest.
 
 A bundle folder holds ``<target>/<precision>/<files>``, ``parity/<component>.safetensors`` (inputs
-drawn from a held-out relay and the torch fp32 outputs on them), ``manifest.json`` and
-``manifest.sha256``; :func:`build` also writes ``<folder>.zip``. The manifest (schema:
-``relaydiff/runtime/manifest.schema.json``) says, for every artifact, its file, sha256, size, target,
-precision, component, inputs/outputs, the relay-step range its INT8 calibration covered, the parity
-measured at build time, and for the whole bundle the family id and config hash, the scheduler config
-and timestep grid, the latent shape and VAE scaling, and tool versions.
+drawn from a held-out relay and the torch fp32 outputs on them), ``tokenizer/`` (the family's tokenizer
+files), ``manifest.json`` and ``manifest.sha256``; :func:`build` also writes ``<folder>/<folder name>.zip``.
+The manifest (schema: ``relaydiff/runtime/manifest.schema.json``, format version 2) says, for every
+artifact, its file, sha256, size, target, precision, component, inputs/outputs, the relay-step range its
+INT8 calibration covered, the parity measured at build time and its gates and status
+(:mod:`relaydiff.runtime.gates`); and for the whole bundle the family id and config hash, the scheduler
+config and timestep grid, the latent shape and VAE scaling, the tokenizer, the ``device_loop`` (the device
+half's sampler constants per timestep, CFG order and formula, inputs, decode: docs/device_loop.md), the
+runtime requirements per target, and tool versions.
 
 Reading and verifying a bundle is the runtime's job (:mod:`relaydiff.runtime.bundle`, re-exported here).
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -42,17 +46,23 @@ from relaydiff.runtime.bundle import (  # noqa: F401  (re-exported: the read sid
     sha256_path,
     verify,
 )
+from relaydiff.runtime.gates import ACCURACY_PROMPTS, Gate, accuracy_gate, gate_names, per_call_gate, relay_gate, status_of
 from relaydiff.runtime.manifest import (
+    LCM_EPS,
     ArtifactEntry,
     BundleStudent,
+    DeviceLoop,
     FamilySection,
     FileEntry,
     LatentSection,
+    LoopStep,
     Manifest,
     RelaySection,
+    RuntimeRequirement,
     SchedulerSection,
     SkippedEntry,
     TensorEntry,
+    TokenizerSection,
 )
 
 # INT8 method per component for ONNX: static QDQ (relay-aware calibration) for the UNet; dynamic for the
@@ -71,16 +81,21 @@ class BundleConfig:
     """What :func:`build` makes."""
 
     family: Path  # family folder (host and device variants)
-    out: Path  # bundle folder (must be empty or absent); the zip goes beside it as <out>.zip
+    out: Path  # bundle folder (must be empty or absent); the zip goes inside it as <out>/<out name>.zip
     targets: tuple[str, ...] = ("onnx",)  # subset of TARGETS
     precisions: tuple[str, ...] = ("fp32",)  # subset of PRECISIONS
     relay_step: int = 8  # k: the device runs [k, N); INT8 calibration is drawn from these steps
     steps: int = 25  # N
     components: tuple[str, ...] = COMPONENTS  # which device components to export
-    calibration_prompts: int = 48  # relay-aware calibration prompts; 4 under-cover the trained device (README)
+    calibration_prompts: int | tuple[str, ...] = 48  # a number of world prompts (4 under-cover the trained device, README),
+    # or the user's own prompts (bundle build --calibration-prompts FILE)
+    calibration_sampler: str | None = None  # sampler of the calibration relays; None: the family's scheduler
+    calibration_guidance: float | None = None  # CFG scale of the calibration relays; None: the family's default (5.0 if none)
+    allow_failing: bool = False  # keep artifacts that fail their gates (status "failed", refused by the runtime) instead of failing
+    accuracy_prompts: int = ACCURACY_PROMPTS  # prompts of the INT8 prompt-accuracy gate (trained families only)
     eval_prompts: int = 2  # held-out relays for the build-time parity figures
     coreml_target: str = "iOS18"  # CoreML deployment target
-    zip: bool = True  # also write <out>.zip
+    zip: bool = True  # also write <out>/<out name>.zip
     device_variant: str | None = None  # the family's device UNet variant (e.g. "student"); None: its default device
     onnx_int8: str = "w8a16"  # ONNX static INT8 of unet_step: int8 weights with 16-bit ("w8a16") or 8-bit ("w8a8") activations
     executorch_float: tuple[str, ...] | None = None  # ExecuTorch INT8: module paths kept float; None: DEFAULT_FLOAT_MODULES
@@ -92,6 +107,18 @@ class BundleConfig:
         check_names("ONNX INT8 scheme", (self.onnx_int8,), tuple(ONNX_ACTIVATIONS))
         if not 0 <= self.relay_step < self.steps:
             raise RelaydiffError(f"relay step {self.relay_step!r} is outside [0, {self.steps}) (steps = {self.steps})")
+        cp = self.calibration_prompts
+        if isinstance(cp, bool) or (isinstance(cp, int) and cp < 1) or (isinstance(cp, tuple) and not cp):
+            raise RelaydiffError(f"calibration prompts must be a positive number of world prompts or a non-empty prompt list, got {cp!r}")
+        if self.calibration_sampler is not None:
+            from relaydiff.core.schedulers import SAMPLERS
+
+            check_names("calibration sampler", (self.calibration_sampler,), tuple(SAMPLERS))
+        g = self.calibration_guidance
+        if g is not None and not (isinstance(g, (int, float)) and math.isfinite(g) and g > 1.0):
+            raise RelaydiffError(f"calibration guidance must be a finite number > 1 (unet_step computes CFG inside), got {g!r}")
+        if isinstance(self.accuracy_prompts, bool) or not isinstance(self.accuracy_prompts, int) or self.accuracy_prompts < 1:
+            raise RelaydiffError(f"accuracy prompts must be a positive integer, got {self.accuracy_prompts!r}")
 
 
 def check_names(kind: str, got: Sequence[str], known: Sequence[str]) -> None:
@@ -114,24 +141,58 @@ def _entry(root: Path, path: Path, component: str | None = None) -> FileEntry:
 # ---------------------------------------------------------------------------------------------------- build
 
 
-def build(config: BundleConfig, *, progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Export, quantize, measure and hash every (target, precision, component); write the bundle. Returns the manifest's JSON.
+class GateFailure(BundleError):
+    """Artifacts failed their gates and the build was not asked to keep them (exit status 1: a check failed)."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class AccuracyCheck:
+    """How the INT8 prompt-accuracy gate scores images: the prompts and a scorer (the CLI passes relaydiff.scorer's;
+    the export layer cannot import the apps)."""
+
+    prompts: tuple[str, ...]
+    correct: Callable[[np.ndarray, str], bool]  # (uint8 HWC image, prompt) -> whether the image shows the prompt
+
+
+def build(config: BundleConfig, *, progress: bool = True, log: Callable[[str], None] | None = None,
+          accuracy: AccuracyCheck | None = None) -> dict[str, Any]:
+    """Export, quantize, measure, gate and hash every (target, precision, component); write the bundle. Returns the manifest's JSON.
+
+    Every artifact is held to the gates of :mod:`relaydiff.runtime.gates`. When one fails and
+    ``config.allow_failing`` is off, nothing is left behind (the output folder is removed, or emptied when it
+    existed) and :class:`GateFailure` is raised; with it on, the artifact is kept with status ``failed``.
 
     Raises:
-        BundleError: the output folder is not empty.
+        BundleError: the output folder is not empty, or the family cannot be described by a device loop.
         RelaydiffError: ``config.family`` is a plain pipeline folder (no family.json: no device variant).
+        GateFailure: an artifact failed a gate (``allow_failing`` off).
         ExportError: an export or a quantization failed.
     """
+    out = config.out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BundleError(f"bundle folder '{out}' is not empty")
+    existed = out.exists()
+    try:
+        return _build(config, progress, log or (lambda _m: None), accuracy)
+    except BaseException:
+        if existed:  # it was empty: leave it empty
+            for p in out.iterdir():
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _build(config: BundleConfig, progress: bool, say: Callable[[str], None], accuracy: AccuracyCheck | None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from relaydiff.core import family
     from relaydiff.core.schedulers import build_scheduler
     from relaydiff.export.base import tool_versions
 
-    say = log or (lambda _m: None)
     out = config.out
-    if out.exists() and any(out.iterdir()):
-        raise BundleError(f"bundle folder '{out}' is not empty")
     # a plain pipeline folder has one UNet: resolving it for both roles would export the host UNet as the device model
     family.require_family(config.family, needed="a device variant to export (and a host for calibration)")
     host_ref = family.resolve(config.family, role="host")
@@ -144,47 +205,61 @@ def build(config: BundleConfig, *, progress: bool = True, log: Callable[[str], N
         from relaydiff.export.components import component_for
 
         _check_module_paths(component_for("unet_step", device).module(device), config.executorch_float)
+    loop_steps = _loop_steps(device, config)  # before any export: a family no device loop can describe fails first
     out.mkdir(parents=True, exist_ok=True)
 
     fixtures, fixture_entries, held_out = _parity_fixtures(host, device, config, out)
     calibration = None
     if "int8" in config.precisions and ("onnx" in config.targets or "executorch" in config.targets):
-        from relaydiff.quantize.calibration import CalibrationConfig, capture
+        from relaydiff.quantize.calibration import capture
 
-        say(f"capturing relay-aware calibration: host [0, {config.relay_step}), device [{config.relay_step}, {config.steps})")
-        calibration = capture(host, device, CalibrationConfig(relay_steps=(config.relay_step,), steps=config.steps,
-                                                              prompts=config.calibration_prompts), progress=progress)
+        cal_config = calibration_config(config, device)
+        say(f"capturing relay-aware calibration: host [0, {config.relay_step}), device [{config.relay_step}, {config.steps}), "
+            f"{cal_config.prompts} {'listed' if cal_config.prompt_list else 'world'} prompts, {cal_config.sampler}, "
+            f"CFG {cal_config.guidance_scale:g}")
+        calibration = capture(host, device, cal_config, progress=progress)
 
     jobs = [(t, p, c) for t in config.targets for p in config.precisions for c in config.components]
-    artifacts: list[ArtifactEntry] = []
+    made: dict[tuple[str, str, str], tuple[Any, str, dict[str, Any]]] = {}
     skipped: list[SkippedEntry] = []
     scratch = tempfile.mkdtemp(prefix="relaydiff-bundle-")
     fp32_onnx: dict[str, Any] = {"_scratch": scratch}
     try:
         for target, precision, comp in tqdm(jobs, desc="bundle", disable=not progress):
             sub = out / target / precision
-            made = _make(target, precision, comp, device, sub, config, calibration, fp32_onnx)
-            if isinstance(made, str):
-                skipped.append(SkippedEntry(target, precision, made, comp))
-                say(f"skipped {target}/{precision}/{comp}: {made}")
+            result = _make(target, precision, comp, device, sub, config, calibration, fp32_onnx)
+            if isinstance(result, str):
+                skipped.append(SkippedEntry(target, precision, result, comp))
+                say(f"skipped {target}/{precision}/{comp}: {result}")
                 continue
-            artifact, method = made
-            parity = _measure(target, artifact, fixtures[comp])
-            if comp == "unet_step" and target in ("onnx", "executorch") and precision == "int8":
-                parity["relay"] = _relay_figures(host, device, artifact, config, held_out)
-            files = [f for role, f in artifact.files.items() if f != artifact.path]
-            extra = [_entry(out, f) for f in (*files, artifact.metadata_path) if f.exists()]
-            sig = artifact.signature
-            main = _entry(out, artifact.path)
-            artifacts.append(ArtifactEntry(
-                file=main.file, sha256=main.sha256, size=main.size, target=target, precision=precision, component=comp,
-                inputs=tuple(_tensor(s) for s in sig.inputs), outputs=tuple(_tensor(s) for s in sig.outputs),
-                extra_files=tuple(extra), tolerance=artifact.tolerance, calibration=artifact.metadata.get("calibration"),
-                parity=parity, method=method, compute_precision=artifact.precision if target == "coreml" else precision,
-            ))
-            say(f"{target}/{precision}/{comp}: {artifact.path.name} {parity}")
+            artifact, method = result
+            made[(target, precision, comp)] = (artifact, method, _measure(target, artifact, fixtures[comp]))
+        gates = _gates(host, device, config, made, held_out, accuracy, say)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+    artifacts: list[ArtifactEntry] = []
+    for (target, precision, comp), (artifact, method, parity) in made.items():
+        files = [f for role, f in artifact.files.items() if f != artifact.path]
+        extra = [_entry(out, f) for f in (*files, artifact.metadata_path) if f.exists()]
+        sig = artifact.signature
+        main = _entry(out, artifact.path)
+        own = gates[(target, precision, comp)]
+        artifacts.append(ArtifactEntry(
+            file=main.file, sha256=main.sha256, size=main.size, target=target, precision=precision, component=comp,
+            inputs=tuple(_tensor(s) for s in sig.inputs), outputs=tuple(_tensor(s) for s in sig.outputs),
+            extra_files=tuple(extra), tolerance=artifact.tolerance, calibration=artifact.metadata.get("calibration"),
+            parity=parity, method=method, compute_precision=artifact.precision if target == "coreml" else precision,
+            gates=own, status=status_of(own),
+        ))
+        say(f"{target}/{precision}/{comp}: {artifact.path.name} {status_of(own)}: " + "; ".join(g.describe() for g in own))
+    failed = [a for a in artifacts if a.status == "failed"]
+    if failed and not config.allow_failing:
+        raise GateFailure("the bundle was not written: artifacts failed their gates (bundle build --allow-failing keeps them, "
+                          "marked 'failed', and the runtime refuses them)",
+                          [f"{a.name}: " + "; ".join(g.describe() for g in a.failed_gates()) for a in failed])
+    for a in failed:
+        say(f"kept FAILED artifact {a.name} (--allow-failing): the runtime refuses to load it")
 
     scheduler = build_scheduler("ddim", device.scheduler_config)
     scheduler.set_timesteps(config.steps)
@@ -193,6 +268,8 @@ def build(config: BundleConfig, *, progress: bool = True, log: Callable[[str], N
     d = family_dims(device)
     config_hash, config_files = family_config_hash(dev_ref.root)
     shift = getattr(device.vae.config, "shift_factor", None)
+    versions = {**tool_versions(), "relaydiff": _relaydiff_version()}
+    step_entry = next((a for a in artifacts if a.component == "unet_step"), None)
     manifest = Manifest(
         family=FamilySection(device.family_id, config_hash, dev_ref.variant, host_ref.variant, tuple(config_files)),
         scheduler=SchedulerSection("ddim", config.steps, tuple(int(t) for t in scheduler.timesteps),
@@ -202,8 +279,14 @@ def build(config: BundleConfig, *, progress: bool = True, log: Callable[[str], N
         relay=RelaySection(config.relay_step, config.steps, (config.relay_step, config.steps), student),
         artifacts=tuple(artifacts),
         parity_fixtures=tuple(fixture_entries),
-        tools={**tool_versions(), "relaydiff": _relaydiff_version()},
+        tools=versions,
         skipped=tuple(skipped),
+        tokenizer=_copy_tokenizer(device, dev_ref.root, out),
+        device_loop=None if step_entry is None else DeviceLoop(
+            "ddim", "epsilon", tuple(int(t) for t in scheduler.timesteps), loop_steps, step_entry.inputs,
+            cfg=step_entry.input("guidance_scale") is not None,
+            eps_transform=LCM_EPS if loop_steps and loop_steps[0].c_skip is not None else None),
+        requirements=_requirements(config, versions),
     ).to_json()
     problems = schema_problems(manifest)
     if problems:
@@ -212,8 +295,187 @@ def build(config: BundleConfig, *, progress: bool = True, log: Callable[[str], N
     (out / MANIFEST).write_text(text)
     (out / MANIFEST_HASH).write_text(hashlib.sha256(text.encode()).hexdigest() + "  " + MANIFEST + "\n")
     if config.zip:
-        shutil.make_archive(str(out), "zip", root_dir=out)
+        with tempfile.TemporaryDirectory(prefix="relaydiff-zip-") as tmp:  # built beside, then moved in: it cannot hold itself
+            made_zip = shutil.make_archive(str(Path(tmp) / out.resolve().name), "zip", root_dir=out)
+            shutil.move(made_zip, archive_path(out))
     return manifest
+
+
+def archive_path(out: Path) -> Path:
+    """Where :func:`build` writes the bundle's zip: inside the bundle folder, named after it."""
+    return out / f"{out.resolve().name}.zip"
+
+
+def calibration_config(config: BundleConfig, device: Any) -> Any:
+    """The relay-aware calibration of ``config``: its prompts (a count of world prompts or the user's list), sampler and
+    guidance, the last two defaulting to the family's (its scheduler; its default guidance, else 5)."""
+    from relaydiff.quantize.calibration import CalibrationConfig
+
+    listed = config.calibration_prompts if isinstance(config.calibration_prompts, tuple) else ()
+    return CalibrationConfig(relay_steps=(config.relay_step,), steps=config.steps,
+                             prompts=len(listed) if listed else int(config.calibration_prompts), prompt_list=listed,
+                             sampler=config.calibration_sampler or family_sampler(device),
+                             guidance_scale=float(config.calibration_guidance or family_guidance(device)))
+
+
+def family_sampler(device: Any) -> str:
+    """The relaydiff sampler of the family's scheduler config (its ``_class_name``), else ddim."""
+    from relaydiff.core.schedulers import SAMPLERS
+
+    cls = dict(device.scheduler_config).get("_class_name")
+    return next((s.name for s in SAMPLERS.values() if s.class_name == cls and not s.overrides), "ddim")
+
+
+def family_guidance(device: Any) -> float:
+    """The family's default guidance scale (``family.json``: ``guidance_scale``), else 5.0 (the relay's default)."""
+    path = Path(device.ref.root) / "family.json"
+    try:
+        g = json.loads(path.read_text()).get("guidance_scale") if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        g = None
+    return float(g) if isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g) and g > 1 else 5.0
+
+
+def _trained(device: Any) -> str | None:
+    """Why the family cannot be scored for prompt accuracy (random weights), else None."""
+    path = Path(device.ref.root) / "family.json"
+    try:
+        info = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        info = {}
+    if info.get("random_weights") or "training" not in info:
+        return "the family has random weights (family.json: no 'training' record): prompt accuracy would be vacuous"
+    return None
+
+
+def _gates(host: Any, device: Any, config: BundleConfig, made: Mapping[tuple[str, str, str], tuple[Any, str, dict[str, Any]]],
+           held: Any, accuracy: AccuracyCheck | None, say: Callable[[str], None]) -> dict[tuple[str, str, str], tuple[Gate, ...]]:
+    """The gates of every artifact made (relay figures also go into its parity record)."""
+    out: dict[tuple[str, str, str], tuple[Gate, ...]] = {}
+    untrained = _trained(device)
+    for key, (artifact, _method, parity) in made.items():
+        target, precision, comp = key
+        names = gate_names(target, precision, comp)
+        gates = [per_call_gate(precision, artifact.tolerance, parity)]
+        if "relay_image_psnr_db" not in names:
+            out[key] = tuple(gates)
+            continue
+        decoder_made = made.get((target, precision, "vae_decoder"))
+        unet, decoder = _session(artifact), None if decoder_made is None else _session(decoder_made[0])
+        which = f"{target}/{precision} decoder" if decoder is not None else "torch fp32 decoder"
+        say(f"gate {'/'.join(key)}: relaying {held.prompts} held-out prompts ({which})")
+        from relaydiff.quantize.parity import relay_parity
+
+        figures = relay_parity(host, device, unet, decoder=decoder, config=held).to_json()
+        parity["relay"] = {**figures, "decoder": which}
+        gates.append(relay_gate(precision, figures.get("image_psnr_db"),
+                                f"worst of {held.prompts} held-out relays at k = {config.relay_step} of {config.steps}, {which}"))
+        if "prompt_accuracy_points" in names:
+            if untrained is not None or accuracy is None:
+                gates.append(accuracy_gate(None, None, 0, untrained or "no scorer given (library call without AccuracyCheck)"))
+            else:
+                from relaydiff.quantize.parity import relay_images
+
+                prompts = accuracy.prompts[: config.accuracy_prompts]
+                say(f"gate {'/'.join(key)}: prompt accuracy over {len(prompts)} prompts")
+                ref, got = relay_images(host, device, unet, decoder, prompts, config.relay_step, config.steps)
+                score = [100.0 * float(np.mean([accuracy.correct(im, p) for im, p in zip(ims, prompts, strict=True)])) for ims in (ref, got)]
+                gates.append(accuracy_gate(score[0], score[1], len(prompts), f"{which}, seeds 0..{len(prompts) - 1}"))
+        out[key] = tuple(gates)
+    return out
+
+
+def _session(artifact: Any) -> Any:
+    from relaydiff.runtime.sessions import ArtifactSession
+
+    sig = artifact.signature
+    return ArtifactSession(artifact.path, artifact.exporter, [s.name for s in sig.inputs], [s.name for s in sig.outputs])
+
+
+def _loop_steps(device: Any, config: BundleConfig) -> tuple[LoopStep, ...]:
+    """The device calls with their DDIM constants (a teacher: every grid step, so any hand-off k finishes; a student: its jumps
+    from the bundle's k), as diffusers' DDIMScheduler.step
+    computes them (a_prev at t - num_train_timesteps // N, final_alpha_cumprod below 0) or, for a student, its jumps.
+
+    Raises:
+        BundleError: the family's schedule is one the device loop does not describe (not epsilon, clipping, thresholding).
+    """
+    import torch
+
+    from relaydiff.core.schedulers import build_scheduler
+
+    sc = dict(device.scheduler_config)
+    unsupported = [f"{k}={sc.get(k)!r}" for k, ok in (("prediction_type", sc.get("prediction_type", "epsilon") == "epsilon"),
+                                                      ("clip_sample", not sc.get("clip_sample")), ("thresholding", not sc.get("thresholding")))
+                   if not ok]
+    if unsupported:
+        raise BundleError(f"the family's scheduler has {', '.join(unsupported)}; a bundle's device loop is DDIM on epsilon "
+                          "predictions without clipping or thresholding")
+    scheduler = build_scheduler("ddim", sc)
+    scheduler.set_timesteps(config.steps)
+    ts = [int(t) for t in scheduler.timesteps]
+    ac = scheduler.alphas_cumprod.float()
+    final = float(torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32))
+    info = device.student
+    if info is None:
+        gap = scheduler.config.num_train_timesteps // config.steps
+        return tuple(LoopStep(i, ts[i], float(ac[ts[i]]), float(ac[ts[i] - gap]) if ts[i] - gap >= 0 else final)
+                     for i in range(config.steps))  # every step: a hand-off at any k finishes from the same table
+    from relaydiff.core.student import coarse_indices, jump_alphas, lcm_scalings
+
+    idx = coarse_indices(config.steps, config.relay_step, info.student_steps)
+    lcm = info.parametrization == "lcm" and info.timestep_scaling is not None and info.sigma_data is not None
+    steps = []
+    for i, (t, a_t, a_s) in zip(idx, jump_alphas(torch.tensor(ts), idx, sc), strict=True):
+        c = tuple(float(v) for v in lcm_scalings(float(t), info.timestep_scaling, info.sigma_data)) if lcm else (None, None)
+        steps.append(LoopStep(i, t, a_t, a_s, *c))
+    return tuple(steps)
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.json",
+                   "added_tokens.json")  # the text files transformers' CLIP tokenizers read; nothing pickled
+
+
+def _copy_tokenizer(device: Any, root: Path, out: Path) -> TokenizerSection:
+    """Copy the family's tokenizer files into ``out/tokenizer`` and describe them.
+
+    Raises:
+        BundleError: the family has no tokenizer folder with those files.
+    """
+    src = root / "tokenizer"
+    files = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
+    if not files:
+        raise BundleError(f"the family has no tokenizer files in '{src.name}/' (expected some of {', '.join(TOKENIZER_FILES)})")
+    dst = out / "tokenizer"
+    dst.mkdir()
+    for f in files:
+        shutil.copyfile(f, dst / f.name)
+    tok = device.tokenizer
+    return TokenizerSection("tokenizer", type(tok).__name__, int(tok.model_max_length), tuple(_entry(out, dst / f.name) for f in files))
+
+
+MACOS_FOR_IOS = {"iOS17": "macOS 14", "iOS18": "macOS 15"}  # coremltools' deployment targets: the same ML Program spec version
+
+
+def _requirements(config: BundleConfig, versions: Mapping[str, str]) -> tuple[RuntimeRequirement, ...]:
+    """What a device needs per target: the runtime at least as new as the one the bundle was built and checked with."""
+    out = []
+    if "onnx" in config.targets:
+        v = versions.get("onnxruntime", "unknown")
+        out.append(RuntimeRequirement("onnx", "onnxruntime", f">= {v}", v, ("CPUExecutionProvider",),
+                                      "the .ort files (ORT Mobile) need an onnxruntime build with the operators in their "
+                                      "<name>.required_operators.config (a reduced-operator build from those files, or the full "
+                                      "package); the W8A16 unet_step runs as QDQ around float kernels"))
+    if "executorch" in config.targets:
+        v = versions.get("executorch", "unknown")
+        out.append(RuntimeRequirement("executorch", "executorch", f">= {v}", v, ("XnnpackBackend",),
+                                      "link the XNNPACK backend and the portable kernels of the ops outside its delegates "
+                                      "(each .pte's metadata JSON lists them: ops_outside_delegates)"))
+    if "coreml" in config.targets:
+        out.append(RuntimeRequirement("coreml", "coreml", f"{config.coreml_target} / {MACOS_FOR_IOS.get(config.coreml_target, '?')}",
+                                      f"coremltools {versions.get('coremltools', 'unknown')}", ("mlprogram",),
+                                      "ML Program (.mlpackage); INT8 weights decompress through constexpr ops, fp16 compute"))
+    return tuple(out)
 
 
 def _make(
@@ -340,15 +602,6 @@ def _measure(target: str, artifact: Any, fixture: Mapping[str, np.ndarray]) -> d
     except RuntimeUnavailableError as exc:
         return {"run": False, "reason": str(exc)}
     return fixture_parity(got, fixture, artifact.tolerance)
-
-
-def _relay_figures(host: Any, device: Any, artifact: Any, config: BundleConfig, held: Any) -> dict[str, Any]:
-    from relaydiff.quantize.parity import relay_parity
-    from relaydiff.runtime.sessions import ArtifactSession
-
-    sig = artifact.signature
-    run = ArtifactSession(artifact.path, artifact.exporter, [s.name for s in sig.inputs], [s.name for s in sig.outputs])
-    return relay_parity(host, device, run, config=held).to_json()
 
 
 def _tensor(spec: Any) -> TensorEntry:

@@ -19,13 +19,14 @@ import numpy as np
 
 from relaydiff.core.metrics import Tolerance
 from relaydiff.export.base import Registry, Signature, TensorSpec, UnknownNameError, torch_reference
+from relaydiff.runtime.gates import FP32_MAX_ABS
 
 if TYPE_CHECKING:
     import torch
 
     from relaydiff.core.family import LoadedModel
 
-FP32 = Tolerance(max_abs=1e-3)  # the fp32 bar: the denoiser output within 1e-3 of torch
+FP32 = Tolerance(max_abs=FP32_MAX_ABS)  # the fp32 bar: the denoiser output within 1e-3 of torch (relaydiff.runtime.gates)
 FP16 = Tolerance(min_psnr_db=35.0)  # fp16 (CoreML): apple/ml-stable-diffusion's PSNR floor
 
 

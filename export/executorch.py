@@ -57,7 +57,8 @@ class Lowering:
                 delegates += 1
             elif target not in ("getitem", "alloc"):  # alloc: memory planning, not an op
                 left[target] += 1
-        return {"delegate_calls": delegates, "ops_outside_delegates": dict(sorted(left.items()))}
+        # a list of records (not a mapping keyed by op name, nor a repr): every value is plain JSON a reader can iterate
+        return {"delegate_calls": delegates, "ops_outside_delegates": [{"op": op, "count": n} for op, n in sorted(left.items())]}
 
 
 @register_exporter

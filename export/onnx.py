@@ -182,6 +182,11 @@ def convert_to_ort(path: Path) -> dict[str, Path]:
     config = path.with_suffix(".required_operators.config")
     if not ort_path.is_file():
         raise ExportError(f"the ORT converter wrote no '{ort_path}':\n{log.getvalue()}")
+    if config.is_file():  # its header names the source models by absolute path: keep the file name only
+        text = config.read_text()
+        for folder in {str(path.parent.resolve()), str(path.parent.absolute()), str(path.parent)}:
+            text = text.replace(folder.rstrip("/") + "/", "")
+        config.write_text(text)
     return {"ort": ort_path, "ort_config": config}
 
 

@@ -48,6 +48,7 @@ class CalibrationConfig:
     sampler: str = "ddim"  # relaydiff sampler name
     guidance_scale: float = 5.0  # classifier-free guidance scale (must be > 1: unet_step has CFG inside; a student ignores it)
     seed: int = 0  # seed of the first trajectory's initial noise; prompt i uses seed + i
+    prompt_list: tuple[str, ...] = ()  # the user's own prompts (e.g. bundle build --calibration-prompts FILE); () = world prompts
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -60,6 +61,8 @@ class CalibrationConfig:
             for k in self.relay_steps:
                 if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.steps:
                     raise RelaydiffError(f"relay step {k!r} is outside [0, {self.steps}) (steps = {self.steps})")
+        if self.prompt_list and len(self.prompt_list) != self.prompts:
+            raise RelaydiffError(f"prompts ({self.prompts}) must be the length of prompt_list ({len(self.prompt_list)})")
         if isinstance(self.prompts, bool) or not isinstance(self.prompts, int) or self.prompts < 1:
             raise RelaydiffError(f"prompts must be a positive integer, got {self.prompts!r}")
         if not self.guidance_scale > 1.0:
@@ -72,6 +75,12 @@ class CalibrationConfig:
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        listed = data.pop("prompt_list")  # the user's prompts are summarised, not copied into every manifest entry
+        data["prompt_source"] = "list" if listed else "world"
+        if listed:
+            import hashlib
+
+            data["prompt_list_sha256"] = hashlib.sha256("\n".join(listed).encode()).hexdigest()
         data["relay_steps"] = list(self.relay_steps)
         data["device_steps"] = list(self.device_steps)
         return data
@@ -138,7 +147,8 @@ def hand_offs(host: LoadedModel, device: LoadedModel, config: CalibrationConfig)
 
     ks = sorted(set(config.relay_steps)) if config.mode == "relay" else [0]
     first = host if config.mode == "relay" else device
-    for i, prompt in enumerate(sample_prompts(config.prompt_seed, config.prompts)):
+    prompts = list(config.prompt_list) if config.prompt_list else sample_prompts(config.prompt_seed, config.prompts)
+    for i, prompt in enumerate(prompts):
         req = RelayRequest(prompt=prompt, relay_step=ks[0], steps=config.steps, sampler=config.sampler,
                            guidance_scale=config.guidance_scale, seed=config.seed + i)
         for _k, (state, _s) in sorted(snapshots(first, req, ks).items()):

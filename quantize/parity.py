@@ -124,3 +124,25 @@ def artifact_side(device: LoadedModel, unet: Runner) -> RelaySide:
 def is_student(model: Any) -> bool:
     """True when ``model`` is a distilled student (its ``unet_step`` artifacts take one conditional pass)."""
     return getattr(model, "student", None) is not None
+
+
+def relay_images(host: LoadedModel, device: LoadedModel, unet: Runner, decoder: Runner | None, prompts: list[str] | tuple[str, ...],
+                 relay_step: int, steps: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(torch fp32 images, artifact images), uint8 HWC, of one relay per prompt (seed = its index) from the same host hand-off.
+
+    The artifact side runs ``unet`` (and ``decoder``, else the torch decoder) through ``relay.resume``; this is what
+    the prompt-accuracy gate (``relaydiff.runtime.gates``) scores.
+    """
+    from relaydiff.core.relay import RelayRequest, decode, resume, snapshots
+
+    ref_images, art_images = [], []
+    for i, prompt in enumerate(prompts):
+        state, _ = snapshots(host, RelayRequest(prompt, relay_step=relay_step, steps=steps, seed=i), [relay_step])[relay_step]
+        ref_images.append(decode(device, resume(device, state).latents)[0])
+        latents = resume(artifact_side(device, unet), state).latents
+        if decoder is None:
+            art_images.append(decode(device, latents)[0])
+        else:
+            image = decoder({"latent": latents.float().numpy()})["image"][0]
+            art_images.append((np.transpose(image, (1, 2, 0)) * 255).round().astype(np.uint8))
+    return ref_images, art_images

@@ -154,11 +154,11 @@ class BundleBackend:
     timestep grid when it uses the bundle's sampler and N), then steps [k, N) run through
     ``relay.resume`` with the artifact as the denoiser and the final latent goes through the artifact decoder.
 
-    Device-only generation (``begin``/``encode_prompt``) needs a tokenizer, which bundles do not carry:
-    it is read from the bundle's family folder (``family_dir``, else the folder recorded in the bundle
-    when its config hash still matches). The text encoder is the bundle's ``text_encoder`` artifact
-    when it has one, else the family's torch text encoder. Without a family folder the backend finishes
-    relays only, and ``begin`` raises.
+    Device-only generation (``begin``/``encode_prompt``) needs a tokenizer and a text encoder: the bundle's own
+    (``tokenizer/`` and its ``text_encoder`` artifact), so a bundle alone generates. A bundle without a
+    ``text_encoder`` artifact takes the family's torch text encoder from the family folder (``family_dir``,
+    else the folder recorded in the bundle when its config hash still matches); without one it finishes
+    relays only, and ``begin`` raises. An artifact the build marked ``failed`` is refused by name.
     """
 
     TARGET = ""  # set by the registered subclasses
@@ -230,26 +230,39 @@ class BundleBackend:
         denoiser = ArtifactDenoiser(self._guarded(self._unet), spec, self.embeds_shape[2], distilled=self.distilled)
         self.side = RelaySide(denoiser, scheduler_config, self.family_id, image_h // self.latent_shape[2],
                               None if student is None else student.spec)
-        family = find_family(root, manifest, Path(family_dir) if family_dir is not None else None)
+        text_entry = entries.get("text_encoder")
+        needs_family = manifest.tokenizer is None or text_entry is None
+        family = find_family(root, manifest, Path(family_dir) if family_dir is not None else None) \
+            if needs_family or family_dir is not None else None
         self._tokenizer: Any = None
         self._text_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
-        if family is not None:
-            self._tokenizer, self._text_encoder = self._text_side(family, entries.get("text_encoder"), threads)
+        if family is not None or not needs_family:
+            self._tokenizer, self._text_encoder = self._text_side(family, text_entry, threads)
 
-    def _text_side(self, family: Path, entry: ArtifactEntry | None, threads: int) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor]]:
-        """(tokenizer, token ids -> embeddings): the family's tokenizer, the bundle's text encoder (else the family's torch one)."""
+    def _text_side(self, family: Path | None, entry: ArtifactEntry | None,
+                   threads: int) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor]]:
+        """(tokenizer, token ids -> embeddings): the bundle's tokenizer (else the family's), the bundle's text encoder
+        (else the family's torch one)."""
         import transformers
 
         from relaydiff.core.family import read_json
-        from relaydiff.runtime.bundle import open_session
+        from relaydiff.runtime.bundle import BundleError, open_session
 
-        index = read_json(family / "model_index.json")
+        index = read_json(family / "model_index.json") if family is not None else {}
 
         def cls(key: str, default: str) -> Any:  # the library class model_index.json names, as relaydiff.core.family.load reads it
             spec = index.get(key)
             return getattr(transformers, spec[1] if isinstance(spec, list) and len(spec) == 2 else default)
 
-        tokenizer = cls("tokenizer", "CLIPTokenizer").from_pretrained(str(family), subfolder="tokenizer", local_files_only=True)
+        packed = self.manifest.tokenizer
+        if packed is not None:  # verified files (text only: vocab, merges, configs), loaded by the class the manifest names
+            tok_cls = getattr(transformers, packed.tokenizer_class, None)
+            if tok_cls is None or not packed.tokenizer_class.endswith(("Tokenizer", "TokenizerFast")):
+                raise BundleError(f"the bundle's tokenizer class {packed.tokenizer_class!r} is not a transformers tokenizer")
+            tokenizer = tok_cls.from_pretrained(str(self.root / packed.folder), local_files_only=True)
+        else:
+            assert family is not None
+            tokenizer = cls("tokenizer", "CLIPTokenizer").from_pretrained(str(family), subfolder="tokenizer", local_files_only=True)
         if entry is not None:
             session = self._guarded(open_session(self.root, entry, threads=threads))
 
@@ -258,6 +271,7 @@ class BundleBackend:
                 return torch.from_numpy(np.ascontiguousarray(out))
 
             return tokenizer, artifact
+        assert family is not None  # needs_family: no text_encoder artifact
         encoder = cls("text_encoder", "CLIPTextModel").from_pretrained(str(family), subfolder="text_encoder", local_files_only=True)
         encoder = encoder.eval().requires_grad_(False)
         return tokenizer, lambda ids: encoder(ids)[0]
@@ -355,7 +369,7 @@ class BundleBackend:
 
     def _no_text(self, what: str) -> RelaydiffError:
         return RelaydiffError(
-            f"cannot {what}: bundle '{self.root}' carries no tokenizer and its family folder was not found; pass "
+            f"cannot {what}: bundle '{self.root}' carries no text encoder (or no tokenizer) and its family folder was not found; pass "
             f"family_dir= (--family) with family {self.family_id} to generate without a host"
         )
 

@@ -37,7 +37,9 @@ from relaydiff.runtime.manifest import (  # noqa: F401  (re-exported: what a bun
     load_schema,
     read_manifest,
     schema_problems,
+    version_problem,
 )
+from relaydiff.runtime.gates import recheck
 from relaydiff.runtime.sessions import ArtifactSession, RuntimeUnavailableError
 
 TARGETS = ("onnx", "coreml", "executorch")
@@ -86,8 +88,29 @@ def runnable_files(entry: ArtifactEntry) -> list[str]:
     return entry.runnable_files()
 
 
-def open_session(root: Path, entry: ArtifactEntry, file: str | None = None, *, threads: int = 1) -> ArtifactSession:
-    """Load one runnable file of a manifest artifact (default: its primary file)."""
+class FailedArtifactError(BundleError):
+    """An artifact the build marked ``failed`` (``--allow-failing``) was asked to run."""
+
+
+def require_usable(entry: ArtifactEntry) -> None:
+    """Raise FailedArtifactError naming the gates a ``failed`` artifact missed."""
+    if entry.status == "failed":
+        missed = "; ".join(g.describe() for g in entry.failed_gates()) or "status 'failed'"
+        raise FailedArtifactError(f"artifact {entry.name} ({entry.file}) failed its build gates ({missed}); the bundle was built "
+                                  "with --allow-failing: rebuild it (e.g. with more --calibration-prompts) or use another "
+                                  "target or precision")
+
+
+def open_session(root: Path, entry: ArtifactEntry, file: str | None = None, *, threads: int = 1,
+                 allow_failed: bool = False) -> ArtifactSession:
+    """Load one runnable file of a manifest artifact (default: its primary file).
+
+    Raises:
+        FailedArtifactError: the artifact is marked ``failed`` and ``allow_failed`` is off (conformance tools measure
+            failed artifacts; nothing that serves images runs one).
+    """
+    if not allow_failed:
+        require_usable(entry)
     target = "onnx" if (file or entry.file).endswith(".ort") else entry.target
     return ArtifactSession(root / (file or entry.file), target, [t.name for t in entry.inputs], [t.name for t in entry.outputs],
                            threads=threads)
@@ -168,14 +191,25 @@ class VerifyReport:
     checked_files: int = 0
     parity: list[dict[str, Any]] = field(default_factory=list)  # one row per artifact: target, precision, component, figures
     manifest: Manifest | None = None  # the manifest read, once it matched its schema
+    gates: list[dict[str, Any]] = field(default_factory=list)  # one row per artifact: its status and recorded gates
 
     @property
     def ok(self) -> bool:
+        """The bundle is intact (hashes, schema, listed files, parity re-run); gate failures are :attr:`gates_ok`."""
         return not self.problems
 
+    @property
+    def failed_artifacts(self) -> list[str]:
+        return [row["artifact"] for row in self.gates if row["status"] == "failed"]
+
+    @property
+    def gates_ok(self) -> bool:
+        return not self.failed_artifacts
+
     def to_json(self) -> dict[str, Any]:
-        return {"bundle": str(self.bundle), "ok": self.ok, "problems": self.problems, "checked_files": self.checked_files,
-                "parity": self.parity}
+        return {"bundle": str(self.bundle), "ok": self.ok, "gates_ok": self.gates_ok, "problems": self.problems,
+                "checked_files": self.checked_files, "parity": self.parity, "gates": self.gates,
+                "failed_artifacts": self.failed_artifacts}
 
 
 def verify(folder: str | Path, *, parity: bool = True) -> VerifyReport:
@@ -193,6 +227,9 @@ def verify(folder: str | Path, *, parity: bool = True) -> VerifyReport:
         report.problems.append(f"{MANIFEST_HASH}: missing")
     elif hash_file.read_text().split()[:1] != [hashlib.sha256(text).hexdigest()]:
         report.problems.append(f"{MANIFEST}: content does not match {MANIFEST_HASH} (the manifest was modified)")
+    old = version_problem(raw)
+    if old is not None:
+        raise BundleError(f"'{root / MANIFEST}': {old}")
     schema_errs = schema_problems(raw)
     report.problems += [f"{MANIFEST}: schema: {e}" for e in schema_errs]
     if schema_errs:
@@ -215,11 +252,37 @@ def verify(folder: str | Path, *, parity: bool = True) -> VerifyReport:
         if digest != e.sha256:
             report.problems.append(f"{e.file}: sha256 {digest[:16]}... differs from the manifest's {e.sha256[:16]}...")
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p not in listed and not any(d in listed for d in p.parents):
+        if p.parent == root and p.suffix == ".zip" and p.is_file():
+            _check_archive(p, text, report)  # the bundle's own zip (build writes <folder>/<folder name>.zip)
+        elif p.is_file() and p not in listed and not any(d in listed for d in p.parents):
             report.problems.append(f"{p.relative_to(root).as_posix()}: not listed in the manifest")
+    for art in manifest.artifacts:
+        wrong = art.status_problem()
+        if wrong:
+            report.problems.append(wrong)
+        report.problems += [f"{art.file}: {p}" for p in recheck(art.gates)]
+        report.gates.append({"artifact": art.name, "file": art.file, "status": art.status, "gates": [g.to_json() for g in art.gates]})
     if parity and report.ok:
         _verify_parity(root, manifest, report)
     return report
+
+
+def _check_archive(path: Path, manifest_text: bytes, report: VerifyReport) -> None:
+    """A zip at the bundle's top level must be this bundle: its manifest.json byte-identical to the folder's."""
+    import zipfile
+
+    name = path.name
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+            if MANIFEST not in names:
+                report.problems.append(f"{name}: a zip without {MANIFEST} (not this bundle's archive)")
+            elif z.getinfo(MANIFEST).file_size > MAX_MANIFEST_BYTES or z.read(MANIFEST) != manifest_text:
+                report.problems.append(f"{name}: its {MANIFEST} differs from the folder's (an archive of another build)")
+            elif any(n.endswith(".zip") for n in names):
+                report.problems.append(f"{name}: holds a zip (the archive must not contain itself)")
+    except zipfile.BadZipFile as exc:
+        report.problems.append(f"{name}: not a zip file ({exc})")
 
 
 def _inside(root: Path, rel: str) -> Path | None:
@@ -242,7 +305,7 @@ def _verify_parity(root: Path, manifest: Manifest, report: VerifyReport) -> None
             continue
         inputs = {k[len("input."):]: v for k, v in fixture.items() if k.startswith("input.")}
         try:
-            got = open_session(root, art)(inputs)
+            got = open_session(root, art, allow_failed=True)(inputs)  # verify measures failed artifacts too
         except RuntimeUnavailableError as exc:
             row["run"] = False
             row["reason"] = str(exc)

@@ -16,9 +16,10 @@ from typing import Any
 from relaydiff.core.errors import RelaydiffError
 from relaydiff.core.metrics import Tolerance
 from relaydiff.core.student import STUDENT_FORMAT, StudentSpec
+from relaydiff.runtime.gates import Gate, status_of
 
 FORMAT = "relaydiff-bundle"
-VERSION = 1
+VERSION = 2  # 2: per-artifact gates and status, the tokenizer, device_loop and runtime requirements
 MANIFEST = "manifest.json"
 MANIFEST_HASH = "manifest.sha256"
 MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB: a manifest of 64 artifacts is ~100 KiB
@@ -38,6 +39,15 @@ class BundleError(RelaydiffError):
 def load_schema() -> dict[str, Any]:
     data: dict[str, Any] = json.loads(SCHEMA_PATH.read_text())
     return data
+
+
+def version_problem(manifest: Any) -> str | None:
+    """Why a manifest of another format version cannot be read (the schema's own message would not say "rebuild"), else None."""
+    if not isinstance(manifest, Mapping) or manifest.get("format") != FORMAT or manifest.get("version") == VERSION:
+        return None
+    got = manifest.get("version")
+    return (f"bundle manifest format version {got!r}; this relaydiff reads version {VERSION}: rebuild the bundle with "
+            "`relaydiff bundle build` (version 2 added per-artifact gates, the tokenizer, device_loop and runtime requirements)")
 
 
 def schema_problems(manifest: Any, schema: Mapping[str, Any] | None = None) -> list[str]:
@@ -127,10 +137,19 @@ class ArtifactEntry:
     parity: Mapping[str, Any]  # figures measured at build time
     method: str | None = None  # how it was made, in words
     compute_precision: str | None = None  # CoreML: the compute precision of its ops
+    gates: tuple[Gate, ...] = ()  # the bars of relaydiff.runtime.gates, measured at build time
+    status: str = "unmeasured"  # "passed", "failed" (built with --allow-failing; the runtime refuses it) or "unmeasured"
 
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.target, self.precision, self.component)
+
+    @property
+    def name(self) -> str:
+        return "/".join(self.key)
+
+    def failed_gates(self) -> list[Gate]:
+        return [g for g in self.gates if g.passed is False]
 
     def input(self, name: str) -> TensorEntry | None:
         return next((t for t in self.inputs if t.name == name), None)
@@ -152,6 +171,7 @@ class ArtifactEntry:
             "component": self.component, "inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],
             "extra_files": [e.to_json() for e in self.extra_files], "tolerance": self.tolerance.to_json(),
             "calibration": None if self.calibration is None else dict(self.calibration), "parity": dict(self.parity),
+            "gates": [g.to_json() for g in self.gates], "status": self.status,
         }
         if self.method is not None:
             data["method"] = self.method
@@ -168,7 +188,13 @@ class ArtifactEntry:
             extra_files=tuple(FileEntry.from_json(e) for e in data["extra_files"]),
             tolerance=Tolerance.from_json(data["tolerance"]), calibration=data["calibration"], parity=data["parity"],
             method=data.get("method"), compute_precision=data.get("compute_precision"),
+            gates=tuple(Gate.from_json(g) for g in data["gates"]), status=data["status"],
         )
+
+    def status_problem(self) -> str | None:
+        """Why the recorded status is not what the recorded gates give (a hand-edited manifest), else None."""
+        want = status_of(self.gates)
+        return None if want == self.status else f"{self.file}: status {self.status!r} but its gates give {want!r}"
 
 
 @dataclass(frozen=True)
@@ -297,6 +323,121 @@ class SkippedEntry:
 
 
 @dataclass(frozen=True)
+class TokenizerSection:
+    """The family's tokenizer, copied into the bundle (device-only generation needs it)."""
+
+    folder: str  # bundle-relative folder, loadable with transformers' ``<class>.from_pretrained``
+    tokenizer_class: str  # e.g. "CLIPTokenizer"
+    max_length: int  # token ids are padded / truncated to this length
+    files: tuple[FileEntry, ...]
+    uncond_prompt: str = ""  # the prompt whose embeddings are the unconditional half of CFG
+
+    def to_json(self) -> dict[str, Any]:
+        return {"folder": self.folder, "class": self.tokenizer_class, "max_length": self.max_length,
+                "files": [f.to_json() for f in self.files], "uncond_prompt": self.uncond_prompt, "input_ids_dtype": "int32"}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TokenizerSection:
+        return cls(data["folder"], data["class"], data["max_length"], tuple(FileEntry.from_json(f) for f in data["files"]),
+                   data.get("uncond_prompt", ""))
+
+
+@dataclass(frozen=True)
+class LoopStep:
+    """One device denoiser call: grid index, timestep and the DDIM constants of its update."""
+
+    index: int  # index into the timestep grid
+    timestep: int
+    alpha_cumprod: float  # a_t = alphas_cumprod[t]
+    alpha_cumprod_prev: float  # a_prev: alphas_cumprod of the timestep the update lands on (final_alpha_cumprod after the last)
+    c_skip: float | None = None  # LCM-parametrized students: f = c_skip * x + c_out * x0 (None: eps used as is)
+    c_out: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"index": self.index, "timestep": self.timestep, "alpha_cumprod": self.alpha_cumprod,
+                                "alpha_cumprod_prev": self.alpha_cumprod_prev}
+        if self.c_skip is not None:
+            data.update(c_skip=self.c_skip, c_out=self.c_out)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LoopStep:
+        return cls(data["index"], data["timestep"], data["alpha_cumprod"], data["alpha_cumprod_prev"], data.get("c_skip"), data.get("c_out"))
+
+
+DDIM_UPDATE = ("x0 = (x - sqrt(1 - a_t) * eps) / sqrt(a_t); x = sqrt(a_prev) * x0 + sqrt(1 - a_prev) * eps "
+               "(DDIM, eta = 0; no clipping, no thresholding; scale_model_input is the identity)")
+LCM_EPS = ("x0 = (x - sqrt(1 - a_t) * eps) / sqrt(a_t); f = c_skip * x + c_out * x0; eps = (x - sqrt(a_t) * f) / sqrt(1 - a_t), "
+           "before the update")
+CFG_FORMULA = "eps = eps_uncond + g * (eps_cond - eps_uncond), computed inside unet_step"
+
+
+@dataclass(frozen=True)
+class DeviceLoop:
+    """Everything the device half needs to finish a hand-off with the bundle's artifacts, without a diffusers scheduler.
+
+    From a hand-off at grid step k (latent x, conditional and unconditional text embeddings, guidance g):
+    for each step in ``steps`` with index >= k (the first must be k), eps = unet_step(sample=x, timestep=[t], text_embeds=[uncond, cond],
+    guidance_scale=[g]) (a student: text_embeds = cond only, no guidance input), then ``update``; finally
+    image = vae_decoder(latent=x) (scaling, shift and the [-1, 1] -> [0, 1] map are inside the decoder).
+    """
+
+    sampler: str  # "ddim"
+    prediction_type: str  # "epsilon"
+    timesteps: tuple[int, ...]  # the whole N-step grid (a relay state carries the same)
+    steps: tuple[LoopStep, ...]  # teacher: every grid step (a hand-off at k runs those with index >= k); student: its jumps from k
+    inputs: tuple[TensorEntry, ...]  # unet_step's inputs (names, dtypes, shapes)
+    cfg: bool  # unet_step takes [uncond, cond] embeddings and a guidance scale
+    update: str = DDIM_UPDATE
+    eps_transform: str | None = None  # LCM_EPS for an LCM-parametrized student
+    decode_input: str = "latent"
+    decode_output: str = "image"  # (1, 3, H, W) float32 in [0, 1]; uint8 HWC = round(image[0].transpose(1, 2, 0) * 255)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "sampler": self.sampler, "prediction_type": self.prediction_type, "eta": 0.0, "timesteps": list(self.timesteps),
+            "steps": [s.to_json() for s in self.steps], "update": self.update,
+            "unet_step": {"inputs": [t.to_json() for t in self.inputs], "output": "noise_pred",
+                          "timestep": "the step's timestep as float32, shape (1,)"},
+            "cfg": ({"order": ["uncond", "cond"], "input": "text_embeds", "guidance_input": "guidance_scale", "formula": CFG_FORMULA}
+                    if self.cfg else None),
+            "decode": {"input": self.decode_input, "output": self.decode_output,
+                       "formula": "image = clamp(vae.decode(latent / vae_scaling_factor + vae_shift_factor) / 2 + 0.5, 0, 1), "
+                                  "inside vae_decoder (latent.vae_scaling_factor / vae_shift_factor are the constants)",
+                       "to_uint8": "round(image[0].transpose(1, 2, 0) * 255)"},
+        }
+        if self.eps_transform is not None:
+            data["eps_transform"] = self.eps_transform
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> DeviceLoop:
+        return cls(data["sampler"], data["prediction_type"], tuple(data["timesteps"]), tuple(LoopStep.from_json(s) for s in data["steps"]),
+                   tuple(TensorEntry.from_json(t) for t in data["unet_step"]["inputs"]), data["cfg"] is not None, data["update"],
+                   data.get("eps_transform"), data["decode"]["input"], data["decode"]["output"])
+
+
+@dataclass(frozen=True)
+class RuntimeRequirement:
+    """What a device needs to run one target's artifacts."""
+
+    target: str
+    runtime: str  # "onnxruntime", "executorch" or "coreml"
+    minimum: str  # the oldest runtime version / OS the artifacts are stated to need
+    built_with: str  # the version the artifacts were built and checked with
+    delegates: tuple[str, ...] = ()  # execution providers / backends / kernels the artifacts were lowered for
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": self.target, "runtime": self.runtime, "minimum": self.minimum, "built_with": self.built_with,
+                "delegates": list(self.delegates), "note": self.note}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RuntimeRequirement:
+        return cls(data["target"], data["runtime"], data["minimum"], data["built_with"], tuple(data["delegates"]), data.get("note", ""))
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A bundle's ``manifest.json``."""
 
@@ -309,6 +450,9 @@ class Manifest:
     tools: Mapping[str, str] = field(default_factory=dict)  # package versions of the build
     skipped: tuple[SkippedEntry, ...] = ()
     created: str | None = None
+    tokenizer: TokenizerSection | None = None  # None: built without the family's tokenizer (no text_encoder component)
+    device_loop: DeviceLoop | None = None  # None: no unet_step in the bundle
+    requirements: tuple[RuntimeRequirement, ...] = ()
 
     def artifacts_for(self, target: str, precision: str) -> dict[str, ArtifactEntry]:
         """The artifacts of one target and precision, by component."""
@@ -319,7 +463,7 @@ class Manifest:
 
     def files(self) -> list[FileEntry]:
         """Every file the manifest lists (fixtures, artifacts and their extra files)."""
-        out = list(self.parity_fixtures)
+        out = list(self.parity_fixtures) + (list(self.tokenizer.files) if self.tokenizer is not None else [])
         for a in self.artifacts:
             out += [FileEntry(a.file, a.sha256, a.size), *a.extra_files]
         return out
@@ -329,7 +473,9 @@ class Manifest:
             "format": FORMAT, "version": VERSION, "family": self.family.to_json(), "scheduler": self.scheduler.to_json(),
             "latent": self.latent.to_json(), "relay": self.relay.to_json(), "artifacts": [a.to_json() for a in self.artifacts],
             "parity_fixtures": [e.to_json() for e in self.parity_fixtures], "tools": dict(self.tools),
-            "skipped": [s.to_json() for s in self.skipped],
+            "skipped": [s.to_json() for s in self.skipped], "requirements": [r.to_json() for r in self.requirements],
+            "tokenizer": None if self.tokenizer is None else self.tokenizer.to_json(),
+            "device_loop": None if self.device_loop is None else self.device_loop.to_json(),
         }
         if self.created is not None:
             data["created"] = self.created
@@ -342,6 +488,9 @@ class Manifest:
         Raises:
             BundleError: listing every schema problem.
         """
+        old = version_problem(data)
+        if old is not None:
+            raise BundleError(f"'{where}': {old}")
         problems = schema_problems(data)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -357,6 +506,9 @@ class Manifest:
             artifacts=tuple(ArtifactEntry.from_json(a) for a in data["artifacts"]),
             parity_fixtures=tuple(FileEntry.from_json(e) for e in data["parity_fixtures"]),
             tools=dict(data["tools"]), skipped=tuple(SkippedEntry.from_json(s) for s in data["skipped"]), created=data.get("created"),
+            tokenizer=None if data["tokenizer"] is None else TokenizerSection.from_json(data["tokenizer"]),
+            device_loop=None if data["device_loop"] is None else DeviceLoop.from_json(data["device_loop"]),
+            requirements=tuple(RuntimeRequirement.from_json(r) for r in data["requirements"]),
         )
 
     @classmethod

@@ -25,3 +25,5 @@ def test_executorch_export_matches_torch(exported: Any, device_model: Any, name:
 def test_unet_step_is_mostly_delegated_to_xnnpack(exported: Any) -> None:
     meta = exported("executorch", "unet_step").metadata
     assert meta["delegate_calls"] > 0, meta
+    outside = meta["ops_outside_delegates"]  # plain JSON records, not a mapping or a repr string
+    assert isinstance(outside, list) and all(set(o) == {"op", "count"} and isinstance(o["op"], str) and o["count"] > 0 for o in outside)

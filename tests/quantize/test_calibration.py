@@ -57,3 +57,11 @@ def test_relay_capture_is_the_relay_the_device_runs(calibration_sets: Any, tiny_
     final = resume(device, state).latents
     got = calibration_sets["relay"].for_component("vae_decoder")[0]["latent"]
     assert torch.allclose(final, torch.from_numpy(got), atol=1e-6)
+
+
+def test_hand_offs_use_the_given_prompt_list(tiny_pair: Any) -> None:
+    from relaydiff.quantize.calibration import CalibrationConfig, hand_offs
+
+    listed = ("a red circle", "two green squares")
+    got = [(p, s.step_index) for p, s in hand_offs(*tiny_pair, CalibrationConfig(relay_steps=(2,), steps=4, prompts=2, prompt_list=listed))]
+    assert got == [("a red circle", 2), ("two green squares", 2)]

@@ -1,7 +1,7 @@
 """The ``onnx`` and ``executorch`` device backends: a built bundle finishes relays like the torch backend does.
 
-One tiny ONNX bundle (fp32 and int8; unet_step, vae_decoder, text_encoder; N = 10, k = 3) is built per
-session from the tiny family the host fixtures use, so a host and the bundle share a family id.
+The tiny ONNX bundle of the session (``runtime_bundles``: fp32 and int8; unet_step, vae_decoder, text_encoder;
+N = 10, k = 3) is built from the tiny family the host fixtures use, so a host and the bundle share a family id.
 """
 
 from __future__ import annotations
@@ -22,40 +22,14 @@ from relaydiff.runtime.backends import create_backend
 from relaydiff.runtime.device import DeviceRuntime
 from relaydiff.runtime.settings import GenerationSettings
 
+from runtime_bundles import RELAY, build_bundle
+
 SLOW = pytest.mark.skipif(not os.environ.get("RELAYDIFF_SLOW"), reason="slow (ExecuTorch lowering, ~90 s): set RELAYDIFF_SLOW=1")
-RELAY = {"relay_step": 3, "steps": 10}
-
-
-def _build(family: Path, out: Path, targets: tuple[str, ...], precisions: tuple[str, ...], components: tuple[str, ...]) -> Path:
-    from relaydiff.export.bundle import BundleConfig, build
-
-    config = BundleConfig(family=family, out=out, targets=targets, precisions=precisions, components=components,
-                          calibration_prompts=2, eval_prompts=1, zip=False, **RELAY)
-    build(config, progress=False)
-    return out
-
-
-@pytest.fixture(scope="session")
-def bundle(tiny_family: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    torch.set_num_threads(1)
-    return _build(tiny_family, tmp_path_factory.mktemp("bundle") / "bundle", ("onnx",), ("fp32", "int8"),
-                  ("unet_step", "vae_decoder", "text_encoder"))
 
 
 @pytest.fixture(scope="session")
 def onnx_fp32(bundle: Path):  # type: ignore[no-untyped-def]
     return create_backend("onnx", bundle_dir=bundle, precision="fp32")
-
-
-@pytest.fixture(scope="session")
-def handoff(tiny_pair):  # type: ignore[no-untyped-def]
-    """A host hand-off at the bundle's k and N, and the torch backend's final latent and image from it."""
-    torch_backend = create_backend("torch", model=tiny_pair[1])
-    state = start(tiny_pair[0], RelayRequest("a red circle on a blue field", guidance_scale=5.0, seed=3, **RELAY))
-    latents = torch_backend.finish(state)
-    return state, latents, torch_backend.decode(latents)
 
 
 def _psnr(got: np.ndarray, ref: np.ndarray) -> float:
@@ -131,12 +105,40 @@ def test_a_state_with_other_latent_channels_is_refused(onnx_fp32, handoff) -> No
     assert refused.value.to_json() == [{"field": "family_id", "host": "another-family", "device": onnx_fp32.family_id}]
 
 
-def test_without_its_family_the_bundle_relays_but_cannot_generate_alone(bundle, handoff, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr("relaydiff.runtime.bundle.find_family", lambda *_a, **_k: None)  # as on a phone: no family folder
+def test_without_its_family_the_bundle_generates_alone(bundle, handoff, tiny_pair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """As on a phone: no family folder; the bundle's tokenizer/ and text_encoder artifact encode prompts like the family."""
+    from relaydiff.core.relay import encode_prompt
+
+    monkeypatch.setattr("relaydiff.runtime.bundle.find_family", lambda *_a, **_k: None)
     backend = create_backend("onnx", bundle_dir=bundle)
+    assert backend.finish(handoff[0]).shape == handoff[1].shape
+    got, ref = backend.encode_prompt("a green triangle"), encode_prompt(tiny_pair[1], "a green triangle")
+    assert all(float((g - r).abs().max()) < 1e-4 for g, r in zip(got, ref, strict=True))
+    assert DeviceRuntime(backend).generate(GenerationSettings(steps=4).request("a green triangle", 0)).steps == 4
+
+
+def test_without_tokenizer_or_family_it_relays_but_cannot_generate(bundle, handoff, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An old-style bundle without text_encoder and no family folder: relays only, and begin says why."""
+    import hashlib
+    import json
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["component"] != "text_encoder"]
+    keep = {a["file"] for a in manifest["artifacts"]} | {e["file"] for a in manifest["artifacts"] for e in a["extra_files"]}
+    for p in sorted(copy.rglob("*")):
+        rel = p.relative_to(copy).as_posix()
+        if p.is_file() and "text_encoder" in rel and rel not in keep and not rel.startswith("parity/"):
+            p.unlink()
+    text = json.dumps(manifest)
+    (copy / "manifest.json").write_text(text)
+    (copy / "manifest.sha256").write_text(hashlib.sha256(text.encode()).hexdigest() + "  manifest.json\n")
+    monkeypatch.setattr("relaydiff.runtime.bundle.find_family", lambda *_a, **_k: None)
+    backend = create_backend("onnx", bundle_dir=copy)
     assert DeviceRuntime(backend).steps_per_second() > 0  # the Hello still gets a speed
     assert backend.finish(handoff[0]).shape == handoff[1].shape
-    with pytest.raises(RelaydiffError, match="carries no tokenizer"):
+    with pytest.raises(RelaydiffError, match="family folder was not found"):
         backend.begin(RelayRequest("x", relay_step=0, steps=4))
 
 
@@ -178,7 +180,7 @@ def test_device_command_runs_a_bundle(bundle, service_main, tmp_path: Path, caps
 @SLOW
 def test_executorch_fp32_finishes_a_relay_like_torch(tiny_family, handoff, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("executorch.runtime")
-    folder = _build(tiny_family, tmp_path / "et", ("executorch",), ("fp32",), ("unet_step", "vae_decoder"))
+    folder = build_bundle(tiny_family, tmp_path / "et", ("executorch",), ("fp32",), ("unet_step", "vae_decoder"))
     backend = create_backend("executorch", bundle_dir=folder)
     state, ref_latents, ref_image = handoff
     latents = backend.finish(state)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from relaydiff.core.metrics import Tolerance
-from relaydiff.runtime.manifest import ArtifactEntry, BundleError, Manifest
+from relaydiff.runtime.manifest import LCM_EPS, ArtifactEntry, BundleError, DeviceLoop, LoopStep, Manifest, TensorEntry
 
 SHA = "0" * 64
 
@@ -16,7 +16,7 @@ SHA = "0" * 64
 def _manifest() -> dict[str, Any]:
     tensor = {"name": "sample", "dtype": "float32", "shape": [1, 4, 8, 8]}
     return {
-        "format": "relaydiff-bundle", "version": 1,
+        "format": "relaydiff-bundle", "version": 2,
         "family": {"id": "fam-0123", "config_hash": SHA, "config_files": ["vae/config.json"], "device_variant": "student",
                    "host_variant": "host"},
         "scheduler": {"sampler": "ddim", "steps": 10, "timesteps": list(range(900, -1, -100)), "config": {"beta_schedule": "linear"}},
@@ -32,10 +32,22 @@ def _manifest() -> dict[str, Any]:
                        "outputs": [{**tensor, "name": "noise_pred"}],
                        "extra_files": [{"file": "onnx/fp32/unet_step.ort", "sha256": SHA, "size": 3}],
                        "tolerance": {"max_abs": 0.001, "min_psnr_db": None}, "calibration": None,
-                       "parity": {"run": True, "passed": True}}],
+                       "parity": {"run": True, "passed": True},
+                       "gates": [{"name": "per_call", "op": "<=", "bar": 0.001, "measured": 2e-06, "passed": True,
+                                  "note": "on the bundle's parity fixture"},
+                                 {"name": "relay_image_psnr_db", "op": ">=", "bar": 50.0, "measured": None, "passed": None,
+                                  "note": "not run"}],
+                       "status": "passed"}],
         "parity_fixtures": [{"file": "parity/unet_step.safetensors", "sha256": SHA, "size": 5, "component": "unet_step"}],
         "tools": {"torch": "2.13.0"},
         "skipped": [{"target": "coreml", "precision": "fp32", "component": "unet_step", "reason": "not asked"}],
+        "requirements": [{"target": "onnx", "runtime": "onnxruntime", "minimum": ">= 1.31.1", "built_with": "1.31.1",
+                          "delegates": ["CPUExecutionProvider"], "note": ""}],
+        "tokenizer": {"folder": "tokenizer", "class": "CLIPTokenizer", "max_length": 7, "uncond_prompt": "", "input_ids_dtype": "int32",
+                      "files": [{"file": "tokenizer/vocab.json", "sha256": SHA, "size": 2}]},
+        "device_loop": DeviceLoop("ddim", "epsilon", tuple(range(900, -1, -100)),
+                                  (LoopStep(3, 600, 0.3, 0.6, 0.1, 0.9), LoopStep(6, 300, 0.6, 0.99, 0.2, 0.8)),
+                                  (TensorEntry.from_json(tensor),), cfg=False, eps_transform=LCM_EPS).to_json(),
     }
 
 
@@ -50,7 +62,42 @@ def test_round_trip_and_typed_fields() -> None:
     student = m.relay.student
     assert student is not None and student.spec.parametrization == "lcm" and student.spec.sigma_data == 0.5
     assert student.step_indices == (3, 6) and m.fixture("unet_step") is not None and m.fixture("vae_decoder") is None
-    assert [e.file for e in m.files()] == ["parity/unet_step.safetensors", "onnx/fp32/unet_step.onnx", "onnx/fp32/unet_step.ort"]
+    assert [e.file for e in m.files()] == ["parity/unet_step.safetensors", "tokenizer/vocab.json", "onnx/fp32/unet_step.onnx",
+                                           "onnx/fp32/unet_step.ort"]
+    assert art.status == "passed" and [g.passed for g in art.gates] == [True, None] and art.status_problem() is None
+    assert m.device_loop is not None and not m.device_loop.cfg and m.device_loop.steps[1].c_out == 0.8
+    assert m.tokenizer is not None and m.tokenizer.max_length == 7 and m.requirements[0].delegates == ("CPUExecutionProvider",)
+
+
+def test_an_old_format_version_asks_for_a_rebuild() -> None:
+    data = _manifest()
+    data["version"] = 1
+    with pytest.raises(BundleError, match=r"format version 1; this relaydiff reads version 2: rebuild the bundle with `relaydiff bundle build`"):
+        Manifest.from_json(data)
+
+
+def test_gates_give_the_status() -> None:
+    import math
+
+    from relaydiff.runtime.gates import Gate, accuracy_gate, per_call_gate, status_of
+
+    ok, bad, unrun = Gate("per_call", "<=", 1e-3, 1e-4), Gate("relay_image_psnr_db", ">=", 30.0, 17.0), Gate("per_call", "<=", 1e-3, None)
+    assert (ok.passed, bad.passed, unrun.passed) == (True, False, None)
+    assert status_of([ok, unrun]) == "passed" and status_of([ok, bad]) == "failed" and status_of([unrun]) == "unmeasured"
+    nan = Gate("per_call", "<=", 1e-3, math.nan)
+    assert nan.passed is False and Gate.from_json(nan.to_json()).passed is False  # non-finite: written as null + failed
+    assert accuracy_gate(50.0, 47.5, 100).passed is False and accuracy_gate(50.0, 49.0, 100).measured == 1.0
+    fig = {"run": True, "passed": True, "noise_pred": {"max_abs": 0.5, "psnr_db": 11.0}}
+    assert per_call_gate("int8", Tolerance(min_psnr_db=12.0), fig).passed is False
+    assert per_call_gate("fp32", Tolerance(max_abs=1e-3), {**fig, "noise_pred": {"max_abs": None, "psnr_db": None}}).passed is False
+    assert per_call_gate("fp32", Tolerance(max_abs=1e-3), {"run": False, "reason": "macOS only"}).note == "macOS only"
+
+
+def test_a_bad_gate_record_is_refused() -> None:
+    data = _manifest()
+    data["artifacts"][0]["status"] = "fine"
+    with pytest.raises(BundleError, match="status"):
+        Manifest.from_json(data)
 
 
 @pytest.mark.parametrize(("path", "value", "expect"), [
