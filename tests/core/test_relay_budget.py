@@ -96,6 +96,7 @@ def test_student_honours_the_budget() -> None:
     calls = _count_deep_passes(student.unet)
     spec = student.student
     state = start(student, RelayRequest("a red circle", relay_step=spec.relay_step, steps=spec.steps, cache_budget=2))
+    calls[0] = 0  # the host steps above ran on this UNet too
     resume(student, state)
     jumps = len(coarse_indices(spec.steps, spec.relay_step, spec.student_steps))
     assert jumps > 2 and calls[0] == 2
