@@ -435,8 +435,9 @@ class BanditPolicy:
             raise TypeError(f"arm must be an Arm, got {type(arm).__name__}")
         self._check_variant(arm.variant)
         if arm.name not in self._arms:
-            raise BanditError(f"arm {arm.name!r}: relay fraction {arm.fraction!r} and budget {arm.budget!r}; expected a fraction "
-                              f"among {list(self.config.fractions)} and a budget among {list(self.config.budgets)}")
+            if arm.fraction not in self.config.fractions:
+                raise BanditError(f"relay fraction is {arm.fraction!r}; expected one of {list(self.config.fractions)}")
+            raise BanditError(f"device budget is {arm.budget!r}; expected one of {list(self.config.budgets)}")
         return self._arms[arm.name]
 
     # -- the Policy protocol ----------------------------------------------------------------

@@ -16,6 +16,7 @@ uniform schedule when the family has no policy. The first device step is always 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,13 +127,27 @@ def torch_cache(model: LoadedModel, *, mechanism: str = DEFAULT_MECHANISM, polic
     """
     from relaydiff.core.caching.policy import check_policy_for, load_policy
 
-    path = policy_path if policy_path is not None else family_policy_path(model.ref.root, mechanism)
-    if policy_path is None and not path.is_file():
-        log.info("family %s has no cache policy at %s: the budget is spent on the uniform schedule", model.family_id, path)
+    key = (mechanism, None if policy_path is None else str(policy_path))
+    known = _CHECKED.setdefault(model.unet, {})
+    if key not in known:  # the check hashes the UNet's weights file: once per loaded model, not once per request
+        path = policy_path if policy_path is not None else family_policy_path(model.ref.root, mechanism)
+        if policy_path is None and not path.is_file():
+            log.info("family %s has no cache policy at %s: the budget is spent on the uniform schedule", model.family_id, path)
+            known[key] = None
+        else:
+            policy, config = load_policy(path)
+            check_policy_for(config, model, str(path))
+            known[key] = (policy, config, str(path))
+    checked = known[key]
+    if checked is None:
         return DeviceCache(TorchCachedStep(model.unet), mechanism)
-    policy, config = load_policy(path)
-    check_policy_for(config, model, str(path))
-    return DeviceCache(TorchCachedStep(model.unet, config.cache_branch), config.mechanism, policy, config, str(path))
+    policy, config, source = checked
+    return DeviceCache(TorchCachedStep(model.unet, config.cache_branch), config.mechanism, policy, config, source)
+
+
+# policies loaded and checked per loaded UNet (weak keys, and values that do not hold the UNet: freed with the model)
+_CHECKED: weakref.WeakKeyDictionary[Any, dict[tuple[str, str | None], tuple[SchedulePolicy, PolicyConfig, str] | None]] = \
+    weakref.WeakKeyDictionary()
 
 
 def device_schedule(cache: DeviceCache, timesteps: torch.Tensor, k: int, budget: int,
