@@ -33,20 +33,19 @@ def counted_pair(tiny_family: Path):  # type: ignore[no-untyped-def]
     return host, device, _count_deep_passes(device.unet)
 
 
-@pytest.mark.parametrize("k, budget", [(2, 3), (4, 4)])
-def test_relay_with_budget_runs_exactly_b_full_passes(counted_pair, k: int, budget: int) -> None:  # type: ignore[no-untyped-def]
+def test_relay_with_budget_runs_exactly_b_full_passes(counted_pair) -> None:  # type: ignore[no-untyped-def]
     host, device, calls = counted_pair
-    req = RelayRequest("a red circle", relay_step=k, steps=8, cache_budget=budget)
+    req = RelayRequest("a red circle", relay_step=2, steps=8, cache_budget=3)
     before = calls[0]
     res = relay(host, device, req)
-    assert calls[0] - before == budget
-    assert RelayState.from_bytes(res.handoff).cache_budget == budget  # the budget crossed the link in the state
-    plain = relay(host, device, replace(req, cache_budget=None))
-    assert calls[0] - before == budget + (8 - k)  # without a budget every device step is full
-    if budget < 8 - k:
-        assert not torch.equal(res.latents, plain.latents)
-    else:
-        torch.testing.assert_close(res.latents, plain.latents, rtol=1e-4, atol=1e-5)  # B = N - k: nothing cached
+    assert calls[0] - before == 3
+    state = RelayState.from_bytes(res.handoff)
+    assert state.cache_budget == 3  # the budget crossed the link in the state
+    plain = resume(device, replace(state, cache_budget=None))
+    assert calls[0] - before == 3 + 6  # without a budget every device step is full
+    assert not torch.equal(res.latents, plain.latents)
+    whole = resume(device, replace(state, cache_budget=6))  # B = N - k: nothing cached
+    torch.testing.assert_close(whole.latents, plain.latents, rtol=1e-4, atol=1e-5)
 
 
 def test_budgeted_resume_matches_the_batched_cached_half(tiny_pair) -> None:  # type: ignore[no-untyped-def]

@@ -72,3 +72,15 @@ def test_bench_cache_prints_the_ratio(cache_bundle: Path, capsys: pytest.Capture
     assert row["cached_over_full"] == pytest.approx(row["cached_ms"] / row["full_ms"], rel=1e-2)
     assert row["budget"] == 4 and row["half_uncached_s"] > 0 and row["half_cached_s"] > 0  # 0.5 x (10 - 3), rounded
     assert any(s["target"] == "executorch" for s in report["skipped"])  # the bundle has no ExecuTorch graphs
+
+
+@pytest.mark.parametrize("kwargs, message", [({"repeats": 0}, "repeats must be an integer >= 1, got 0"),
+                                             ({"budget_fraction": 0.0}, r"budget fraction 0.0 must lie in \(0, 1\]")])
+def test_bench_cache_refuses_bad_settings(tmp_path: Path, kwargs: dict[str, object], message: str) -> None:
+    from relaydiff.core.errors import RelaydiffError
+    from relaydiff.export.bench_cache import CacheBenchConfig, bench_cache
+
+    with pytest.raises(RelaydiffError, match=message):
+        CacheBenchConfig(bundle=tmp_path, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(RelaydiffError, match="not a bundle folder"):
+        bench_cache(CacheBenchConfig(bundle=tmp_path))
