@@ -295,8 +295,8 @@ class BanditPolicy:
 
     Use :meth:`choose_arm` / :meth:`record` directly (simulations), or let the
     :class:`~relaydiff.host.controller.HostServer` call :meth:`choose_in` / :meth:`observe`.
-    The controller applies only k: with several variants configured, the variant part of the arm is
-    recorded but not yet sent to the device (the protocol has no field for it).
+    The controller applies k and the budget (in the relay state); with several variants configured, the variant
+    part of the arm is recorded but not yet sent to the device (the protocol has no field for it).
     """
 
     MAX_PENDING = 10_000  # chosen requests waiting for Feedback; the oldest are dropped beyond it
