@@ -31,6 +31,7 @@ FAMILY_ENV = "RELAYDIFF_FAMILY"  # the bundle's family folder (torch reference),
 TARGETS_ENV = "RELAYDIFF_DEVICE_TESTS_TARGETS"  # targets of the self-built tiny bundle (default: onnx)
 TINY_PRECISIONS = ("fp32", "int8")
 TINY_COMPONENTS = ("unet_step", "vae_decoder")  # what the checks use; the text encoder runs on the host side of these tests
+TINY_CACHE_COMPONENTS = ("unet_step_full", "unet_step_cached")  # with --cache (fp32; a student's bundle records them skipped)
 TINY_RELAY = {"relay_step": 3, "steps": 10}
 VARIANTS_ENV = "RELAYDIFF_DEVICE_TESTS_VARIANTS"  # device variants of the self-built tiny bundles (default: device,student)
 
@@ -56,7 +57,7 @@ def _planned_keys() -> list[tuple[str, str, str]]:
     """(target, precision, component) of every artifact the bundle under test has (or, for the tiny one, will have)."""
     folder = os.environ.get(BUNDLE_ENV)
     if not folder:
-        return [(t, p, c) for t in tiny_targets() for p in TINY_PRECISIONS for c in TINY_COMPONENTS]
+        return [(t, p, c) for t in tiny_targets() for p in TINY_PRECISIONS for c in TINY_COMPONENTS + TINY_CACHE_COMPONENTS]
     try:
         data = json.loads((Path(folder) / "manifest.json").read_text())
         return [(a["target"], a["precision"], a["component"]) for a in data["artifacts"]]
@@ -124,7 +125,7 @@ def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     variant = None if request.param == "device" else request.param
     config = BundleConfig(family=family, out=tmp_path_factory.mktemp(f"bundle-{request.param}"), targets=tiny_targets(),
                           precisions=TINY_PRECISIONS, components=TINY_COMPONENTS, calibration_prompts=2, eval_prompts=1,
-                          zip=False, device_variant=variant, **TINY_RELAY)
+                          zip=False, device_variant=variant, cache=True, **TINY_RELAY)
     build(config, progress=False)
     return config.out, family
 

@@ -22,7 +22,7 @@ import math
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import numpy as np
 from relaydiff.core.errors import RelaydiffError
 from relaydiff.export.base import UnknownNameError
 from relaydiff.runtime.bundle import (  # noqa: F401  (re-exported: the read side of a bundle lives in the runtime)
+    CACHE_COMPONENTS,
     COMPONENTS,
     MANIFEST,
     MANIFEST_HASH,
@@ -52,6 +53,7 @@ from relaydiff.runtime.manifest import (
     ArtifactEntry,
     BundleStudent,
     DeviceLoop,
+    CacheSection,
     FamilySection,
     FileEntry,
     LatentSection,
@@ -99,11 +101,14 @@ class BundleConfig:
     device_variant: str | None = None  # the family's device UNet variant (e.g. "student"); None: its default device
     onnx_int8: str = "w8a16"  # ONNX static INT8 of unet_step: int8 weights with 16-bit ("w8a16") or 8-bit ("w8a8") activations
     executorch_float: tuple[str, ...] | None = None  # ExecuTorch INT8: module paths kept float; None: DEFAULT_FLOAT_MODULES
+    cache: bool = False  # also export unet_step_full/unet_step_cached (fp32) and the family's cache policy (docs/cache.md)
+    cache_mechanism: str = "reuse"  # which committed policy (<family>/cache_policy/<mechanism>.json) goes in the bundle
 
     def __post_init__(self) -> None:
         check_names("target", self.targets, TARGETS)
         check_names("precision", self.precisions, PRECISIONS)
-        check_names("component", self.components, COMPONENTS)
+        check_names("component", self.components, COMPONENTS + CACHE_COMPONENTS)
+        check_names("cache mechanism", (self.cache_mechanism,), ("reuse", "forecast"))
         check_names("ONNX INT8 scheme", (self.onnx_int8,), tuple(ONNX_ACTIVATIONS))
         if not 0 <= self.relay_step < self.steps:
             raise RelaydiffError(f"relay step {self.relay_step!r} is outside [0, {self.steps}) (steps = {self.steps})")
@@ -201,6 +206,16 @@ def _build(config: BundleConfig, progress: bool, say: Callable[[str], None], acc
     host = family.load(host_ref)
     device = family.load(dev_ref, share_with=host)
     student = _student_section(device, config)
+    if config.cache:
+        config = replace(config, components=tuple(dict.fromkeys((*config.components, *CACHE_COMPONENTS))))
+    student_skips: list[SkippedEntry] = []
+    if student is not None and any(c in CACHE_COMPONENTS for c in config.components):  # recorded as skipped, not built
+        why = "a distilled student's bundle has no cached-step graphs (a student caches across its jumps in torch only)"
+        student_skips = [SkippedEntry(t, p, why, c) for t in config.targets for p in config.precisions
+                         for c in config.components if c in CACHE_COMPONENTS]
+        config = replace(config, components=tuple(c for c in config.components if c not in CACHE_COMPONENTS))
+    policy = _cache_policy(device, config) if any(c in CACHE_COMPONENTS for c in config.components) else None
+    branch = policy[1].cache_branch if policy is not None and policy[1] is not None else 0
     if config.executorch_float and "executorch" in config.targets and "int8" in config.precisions:
         from relaydiff.export.components import component_for
 
@@ -208,7 +223,7 @@ def _build(config: BundleConfig, progress: bool, say: Callable[[str], None], acc
     loop_steps = _loop_steps(device, config)  # before any export: a family no device loop can describe fails first
     out.mkdir(parents=True, exist_ok=True)
 
-    fixtures, fixture_entries, held_out = _parity_fixtures(host, device, config, out)
+    fixtures, fixture_entries, held_out = _parity_fixtures(host, device, config, out, branch)
     calibration = None
     if "int8" in config.precisions and ("onnx" in config.targets or "executorch" in config.targets):
         from relaydiff.quantize.calibration import capture
@@ -221,13 +236,13 @@ def _build(config: BundleConfig, progress: bool, say: Callable[[str], None], acc
 
     jobs = [(t, p, c) for t in config.targets for p in config.precisions for c in config.components]
     made: dict[tuple[str, str, str], tuple[Any, str, dict[str, Any]]] = {}
-    skipped: list[SkippedEntry] = []
+    skipped: list[SkippedEntry] = list(student_skips)
     scratch = tempfile.mkdtemp(prefix="relaydiff-bundle-")
     fp32_onnx: dict[str, Any] = {"_scratch": scratch}
     try:
         for target, precision, comp in tqdm(jobs, desc="bundle", disable=not progress):
             sub = out / target / precision
-            result = _make(target, precision, comp, device, sub, config, calibration, fp32_onnx)
+            result = _make(target, precision, comp, device, sub, config, calibration, fp32_onnx, branch)
             if isinstance(result, str):
                 skipped.append(SkippedEntry(target, precision, result, comp))
                 say(f"skipped {target}/{precision}/{comp}: {result}")
@@ -267,6 +282,7 @@ def _build(config: BundleConfig, progress: bool, say: Callable[[str], None], acc
 
     d = family_dims(device)
     config_hash, config_files = family_config_hash(dev_ref.root)
+    cache_section = _write_policy(out, policy, config, branch) if policy is not None else None
     shift = getattr(device.vae.config, "shift_factor", None)
     versions = {**tool_versions(), "relaydiff": _relaydiff_version()}
     step_entry = next((a for a in artifacts if a.component == "unet_step"), None)
@@ -287,6 +303,7 @@ def _build(config: BundleConfig, progress: bool, say: Callable[[str], None], acc
             cfg=step_entry.input("guidance_scale") is not None,
             eps_transform=LCM_EPS if loop_steps and loop_steps[0].c_skip is not None else None),
         requirements=_requirements(config, versions),
+        cache=cache_section,
     ).to_json()
     problems = schema_problems(manifest)
     if problems:
@@ -478,14 +495,57 @@ def _requirements(config: BundleConfig, versions: Mapping[str, str]) -> tuple[Ru
     return tuple(out)
 
 
-def _make(
-    target: str, precision: str, comp: str, device: Any, sub: Path, config: BundleConfig, calibration: Any, fp32_onnx: dict[str, Any]
-) -> tuple[Any, str] | str:
-    """Export one artifact; return (artifact, method note), or the reason it is skipped."""
-    from relaydiff.export import get_exporter
+def _component(comp: str, device: Any, branch: int) -> Any:
+    """The component ``comp`` in the form ``device`` needs; the cached-step pair split at ``branch``."""
     from relaydiff.export.components import component_for
 
     component = component_for(comp, device)
+    return replace(component, cache_branch=branch) if comp in CACHE_COMPONENTS else component
+
+
+def _cache_policy(device: Any, config: BundleConfig) -> tuple[Path, Any] | tuple[None, None]:
+    """(policy JSON path, its config) of the family's committed policy for the mechanism, or (None, None) without one.
+
+    Raises:
+        RelaydiffError: the policy was trained for another family (naming both ids) or UNet architecture.
+    """
+    from relaydiff.core.caching.device import family_policy_path
+    from relaydiff.core.caching.policy import check_policy_for, load_policy
+
+    path = family_policy_path(device.ref.root, config.cache_mechanism)
+    if not path.is_file():
+        return None, None
+    _, policy_config = load_policy(path)
+    check_policy_for(policy_config, device, str(path))
+    return path, policy_config
+
+
+def _write_policy(out: Path, policy: tuple[Path, Any] | tuple[None, None], config: BundleConfig, branch: int) -> CacheSection:
+    """Copy the policy files into ``out/cache_policy/`` and describe them (no policy: the device spends budgets uniformly)."""
+    from relaydiff.core.caching.policy import policy_paths
+
+    path, policy_config = policy
+    if path is None or policy_config is None:
+        return CacheSection(config.cache_mechanism, branch)
+    folder = out / "cache_policy"
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for src in policy_paths(path):
+        shutil.copyfile(src, folder / src.name)
+        entries.append(_entry(out, folder / src.name))
+    return CacheSection(policy_config.mechanism, branch, entries[0], entries[1], policy_config.family_id)
+
+
+def _make(
+    target: str, precision: str, comp: str, device: Any, sub: Path, config: BundleConfig, calibration: Any, fp32_onnx: dict[str, Any],
+    branch: int = 0,
+) -> tuple[Any, str] | str:
+    """Export one artifact; return (artifact, method note), or the reason it is skipped."""
+    from relaydiff.export import get_exporter
+
+    if comp in CACHE_COMPONENTS and precision != "fp32":
+        return "the cached-step graphs are exported at fp32 only (INT8 calibration covers unet_step)"
+    component = _component(comp, device, branch)
     if target == "onnx":
         if comp not in fp32_onnx:  # the fp32 model INT8 starts from; kept out of the bundle unless fp32 was asked for
             where = sub.parent / "fp32" if "fp32" in config.precisions else Path(fp32_onnx["_scratch"]) / comp
@@ -532,11 +592,15 @@ def _check_module_paths(root: Any, paths: Sequence[str]) -> None:
                              f"expected paths like 'unet.up_blocks.-1' (children of unet: {tops})")
 
 
-def _parity_fixtures(host: Any, device: Any, config: BundleConfig, out: Path) -> tuple[dict[str, dict[str, np.ndarray]], list[FileEntry], Any]:
-    """One held-out relay's inputs per component with torch fp32 outputs, saved as safetensors."""
+def _parity_fixtures(host: Any, device: Any, config: BundleConfig, out: Path,
+                     branch: int = 0) -> tuple[dict[str, dict[str, np.ndarray]], list[FileEntry], Any]:
+    """One held-out relay's inputs per component with torch fp32 outputs, saved as safetensors.
+
+    ``unet_step_full`` takes the first device step's inputs; ``unet_step_cached`` the second step's, with the deep
+    features the torch full step computed at the first (what a reuse schedule hands it).
+    """
     from safetensors.numpy import save_file
 
-    from relaydiff.export.components import component_for
     from relaydiff.quantize.calibration import capture
     from relaydiff.quantize.parity import eval_config
 
@@ -547,11 +611,15 @@ def _parity_fixtures(host: Any, device: Any, config: BundleConfig, out: Path) ->
         "vae_decoder": recorded.for_component("vae_decoder")[0],
         "text_encoder": recorded.for_component("text_encoder")[0],
     }
+    if any(c in CACHE_COMPONENTS for c in config.components):
+        first, second = recorded.for_component("unet_step")[:2]
+        deep = _component("unet_step_full", device, branch).reference(device, first)["deep_features"]
+        picks.update({"unet_step_full": first, "unet_step_cached": {**second, "deep_features": deep}})
     (out / "parity").mkdir(parents=True, exist_ok=True)
     fixtures, entries = {}, []
     for comp in config.components:
         inputs = picks[comp]
-        ref = component_for(comp, device).reference(device, inputs)
+        ref = _component(comp, device, branch).reference(device, inputs)
         tensors = {**{f"input.{k}": np.ascontiguousarray(v) for k, v in inputs.items()},
                    **{f"reference.{k}": np.ascontiguousarray(v) for k, v in ref.items()}}
         path = out / "parity" / f"{comp}.safetensors"

@@ -306,6 +306,100 @@ class UNetBatch(Component):
         }
 
 
+def deep_feature_dims(model: LoadedModel, cache_branch: int) -> dict[str, int]:
+    """"Dc", "Dh", "Dw": the shape of the deep features D a cache keeps at ``cache_branch`` (one pass on zeros, remembered)."""
+    import torch
+
+    from relaydiff.core.caching.split import SplitUNet
+
+    key = (id(model.unet), cache_branch)
+    if key not in _DEEP_DIMS:
+        d = family_dims(model)
+        with torch.no_grad():
+            _, deep, _ = SplitUNet(model.unet, cache_branch).full(torch.zeros(2, d["C"], d["h"], d["w"]), torch.tensor([500.0]),
+                                                                  torch.zeros(2, d["L"], d["D"]))
+        _DEEP_DIMS[key] = {"Dc": int(deep.shape[1]), "Dh": int(deep.shape[2]), "Dw": int(deep.shape[3])}
+    return _DEEP_DIMS[key]
+
+
+_DEEP_DIMS: dict[tuple[int, int], dict[str, int]] = {}
+_STEP_INPUTS = UNetStep().inputs
+
+
+@register_component
+@dataclass(frozen=True)
+class UNetStepFull(Component):
+    """``unet_step`` for feature caching (docs/cache.md): the guided noise prediction and the deep features D it computed."""
+
+    name: str = "unet_step_full"
+    description: str = "device UNet, one full step with CFG inside, returning the deep features of its [uncond, cond] batch"
+    inputs: tuple[TensorSpec, ...] = _STEP_INPUTS
+    outputs: tuple[TensorSpec, ...] = (
+        TensorSpec("noise_pred", "float32", (1, "C", "h", "w"), "guided noise prediction"),
+        TensorSpec("deep_features", "float32", (2, "Dc", "Dh", "Dw"), "deep features D of the [uncond, cond] rows (the cache)"),
+    )
+    tolerances: Mapping[str, Tolerance] = field(default_factory=lambda: dict(_UNET_TOLERANCES))
+    optimum: OptimumSource | None = None  # a split UNet pass is ours
+    cache_branch: int = 0  # the skip branch of the split (the family policy's)
+    example_timestep: int = 501
+    example_guidance: float = 5.0
+    example_seed: int = 0
+
+    def dims(self, model: LoadedModel) -> dict[str, int]:
+        return {**family_dims(model), **deep_feature_dims(model, self.cache_branch)}
+
+    def module(self, model: LoadedModel) -> torch.nn.Module:
+        from relaydiff.export.modules import UNetStepFull as Wrapper
+
+        return Wrapper(model.unet, self.cache_branch).eval()
+
+    def example_inputs(self, model: LoadedModel) -> dict[str, np.ndarray]:
+        return UNetStep(example_timestep=self.example_timestep, example_guidance=self.example_guidance,
+                        example_seed=self.example_seed).example_inputs(model)
+
+
+@register_component
+@dataclass(frozen=True)
+class UNetStepCached(Component):
+    """A cached ``unet_step``: the shallow branch on the latent with given deep features D (from an earlier full step)."""
+
+    name: str = "unet_step_cached"
+    description: str = "device UNet, one cached step with CFG inside: the shallow branch on the latent, the deep features given"
+    inputs: tuple[TensorSpec, ...] = (
+        *_STEP_INPUTS,
+        TensorSpec("deep_features", "float32", (2, "Dc", "Dh", "Dw"), "deep features D of an earlier full step (reused or forecast)"),
+    )
+    outputs: tuple[TensorSpec, ...] = (
+        TensorSpec("noise_pred", "float32", (1, "C", "h", "w"), "guided noise prediction"),
+    )
+    tolerances: Mapping[str, Tolerance] = field(default_factory=lambda: dict(_UNET_TOLERANCES))
+    optimum: OptimumSource | None = None
+    cache_branch: int = 0
+    example_timestep: int = 501  # timestep of the cached step
+    full_timestep: int = 541  # timestep of the earlier full step whose D the example reuses (one grid step of 25 before)
+    example_guidance: float = 5.0
+    example_seed: int = 0
+
+    def dims(self, model: LoadedModel) -> dict[str, int]:
+        return {**family_dims(model), **deep_feature_dims(model, self.cache_branch)}
+
+    def module(self, model: LoadedModel) -> torch.nn.Module:
+        from relaydiff.export.modules import UNetStepCached as Wrapper
+
+        return Wrapper(model.unet, self.cache_branch).eval()
+
+    def example_inputs(self, model: LoadedModel) -> dict[str, np.ndarray]:
+        """The step's inputs plus a realistic D: the full step's deep features one grid step earlier on the same latent."""
+        full = UNetStepFull(cache_branch=self.cache_branch, example_timestep=self.full_timestep,
+                            example_guidance=self.example_guidance, example_seed=self.example_seed)
+        step = UNetStep(example_timestep=self.example_timestep, example_guidance=self.example_guidance,
+                        example_seed=self.example_seed).example_inputs(model)
+        return {**step, "deep_features": full.reference(model, full.example_inputs(model))["deep_features"]}
+
+
+CACHE_COMPONENTS = ("unet_step_full", "unet_step_cached")
+
+
 @register_component
 @dataclass(frozen=True)
 class VaeDecoderComponent(Component):

@@ -70,3 +70,45 @@ class TextEncoder(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(input_ids=input_ids, return_dict=False)[0]
+
+
+class UNetStepFull(torch.nn.Module):
+    """``unet_step`` split for feature caching: the guided noise prediction and the deep features D of the CFG batch.
+
+    The same step as :class:`UNetStep` through :class:`~relaydiff.core.caching.split.SplitUNet` at ``cache_branch``;
+    D (the [uncond, cond] rows' deep features) is what a cached step takes back in.
+    """
+
+    def __init__(self, unet: Any, cache_branch: int = 0) -> None:
+        from relaydiff.core.caching.split import SplitUNet
+
+        super().__init__()
+        self.unet = unet
+        self.split = SplitUNet(unet, cache_branch)
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, text_embeds: torch.Tensor, guidance_scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        eps, deep, _probe = self.split.full(torch.cat([sample, sample]), timestep, text_embeds)
+        eps_uncond, eps_cond = eps.chunk(2)
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond), deep
+
+
+class UNetStepCached(torch.nn.Module):
+    """A cached ``unet_step``: the shallow branch on the latent, the deep part replaced by the given features D."""
+
+    def __init__(self, unet: Any, cache_branch: int = 0) -> None:
+        from relaydiff.core.caching.split import SplitUNet
+
+        super().__init__()
+        self.unet = unet
+        self.split = SplitUNet(unet, cache_branch)
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, text_embeds: torch.Tensor, guidance_scale: torch.Tensor,
+        deep_features: torch.Tensor,
+    ) -> torch.Tensor:
+        x = torch.cat([sample, sample])
+        eps = self.split.cached(self.split.shallow_down(x, timestep, text_embeds), deep_features, text_embeds)
+        eps_uncond, eps_cond = eps.chunk(2)
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)

@@ -1,7 +1,9 @@
 """A contextual-bandit split scheduler (RISE section 4): LinUCB over relay configurations.
 
 An **arm** is a relay configuration: the hand-off at fraction f of the N steps (0 = device-only,
-1 = host-only) on a device model variant. The **context** of a request is what the host knows when it
+1 = host-only) on a device model variant, with a device budget b: the share of the device's N - k steps
+that run the full UNet, the others from cached deep features (feature caching, docs/cache.md; b = 1: no
+caching). Arms are k x variant x budget. The **context** of a request is what the host knows when it
 chooses: prompt complexity, the user's quality weight, link RTT and bandwidth, host queue and
 utilisation, device speed and device load (:class:`BanditContext`). The **reward** of a finished
 request is :func:`reward`:
@@ -61,6 +63,7 @@ STATE_VERSION = 1
 MAX_STATE_BYTES = 64 * 1024 * 1024  # refuse to read a bigger state file
 COMPLEXITY_SCALE = 12.0  # the largest complexity of the world grammar (3 objects, 2 relations, background)
 _VARIANT = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+_OBSERVATION_KEYS = {"context", "fraction", "variant", "budget", "reward"}
 FEATURE_NAMES = (
     "bias", "w", "complexity", "w*complexity", "(1-w)*rtt", "(1-w)*mb_transfer", "(1-w)*host_queue",
     "(1-w)*host_utilisation", "(1-w)*device_compute", "(1-w)*device_compute*device_load",
@@ -170,17 +173,27 @@ def features(ctx: BanditContext, latency_scale_s: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Arm:
-    """A relay configuration: hand over at round(fraction * N) to the device model ``variant``."""
+    """A relay configuration: hand over at round(fraction * N) to the device model ``variant``, which runs
+    round(budget * (N - k)) of its steps as full UNet passes (at least 1; budget 1 = every step, no caching)."""
 
     fraction: float  # 0 = device-only, 1 = host-only
     variant: str  # device model variant name
+    budget: float = 1.0  # share of the device's N - k steps run as full passes, in (0, 1]
 
     @property
     def name(self) -> str:
-        return f"{self.fraction:g}@{self.variant}"
+        base = f"{self.fraction:g}@{self.variant}"
+        return base if self.budget == 1.0 else f"{base}/b{self.budget:g}"  # uncached arms keep their old names
 
     def relay_step(self, steps: int) -> int:
         return min(max(round(self.fraction * steps), 0), steps)
+
+    def device_budget(self, steps: int) -> int | None:
+        """The cache budget B in [1, N - k] this arm gives the device, or None (no caching, or no device steps)."""
+        m = steps - self.relay_step(steps)
+        if self.budget >= 1.0 or m <= 0:
+            return None
+        return max(1, min(m, round(self.budget * m)))
 
 
 @dataclass(frozen=True)
@@ -189,6 +202,7 @@ class BanditConfig:
 
     fractions: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # relay fractions of N, the arms' first axis
     variants: tuple[str, ...] = ("device",)  # device model variant names, the arms' second axis
+    budgets: tuple[float, ...] = (1.0,)  # device budgets as shares of N - k in (0, 1], the arms' third axis (1 = no caching)
     alpha: float = 0.3  # LinUCB exploration: width of the confidence bonus
     l2_lambda: float = 1.0  # ridge regularisation of each arm's linear model
     latency_scale_s: float = 30.0  # latency normalisation of the reward (a latency >= this scores 0)
@@ -214,6 +228,12 @@ class BanditConfig:
             if not isinstance(v, str) or not _VARIANT.fullmatch(v):
                 raise BanditError(f"BanditConfig.variants item is {v!r}; expected a name matching {_VARIANT.pattern}")
         object.__setattr__(self, "variants", tuple(va))
+        bu = self.budgets
+        if not isinstance(bu, (tuple, list)) or not bu:
+            raise BanditError(f"BanditConfig.budgets is {bu!r}; expected a non-empty list of numbers in (0, 1]")
+        object.__setattr__(self, "budgets", tuple(_number("BanditConfig.budgets item", b, 0.0, 1.0, lo_open=True) for b in bu))
+        if len(set(self.budgets)) != len(self.budgets):
+            raise BanditError(f"BanditConfig.budgets {self.budgets!r} has duplicates")
         for name in ("alpha", "l2_lambda", "latency_scale_s", "default_bandwidth_mbit_s", "default_device_steps_per_second"):
             _number(f"BanditConfig.{name}", getattr(self, name), 0.0, lo_open=True)
         _number("BanditConfig.default_rtt_s", self.default_rtt_s, 0.0)
@@ -225,7 +245,7 @@ class BanditConfig:
 
     @property
     def arms(self) -> tuple[Arm, ...]:
-        return tuple(Arm(f, v) for v in self.variants for f in self.fractions)
+        return tuple(Arm(f, v, b) for v in self.variants for b in self.budgets for f in self.fractions)
 
     @staticmethod
     def prior_fraction(quality_weight: float) -> float:
@@ -233,8 +253,10 @@ class BanditConfig:
         return 0.2 + 0.6 * quality_weight
 
     def prior_reward(self, arm: Arm, quality_weight: float) -> float:
-        """Synthetic reward of the prior: 0.6 at the favoured fraction, falling 0.3 per unit of distance."""
-        return 0.6 - 0.3 * abs(arm.fraction - self.prior_fraction(quality_weight))
+        """Synthetic reward of the prior: 0.6 at the favoured fraction, falling 0.3 per unit of distance; a cached
+        arm (budget b < 1) loses 0.1 (1 - b) w: caching trades a little quality for device time, and until feedback
+        says otherwise the uncached arm of a fraction is preferred."""
+        return 0.6 - 0.3 * abs(arm.fraction - self.prior_fraction(quality_weight)) - 0.1 * (1.0 - arm.budget) * (0.5 + quality_weight)
 
     def to_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -257,7 +279,8 @@ class Observation:
     reward: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"context": self.context.to_json(), "fraction": self.arm.fraction, "variant": self.arm.variant, "reward": self.reward}
+        return {"context": self.context.to_json(), "fraction": self.arm.fraction, "variant": self.arm.variant,
+                "budget": self.arm.budget, "reward": self.reward}
 
     def to_line(self) -> str:
         """One JSON Lines line (with its newline) of the state file."""
@@ -268,12 +291,13 @@ class Observation:
 
 
 class BanditPolicy:
-    """LinUCB over (relay fraction x device variant) arms; a :class:`~relaydiff.host.policy.ContextualPolicy`.
+    """LinUCB over (relay fraction x device variant x device budget) arms; a :class:`~relaydiff.host.policy.ContextualPolicy`
+    and a :class:`~relaydiff.host.policy.BudgetPolicy` (the controller sends the chosen budget in the relay state).
 
     Use :meth:`choose_arm` / :meth:`record` directly (simulations), or let the
     :class:`~relaydiff.host.controller.HostServer` call :meth:`choose_in` / :meth:`observe`.
-    The controller applies only k: with several variants configured, the variant part of the arm is
-    recorded but not yet sent to the device (the protocol has no field for it).
+    The controller applies k and the budget (in the relay state); with several variants configured, the variant
+    part of the arm is recorded but not yet sent to the device (the protocol has no field for it).
     """
 
     MAX_PENDING = 10_000  # chosen requests waiting for Feedback; the oldest are dropped beyond it
@@ -412,7 +436,9 @@ class BanditPolicy:
             raise TypeError(f"arm must be an Arm, got {type(arm).__name__}")
         self._check_variant(arm.variant)
         if arm.name not in self._arms:
-            raise BanditError(f"relay fraction is {arm.fraction!r}; expected one of {list(self.config.fractions)}")
+            if arm.fraction not in self.config.fractions:
+                raise BanditError(f"relay fraction is {arm.fraction!r}; expected one of {list(self.config.fractions)}")
+            raise BanditError(f"device budget is {arm.budget!r}; expected one of {list(self.config.budgets)}")
         return self._arms[arm.name]
 
     # -- the Policy protocol ----------------------------------------------------------------
@@ -452,6 +478,13 @@ class BanditPolicy:
     def choose(self, request: GenerateRequest, capabilities: DeviceCapabilities | None, steps: int) -> int:
         return self.choose_in(request, capabilities, steps, Conditions())
 
+    def device_budget(self, request: GenerateRequest, relay_step: int, steps: int) -> int | None:
+        """The cache budget B of the arm chosen for ``request`` (None: no caching, or no choice pending)."""
+        chosen = self._pending.get((request.request_id, request.prompt))
+        if chosen is None or chosen[1].relay_step(steps) != relay_step:
+            return None
+        return chosen[1].device_budget(steps)
+
     def observe(self, request: GenerateRequest, relay_step: int, feedback: Feedback) -> None:
         """Learn from the Feedback of a request this policy chose k for (others are ignored)."""
         chosen = self._pending.pop((request.request_id, request.prompt), None)
@@ -460,7 +493,7 @@ class BanditPolicy:
         ctx, arm = chosen
         if arm.relay_step(ctx.steps) != relay_step:  # k was overridden: credit the nearest configured fraction
             f = min(self.config.fractions, key=lambda f: abs(f - relay_step / ctx.steps))
-            arm = self._arms[Arm(f, arm.variant).name]
+            arm = self._arms[Arm(f, arm.variant, arm.budget).name]
         r = reward(feedback.quality, feedback.latency_s, ctx.quality_weight, self.config.latency_scale_s)
         self.record(ctx, arm, r)
 
@@ -548,9 +581,11 @@ class BanditPolicy:
             raise BanditError(f"'{path}' observations is {observations!r}; expected a list")
         history = []
         for o in observations + appended:
-            if not isinstance(o, dict) or set(o) != {"context", "fraction", "variant", "reward"}:
-                raise BanditError(f"'{path}' has an observation {o!r}; expected keys context, fraction, variant, reward")
-            arm = policy._check_arm(Arm(_number("observation fraction", o["fraction"], 0.0, 1.0), o["variant"]))
+            if not isinstance(o, dict) or not {"context", "fraction", "variant", "reward"} <= set(o) <= _OBSERVATION_KEYS:
+                raise BanditError(f"'{path}' has an observation {o!r}; expected keys context, fraction, variant, reward "
+                                  "(and budget)")
+            budget = _number("observation budget", o.get("budget", 1.0), 0.0, 1.0, lo_open=True)  # files before budgets: 1
+            arm = policy._check_arm(Arm(_number("observation fraction", o["fraction"], 0.0, 1.0), o["variant"], budget))
             history.append(Observation(BanditContext.from_json(o["context"]), arm, _number("reward", o["reward"], 0.0, 1.0)))
         policy.history = history
         policy._refit()

@@ -36,7 +36,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from ssl import SSLContext
 from typing import Any, TypeVar
@@ -45,7 +45,7 @@ from relaydiff.core.errors import RelaydiffError
 from relaydiff.core.family import LoadedModel
 from relaydiff.core.state import RelayState, latents_from_bytes, latents_to_bytes
 from relaydiff.host.ledger import Ledger, Source
-from relaydiff.host.policy import Conditions, ContextualPolicy, FixedPolicy, PersistentPolicy, Policy
+from relaydiff.host.policy import BudgetPolicy, Conditions, ContextualPolicy, FixedPolicy, PersistentPolicy, Policy
 from relaydiff.link.config import LinkConfig
 from relaydiff.link.connection import RequestState
 from relaydiff.link.errors import ErrorCode, LocalProtocolError, ProtocolError
@@ -531,6 +531,8 @@ class HostServer:
             else:
                 k = int(self.policy.choose(request, capabilities, steps))
             relay_request = self.config.settings.request(request.prompt, k)  # checks k in [0, N]
+            if isinstance(self.policy, BudgetPolicy):  # the device's cache budget travels in the relay state
+                relay_request = replace(relay_request, cache_budget=self.policy.device_budget(request, k, steps))
             entry.relay_step, entry.steps = k, steps
             state, host_s, batch = await self._host_run(relay_request, job)
             timings = {"host_s": host_s, "host_batch": float(batch)}

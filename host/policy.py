@@ -1,7 +1,7 @@
 """Split policies: how many of a request's N steps the host runs before handing over (the relay step k).
 
 A policy sees the request, the device's announced capabilities and N, and returns k in [0, N];
-it may learn from the device's ``Feedback``. :class:`FixedPolicy` is the first one;
+it may learn from the device's ``Feedback``. A :class:`BudgetPolicy` also chooses the device's cache budget. :class:`FixedPolicy` is the first one;
 :class:`~relaydiff.host.bandit.BanditPolicy` (a contextual bandit) implements the same protocol and also
 :class:`ContextualPolicy`, which also sees the serving :class:`Conditions` (host load, network, device load).
 """
@@ -46,6 +46,15 @@ class ContextualPolicy(Policy, Protocol):
 
     def choose_in(self, request: GenerateRequest, capabilities: DeviceCapabilities | None, steps: int, conditions: Conditions) -> int:
         """The relay step k in [0, steps] for ``request`` under ``conditions``."""
+        ...
+
+
+@runtime_checkable
+class BudgetPolicy(Policy, Protocol):
+    """A policy that also chooses the device's cache budget B (feature caching); the controller puts it in the relay state."""
+
+    def device_budget(self, request: GenerateRequest, relay_step: int, steps: int) -> int | None:
+        """B in [1, steps - relay_step] for the request it just chose ``relay_step`` for, or None (every device step full)."""
         ...
 
 

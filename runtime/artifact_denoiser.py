@@ -1,4 +1,5 @@
-"""The device UNet as an exported ``unet_step`` artifact, behind the same Denoiser interface as a torch UNet.
+"""The device UNet as an exported ``unet_step`` artifact, behind the same Denoiser interface as a torch UNet; and the
+cached-step pair ``unet_step_full``/``unet_step_cached`` behind the CachedStep interface (feature caching).
 
 ``unet_step`` computes classifier-free guidance inside the graph (one call per step on the latent,
 [uncond, cond] embeddings and the scale); a distilled student's ``unet_step`` is one conditional pass.
@@ -110,3 +111,58 @@ def _only_text(conditioning: Conditioning) -> None:
     extra = [n for n in ("pooled_text_embeds", "time_ids", "pooled_projections") if getattr(conditioning, n) is not None]
     if extra:
         raise RelaydiffError(f"the unet_step artifact takes text embeddings only; the conditioning also has {', '.join(extra)}")
+
+
+class ArtifactCachedStep:
+    """A bundle's ``unet_step_full`` and ``unet_step_cached`` artifacts as a :class:`~relaydiff.core.caching.device.CachedStep`.
+
+    Both graphs take the guided form (sample, timestep, [uncond, cond] embeddings, guidance scale); without CFG
+    they run on [cond, cond] with g = 1, as :class:`ArtifactDenoiser` does. ``full`` returns the deep features of
+    the batch of two, which the relay loop keeps (reused or forecast) and hands back to ``cached``.
+    """
+
+    def __init__(self, full: Runner, cached: Runner, deep_shape: tuple[int, ...]) -> None:
+        """
+        Args:
+            full / cached: call the two artifacts with inputs by declared name (ArtifactSessions, or anything alike).
+            deep_shape: the declared shape of ``deep_features`` (checked on what comes back and on what goes in).
+        """
+        self._full, self._cached = full, cached
+        self.deep_shape = tuple(deep_shape)
+        self.full_calls = 0  # how many full passes ran (a device reports it; tests count them)
+        self.cached_calls = 0
+
+    def full(self, latent: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
+             guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        out = self._full(_step_inputs(latent, timestep, cond, uncond, guidance_scale))
+        deep = np.ascontiguousarray(out["deep_features"])
+        if deep.shape != self.deep_shape:
+            raise RelaydiffError(f"unet_step_full returned deep_features of shape {list(deep.shape)}; declared {list(self.deep_shape)}")
+        self.full_calls += 1
+        return torch.from_numpy(np.ascontiguousarray(out["noise_pred"])), torch.from_numpy(deep)
+
+    def cached(self, latent: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
+               guidance_scale: float, deep: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        if tuple(deep.shape) != self.deep_shape:
+            raise RelaydiffError(f"deep features of shape {list(deep.shape)} do not fit unet_step_cached ({list(self.deep_shape)})")
+        inputs = _step_inputs(latent, timestep, cond, uncond, guidance_scale)
+        inputs["deep_features"] = deep.detach().float().numpy().copy()
+        self.cached_calls += 1
+        return torch.from_numpy(np.ascontiguousarray(self._cached(inputs)["noise_pred"]))
+
+
+def _step_inputs(latent: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
+                 guidance_scale: float) -> Inputs:
+    import torch
+
+    _only_text(cond)
+    if latent.shape[0] != 1 or cond.batch != 1:
+        raise RelaydiffError(f"a cached-step artifact takes one latent per call; got a batch of {latent.shape[0]}")
+    if uncond is None:  # eps_c + 1 (eps_c - eps_c)
+        return unet_step_inputs(torch.cat([latent, latent]), timestep, torch.cat([cond.text_embeds, cond.text_embeds]), 1.0)
+    _only_text(uncond)
+    return unet_step_inputs(torch.cat([latent, latent]), timestep, torch.cat([uncond.text_embeds, cond.text_embeds]), guidance_scale)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -25,6 +25,7 @@ from relaydiff.core.relay import RelayRequest
 from relaydiff.core.state import RelayState
 
 if TYPE_CHECKING:
+    from relaydiff.core.caching.device import DeviceCache
     from relaydiff.runtime.manifest import ArtifactEntry
 
 
@@ -228,8 +229,9 @@ class BundleBackend:
             {"in_channels": self.latent_shape[1], "sample_size": list(self.latent_shape[2:])},
             {"scaling_factor": manifest.latent.vae_scaling_factor, "shift_factor": manifest.latent.vae_shift_factor}, scheduler_config)
         denoiser = ArtifactDenoiser(self._guarded(self._unet), spec, self.embeds_shape[2], distilled=self.distilled)
+        self.cache = self._device_cache(entries, threads)
         self.side = RelaySide(denoiser, scheduler_config, self.family_id, image_h // self.latent_shape[2],
-                              None if student is None else student.spec)
+                              None if student is None else student.spec, self.cache)
         text_entry = entries.get("text_encoder")
         needs_family = manifest.tokenizer is None or text_entry is None
         family = find_family(root, manifest, Path(family_dir) if family_dir is not None else None) \
@@ -238,6 +240,41 @@ class BundleBackend:
         self._text_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
         if family is not None or not needs_family:
             self._tokenizer, self._text_encoder = self._text_side(family, text_entry, threads)
+
+    def _device_cache(self, entries: Mapping[str, ArtifactEntry], threads: int) -> DeviceCache | None:
+        """The cached-step pair and the bundle's policy, when the bundle has them (a budgeted state is refused otherwise).
+
+        Raises:
+            BundleError: only one of the pair, or no cache section; RelaydiffError: a policy of another family.
+        """
+        from relaydiff.core.caching.device import DeviceCache
+        from relaydiff.core.caching.policy import load_policy
+        from relaydiff.runtime.artifact_denoiser import ArtifactCachedStep
+        from relaydiff.runtime.bundle import CACHE_COMPONENTS, BundleError, open_session
+
+        have = [c for c in CACHE_COMPONENTS if c in entries]
+        if not have:
+            return None
+        section = self.manifest.cache
+        if len(have) != len(CACHE_COMPONENTS) or section is None:
+            raise BundleError(f"bundle '{self.root}' has {', '.join(have)} for {self.TARGET}/{self.precision} but "
+                              + ("not the whole pair" if len(have) != len(CACHE_COMPONENTS) else "no manifest cache section"))
+        full, cached = entries["unet_step_full"], entries["unet_step_cached"]
+        deep = next((t for t in full.outputs if t.name == "deep_features"), None)
+        if deep is None or cached.input("deep_features") != deep:
+            raise BundleError(f"{full.file}: its deep_features output does not match {cached.file}'s deep_features input")
+        step = ArtifactCachedStep(self._guarded(open_session(self.root, full, threads=threads)),
+                                  self._guarded(open_session(self.root, cached, threads=threads)), deep.shape)
+        if section.policy is None:
+            return DeviceCache(step, section.mechanism)
+        policy, config = load_policy(self.root / section.policy.file)
+        if config.family_id != self.family_id:
+            raise RelaydiffError(f"cache policy '{section.policy.file}' was trained for family {config.family_id!r}; "
+                                 f"the bundle is for family {self.family_id!r}")
+        if config.cache_branch != section.cache_branch:
+            raise BundleError(f"cache policy '{section.policy.file}' splits at branch {config.cache_branch}; "
+                              f"the bundle's graphs at {section.cache_branch}")
+        return DeviceCache(step, config.mechanism, policy, config, section.policy.file)
 
     def _text_side(self, family: Path | None, entry: ArtifactEntry | None,
                    threads: int) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor]]:

@@ -45,6 +45,7 @@ from relaydiff.runtime.sessions import ArtifactSession, RuntimeUnavailableError
 TARGETS = ("onnx", "coreml", "executorch")
 PRECISIONS = ("fp32", "int8")
 COMPONENTS = ("unet_step", "vae_decoder", "text_encoder")
+CACHE_COMPONENTS = ("unet_step_full", "unet_step_cached")  # feature caching's pair (docs/cache.md), with the manifest's cache section
 FAMILY_CONFIGS = ("model_index.json", "family.json", "scheduler/scheduler_config.json", "vae/config.json",
                   "text_encoder/config.json", "tokenizer/tokenizer_config.json")
 

@@ -438,6 +438,35 @@ class RuntimeRequirement:
 
 
 @dataclass(frozen=True)
+class CacheSection:
+    """Feature caching on the device (docs/cache.md): how the ``unet_step_full``/``unet_step_cached`` pair is used."""
+
+    mechanism: str  # "reuse" or "forecast": what a cached step's deep features are
+    cache_branch: int  # the skip branch the UNet was split at
+    policy: FileEntry | None = None  # the learned schedule's JSON config (None: the budget is spent uniformly)
+    policy_weights: FileEntry | None = None  # its safetensors weights
+    policy_family_id: str | None = None  # the family the policy was trained for (must be the bundle's)
+
+    def files(self) -> list[FileEntry]:
+        return [e for e in (self.policy, self.policy_weights) if e is not None]
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"mechanism": self.mechanism, "cache_branch": self.cache_branch}
+        for key in ("policy", "policy_weights"):
+            entry = getattr(self, key)
+            if entry is not None:
+                data[key] = entry.to_json()
+        if self.policy_family_id is not None:
+            data["policy_family_id"] = self.policy_family_id
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CacheSection:
+        files = {k: FileEntry.from_json(data[k]) if k in data else None for k in ("policy", "policy_weights")}
+        return cls(data["mechanism"], data["cache_branch"], files["policy"], files["policy_weights"], data.get("policy_family_id"))
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A bundle's ``manifest.json``."""
 
@@ -453,6 +482,7 @@ class Manifest:
     tokenizer: TokenizerSection | None = None  # None: built without the family's tokenizer (no text_encoder component)
     device_loop: DeviceLoop | None = None  # None: no unet_step in the bundle
     requirements: tuple[RuntimeRequirement, ...] = ()
+    cache: CacheSection | None = None  # set when the bundle carries the cached-step graphs (optional: older bundles have none)
 
     def artifacts_for(self, target: str, precision: str) -> dict[str, ArtifactEntry]:
         """The artifacts of one target and precision, by component."""
@@ -466,6 +496,8 @@ class Manifest:
         out = list(self.parity_fixtures) + (list(self.tokenizer.files) if self.tokenizer is not None else [])
         for a in self.artifacts:
             out += [FileEntry(a.file, a.sha256, a.size), *a.extra_files]
+        if self.cache is not None:
+            out += self.cache.files()
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -479,6 +511,8 @@ class Manifest:
         }
         if self.created is not None:
             data["created"] = self.created
+        if self.cache is not None:
+            data["cache"] = self.cache.to_json()
         return data
 
     @classmethod
@@ -509,6 +543,7 @@ class Manifest:
             tokenizer=None if data["tokenizer"] is None else TokenizerSection.from_json(data["tokenizer"]),
             device_loop=None if data["device_loop"] is None else DeviceLoop.from_json(data["device_loop"]),
             requirements=tuple(RuntimeRequirement.from_json(r) for r in data["requirements"]),
+            cache=CacheSection.from_json(data["cache"]) if "cache" in data else None,
         )
 
     @classmethod

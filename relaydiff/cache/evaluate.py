@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from relaydiff.cache.denoiser import MECHANISMS, CachedDenoiser, check_mechanism
-from relaydiff.cache.policy import check_policy_for, learned_mask, load_policy
+from relaydiff.core.caching.denoiser import MECHANISMS, CachedDenoiser, check_mechanism
+from relaydiff.core.caching.policy import check_policy_for, learned_mask, load_policy
 from relaydiff.cache.run import cached_half, fixed
 from relaydiff.cache.schedules import SCHEDULES, budget_for, check_budget, fixed_half, heuristic_half, uniform_mask
 from relaydiff.core.errors import RelaydiffError
@@ -130,7 +130,7 @@ def run_cache_eval(host: Any, device: Any, cfg: CacheEvalConfig, *, progress: bo
     """Run the evaluation; returns the report (``grid`` holds images for :func:`write_outputs`)."""
     from tqdm.auto import tqdm
 
-    from relaydiff.cache.unet import SplitUNet
+    from relaydiff.core.caching.split import SplitUNet
     from relaydiff.core.relay import RelayRequest, decode, resume, snapshots
     from relaydiff.evaluate import eval_prompts, psnr, ssim
     from relaydiff.scorer import score

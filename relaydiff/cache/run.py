@@ -1,7 +1,7 @@
 """The device half of a relay with feature caching: steps [k, N) where only some steps run the full UNet.
 
 The loop is the relay's (:func:`relaydiff.core.relay.denoise`: scale, one CFG batch [uncond, cond], guidance,
-sampler step) with the UNet call replaced by :class:`relaydiff.cache.denoiser.CachedDenoiser`. Several
+sampler step) with the UNet call replaced by :class:`relaydiff.core.caching.denoiser.CachedDenoiser`. Several
 schedules of one hand-off state run as one batch (E trajectories, 2E UNet rows with CFG); each keeps its own
 cache. Which steps recompute is a :data:`Decide` callback, so fixed schedules and the online error heuristic
 share the loop. Only deterministic samplers are batched this way (a stochastic sampler's noise would differ
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from relaydiff.cache.denoiser import CachedDenoiser
+from relaydiff.core.caching.denoiser import CachedDenoiser
 from relaydiff.core.errors import RelaydiffError, RelayStateError
 from relaydiff.core.family import LoadedModel, check_state
 from relaydiff.core.schedulers import import_history, sampler_spec

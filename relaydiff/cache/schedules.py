@@ -9,7 +9,7 @@ reuse before it):
   per trajectory by bisection so that the rule alone spends B full steps, and the budget is then enforced
   exactly (no full step once B are spent; every remaining step full once the steps left equal the budget
   left). Solving delta costs extra trial trajectories: the heuristic is a quality baseline, not a fast path;
-- ``learned``: the top B of a trained policy's per-step scores (:mod:`relaydiff.cache.policy`).
+- ``learned``: the top B of a trained policy's per-step scores (:mod:`relaydiff.core.caching.policy`).
 """
 
 from __future__ import annotations
@@ -19,36 +19,12 @@ import math
 import torch
 
 from relaydiff.cache.run import CachedHalf, Decide, cached_half, fixed
+from relaydiff.core.caching.budget import budget_for, check_budget, uniform_mask  # noqa: F401  (the schedules' budget helpers)
 from relaydiff.core.errors import RelaydiffError
 from relaydiff.core.family import LoadedModel
 from relaydiff.core.state import RelayState
 
 SCHEDULES = ("uniform", "heuristic", "learned")
-
-
-def check_budget(budget: int, device_steps: int) -> int:
-    """Return ``budget`` if it lies in [1, N - k]; raises RelaydiffError with the value and the range."""
-    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= device_steps:
-        raise RelaydiffError(
-            f"cache budget {budget!r} is outside [1, {device_steps}]: the device runs N - k = {device_steps} steps "
-            "and the first one is always a full pass"
-        )
-    return budget
-
-
-def budget_for(fraction: float, device_steps: int) -> int:
-    """The budget B for a fraction of the device steps: round(fraction m), at least 1."""
-    if not 0.0 < fraction <= 1.0:
-        raise RelaydiffError(f"budget fraction {fraction!r} must lie in (0, 1]")
-    return max(1, min(device_steps, round(fraction * device_steps)))
-
-
-def uniform_mask(device_steps: int, budget: int) -> torch.Tensor:
-    """(m,) bool: B full steps at floor(j m / B)."""
-    check_budget(budget, device_steps)
-    mask = torch.zeros(device_steps, dtype=torch.bool)
-    mask[[math.floor(j * device_steps / budget) for j in range(budget)]] = True
-    return mask
 
 
 def threshold_rule(deltas: torch.Tensor, budgets: torch.Tensor, device_steps: int, *, enforce: bool) -> Decide:

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from relaydiff.cache.denoiser import check_mechanism
-from relaydiff.cache.policy import (
+from relaydiff.core.caching.denoiser import check_mechanism
+from relaydiff.core.caching.policy import (
     PolicyConfig,
     SchedulePolicy,
     entropy_of,

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: Any) -> None:
-    """Add ``bench`` with its sub-commands (``device``, ``link``) to the ``relaydiff`` subparsers."""
+    """Add ``bench`` with its sub-commands (``device``, ``cache``, ``link``) to the ``relaydiff`` subparsers."""
     p = sub.add_parser("bench", help="benchmarks: `bench device` times a bundle's artifacts beside torch; `bench link` the link and host throughput")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
 
@@ -30,6 +30,17 @@ def register(sub: Any) -> None:
     d.add_argument("--no-memory", action="store_true", help="skip the peak-RSS runs (one fresh process per file)")
     d.add_argument("--json", action="store_true", help="print the report as one JSON object")
     d.set_defaults(func=cmd_device)
+
+    c = bench_sub.add_parser("cache", help="a cached step vs a full step (ONNX, ExecuTorch), and the budgeted device half")
+    c.add_argument("--bundle", required=True, help="bundle folder built with `relaydiff bundle build --cache`")
+    c.add_argument("--repeats", type=int, default=20, help="timed calls of each graph, alternating; the median is reported")
+    c.add_argument("--warmup", type=int, default=2, help="untimed calls of each graph before timing")
+    c.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    c.add_argument("--budget-fraction", type=float, default=0.5, help="budget of the timed device half, share of N - k")
+    c.add_argument("--relay-repeats", type=int, default=3, help="device halves timed per setting")
+    c.add_argument("--no-relay", action="store_true", help="skip the end-to-end device-half timing")
+    c.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    c.set_defaults(func=cmd_cache)
 
     n = bench_sub.add_parser("link", help="hand-off overhead vs ping RTT; host throughput host-only vs relay with many devices")
     n.add_argument("--rounds", type=int, default=200, help="hand-offs and pings timed for the overhead")
@@ -66,6 +77,16 @@ def cmd_device(args: argparse.Namespace) -> int:
                          family=Path(args.family) if args.family else None, relay=not args.no_relay,
                          memory=not args.no_memory)
     report = bench_device(config, log=None if args.json else (lambda m: log.info("timing %s", m)))
+    result(json.dumps(report, sort_keys=True) if args.json else format_table(report))
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from relaydiff.export.bench_cache import CacheBenchConfig, bench_cache, format_table
+
+    config = CacheBenchConfig(bundle=Path(args.bundle), repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+                              budget_fraction=args.budget_fraction, relay=not args.no_relay, relay_repeats=args.relay_repeats)
+    report = bench_cache(config)
     result(json.dumps(report, sort_keys=True) if args.json else format_table(report))
     return 0
 

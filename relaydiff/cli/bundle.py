@@ -67,6 +67,11 @@ def register(sub: Any) -> None:
     b.add_argument("--executorch-float", default=None, metavar="MODULES",
                    help="ExecuTorch INT8: comma list of module paths left in float, 'none' to quantize all "
                         "(default unet.up_blocks.-1,unet.conv_norm_out,unet.conv_out: the full-resolution tail)")
+    b.add_argument("--cache", action="store_true",
+                   help="also export unet_step_full/unet_step_cached (fp32) and the family's cache policy, so the device "
+                        "runtime honours a cache budget (docs/cache.md)")
+    b.add_argument("--cache-mechanism", default="reuse", choices=("reuse", "forecast"),
+                   help="which committed policy goes in the bundle with --cache (default reuse)")
     b.add_argument("--no-zip", action="store_true", help="do not write DIR/DIR.zip")
     b.add_argument("--out", required=True, help="bundle folder (empty or absent)")
     add_json(b, "print the manifest as one JSON document on stdout, no progress bars (library output goes to a log file)")
@@ -162,9 +167,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         accuracy_prompts=ACCURACY_PROMPTS if args.accuracy_prompts is None else args.accuracy_prompts,
         coreml_target=args.coreml_target,
         zip=not args.no_zip,
+        cache=args.cache,
+        cache_mechanism=args.cache_mechanism,
     )
     manifest = build(config, progress=not args.json, log=None if args.json else log.info, accuracy=_accuracy_check())
-    lines = [f"{a['target']:<10} {a['precision']:<5} {a['component']:<13} {a['size']:>10} B  {a['status']:<10}  {a['file']}"
+    lines = [f"{a['target']:<10} {a['precision']:<5} {a['component']:<16} {a['size']:>10} B  {a['status']:<10}  {a['file']}"
              for a in manifest["artifacts"]]
     lines += [f"skipped {s['target']}/{s['precision']}/{s.get('component', '')}: {s['reason']}" for s in manifest["skipped"]]
     failed = [a for a in manifest["artifacts"] if a["status"] == "failed"]

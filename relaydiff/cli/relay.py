@@ -19,6 +19,9 @@ def register(sub: Any) -> None:
     add_request_args(p)
     p.add_argument("--out", default="relay.png", help="output PNG path")
     p.add_argument("--state-out", help="also write the relay state handed over at step k (safetensors bytes)")
+    p.add_argument("--cache-budget", type=int, default=None,
+                   help="B in [1, N - k]: full UNet passes the device spends on its steps, the others from cached deep "
+                        "features (the family's learned schedule; docs/cache.md). Default: every step full")
     add_json(p)
     p.set_defaults(func=cmd_relay)
 
@@ -27,6 +30,8 @@ def register(sub: Any) -> None:
     p.add_argument("--device", help="device model folder (default: the embedded family's device variant)")
     p.add_argument("--device-variant", help="family variant to use as device (default: the folder's default_device)")
     p.add_argument("--out", default="resume.png", help="output PNG path")
+    p.add_argument("--cache-budget", type=int, default=None,
+                   help="B in [1, N - k]: full UNet passes to spend (overrides the state's own budget; default: the state's)")
     add_json(p)
     p.set_defaults(func=cmd_resume)
 
@@ -79,7 +84,7 @@ def request(args: argparse.Namespace, ref: Any) -> Any:
     sampler = args.scheduler or family.default_sampler(ref)
     return RelayRequest(
         prompt=args.prompt, relay_step=k, steps=args.steps, sampler=sampler, guidance_scale=args.guidance,
-        seed=args.seed, negative_prompt=args.negative_prompt,
+        seed=args.seed, negative_prompt=args.negative_prompt, cache_budget=getattr(args, "cache_budget", None),
     )
 
 
@@ -121,6 +126,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
         "host_seconds": round(res.host_seconds, 4),
         "device_seconds": round(res.device_seconds, 4),
         "relay_state_bytes": res.state_bytes,
+        "cache_budget": req.cache_budget,
         "load_seconds": round(load_s, 3),
     }
     emit(args.json, payload, [
@@ -145,6 +151,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if path.stat().st_size > MAX_STATE_BYTES:
         raise RelaydiffError(f"relay state file '{path}' is {path.stat().st_size} bytes; the cap is {MAX_STATE_BYTES}")
     state = RelayState.from_bytes(path.read_bytes())
+    if args.cache_budget is not None:
+        from dataclasses import replace
+
+        state = replace(state, cache_budget=args.cache_budget)  # validated: B in [1, N - k]
     ref = family.resolve(args.device or family.default_family_dir(), args.device_variant, role="device")
     model = family.load(ref)
     t0 = time.perf_counter()
@@ -158,7 +168,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(out)
     payload = {"image": str(out), "device": ref.label, "relay_step": state.step_index, "steps": state.num_inference_steps,
-               "device_seconds": round(secs, 4), "prompt": state.prompt}
+               "device_seconds": round(secs, 4), "prompt": state.prompt, "cache_budget": state.cache_budget}
     emit(args.json, payload, [f"wrote {out}  (resumed at step {state.step_index}/{state.num_inference_steps} on {ref.label}, {secs:.3f} s)"])
     return 0
 

@@ -62,6 +62,9 @@ def add_parsers(subparsers: Any) -> None:
                         "(learns from devices' feedback); default: fixed with --fraction, else rule")
     p.add_argument("--fraction", type=float, help="share of the steps the host runs, for --policy fixed")
     p.add_argument("--bandit-state", help="JSON Lines file the bandit loads (if it exists) and keeps its state in")
+    p.add_argument("--cache-budgets", default=None, metavar="B1,B2",
+                   help="--policy bandit: device budgets as shares of N - k in (0, 1] that the arms also choose among "
+                        "(1 = no caching; e.g. 1,0.5; default 1). The chosen budget travels in the relay state (docs/cache.md)")
     p.add_argument("--result-timeout", type=float, default=120.0, help="longest wait for a device's result after a hand-off, s")
     p.add_argument("--workers", type=int, default=1, help="threads running model steps (default 1)")
     p.add_argument("--duration", type=float, help="stop after this many seconds (default: run until interrupted)")
@@ -213,6 +216,8 @@ def _policy(args: argparse.Namespace) -> Any:
     name = args.policy or ("fixed" if args.fraction is not None else "rule")
     if args.bandit_state is not None and name != "bandit":
         raise RelaydiffError(f"--bandit-state applies to --policy bandit, not --policy {name}")
+    if getattr(args, "cache_budgets", None) is not None and name != "bandit":
+        raise RelaydiffError(f"--cache-budgets applies to --policy bandit, not --policy {name}")
     if name == "fixed":
         if args.fraction is None:
             raise RelaydiffError("--policy fixed needs --fraction F (the share of the steps the host runs, in [0, 1])")
@@ -223,18 +228,30 @@ def _policy(args: argparse.Namespace) -> Any:
         return FixedPolicy()
     from relaydiff.host.bandit import BanditConfig, BanditPolicy
 
+    config = BanditConfig() if getattr(args, "cache_budgets", None) is None else BanditConfig(budgets=_shares(args.cache_budgets))
     if args.bandit_state is None:
-        return BanditPolicy(BanditConfig())
+        return BanditPolicy(config)
     path = Path(args.bandit_state)
     if path.exists():
         bandit = BanditPolicy.load(path, state_path=path, autosave=False)
+        if bandit.config.budgets != config.budgets and args.cache_budgets is not None:
+            raise RelaydiffError(f"--bandit-state {str(path)!r} was written with budgets {list(bandit.config.budgets)}; "
+                                 f"--cache-budgets asks for {list(config.budgets)} (use another state file)")
     else:
-        bandit = BanditPolicy(BanditConfig(), state_path=path, autosave=False)
+        bandit = BanditPolicy(config, state_path=path, autosave=False)
     try:
         bandit.flush()  # fail now, not at the first feedback, when the file cannot be written
     except OSError as exc:
         raise RelaydiffError(f"--bandit-state {str(path)!r} cannot be written: {exc.strerror or exc}") from None
     return bandit
+
+
+def _shares(text: str) -> tuple[float, ...]:
+    """--cache-budgets: a comma list of numbers (BanditConfig checks the range)."""
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise RelaydiffError(f"--cache-budgets must be comma-separated numbers in (0, 1], got {text!r}") from None
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], lines: list[str]) -> None:

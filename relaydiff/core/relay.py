@@ -41,6 +41,7 @@ from relaydiff.core.schedulers import step as sampler_step
 from relaydiff.core.state import RelayState
 
 if TYPE_CHECKING:
+    from relaydiff.core.caching.device import DeviceCache
     from relaydiff.core.student import StudentSpec
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, timestep, latents after the step)
@@ -56,6 +57,7 @@ class RelaySide:
     family_id: str  # the latent space the side belongs to (RelayState.family_id)
     vae_scale_factor: int  # image pixels per latent pixel
     student: StudentSpec | None = None  # a distilled student's jumps (its denoiser takes one conditional pass each)
+    cache: DeviceCache | None = None  # feature caching for a state with a cache budget (None: built from a torch model, else refused)
 
 
 def relay_side(model: LoadedModel) -> RelaySide:
@@ -80,6 +82,7 @@ class RelayRequest:
     negative_prompt: str = ""  # the unconditional prompt for CFG
     height: int | None = None  # image height in pixels; default: the UNet's sample size x VAE factor
     width: int | None = None  # image width in pixels
+    cache_budget: int | None = None  # B: full UNet passes the device may spend on its steps [k, N); None: every step full
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -93,6 +96,12 @@ class RelayRequest:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise RelaydiffError(f"{name} must be a positive integer, got {v!r}")
+        if self.cache_budget is not None:
+            m = self.steps - self.relay_step
+            b = self.cache_budget
+            if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= m:
+                raise RelaydiffError(f"cache budget {b!r} is outside [1, {m}]: the device runs N - k = {self.steps} - "
+                                     f"{self.relay_step} = {m} steps and spends at least its first full pass")
 
 
 @dataclass
@@ -360,6 +369,7 @@ def _make_state(
         negative_prompt=req.negative_prompt,
         seed=req.seed,
         family_id=side.family_id,
+        cache_budget=req.cache_budget if k == req.relay_step else None,
     )
 
 
@@ -396,13 +406,24 @@ def resume(
     if state.generator_state is not None:
         generator = torch.Generator("cpu")
         generator.set_state(state.generator_state)
+    cache = _device_cache(model, side, state, end) if state.cache_budget is not None else None
     if side.student is not None:  # a distilled student: its own coarse jumps, guidance baked in
         if end != n:
             raise RelaydiffError(f"a distilled student finishes the whole trajectory; end must be {n}, got {end}")
         from relaydiff.core.student import student_finish
 
         latents = student_finish(side.denoiser, side.student, state.latents, state.timesteps, state.step_index,
-                                 state.prompt_embeds.float(), state.scheduler_config, state.sampler)
+                                 state.prompt_embeds.float(), state.scheduler_config, state.sampler,
+                                 cache=cache, budget=state.cache_budget)
+    elif cache is not None and state.cache_budget is not None:  # B full passes, the others from cached deep features
+        from relaydiff.core.caching.device import cached_steps, device_schedule
+
+        full = device_schedule(cache, state.timesteps, state.step_index, state.cache_budget, state.scheduler_config)
+        latents = cached_steps(
+            cache, scheduler, state.latents.float(), (state.prompt_embeds.float(), _opt_float(state.negative_prompt_embeds)),
+            state.guidance_scale, [(i, scheduler.timesteps[i]) for i in range(state.step_index, n)], full,
+            lambda eps, _i, t, x: sampler_step(scheduler, eps, t, x, generator), on_step=on_step,
+        )
     else:
         latents = denoise(
             side.denoiser, scheduler, state.latents.float(), (state.prompt_embeds.float(), _opt_float(state.negative_prompt_embeds)),
@@ -428,6 +449,27 @@ def resume(
         seed=state.seed,
         family_id=state.family_id,
     )
+
+
+def _device_cache(model: LoadedModel | RelaySide, side: RelaySide, state: RelayState, end: int) -> DeviceCache:
+    """The cache that spends ``state.cache_budget``: the side's own, else one built from a torch family model.
+
+    A student caches across its own jumps with the uniform schedule (the family's learned policy is trained on
+    the undistilled device UNet's grid); an undistilled torch model uses the family's committed policy.
+
+    Raises:
+        RelaydiffError: a partial device half, or a side (e.g. a bundle without cached-step artifacts) that cannot cache.
+    """
+    from relaydiff.core.caching.device import DeviceCache, TorchCachedStep, torch_cache
+
+    if end != state.num_inference_steps:
+        raise RelaydiffError(f"a device half with a cache budget finishes the trajectory; end must be {state.num_inference_steps}, got {end}")
+    if side.cache is not None:
+        return side.cache
+    if isinstance(model, LoadedModel):
+        return DeviceCache(TorchCachedStep(model.unet)) if model.student is not None else torch_cache(model)
+    raise RelaydiffError(f"this device cannot honour cache budget {state.cache_budget}: its denoiser "
+                         f"({type(side.denoiser).__name__}) has no cached step (a bundle needs unet_step_full and unet_step_cached)")
 
 
 def _opt_float(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -10,6 +10,10 @@ A state is parsed and validated **once per hop, by the layer that consumes it**:
 (the device runtime, ``relaydiff resume``, the in-process relay) or :func:`validate` for an in-memory state
 (the host's fallback). Building a ``RelayState`` checks nothing: the relay loop that builds one is trusted,
 and whoever receives its bytes checks them. The link carries the bytes and never looks inside.
+A device budget (``cache_budget``: how many full UNet passes the device may spend, docs/cache.md) is an
+optional metadata entry, written only when set, so the format stays version 1: a state without a budget
+has exactly the bytes it had before, and a reader that predates the entry ignores it and runs every
+device step full (the same image as uncached, only slower). See docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class RelayState:
     negative_prompt: str = ""
     seed: int | None = None  # the seed the initial noise was drawn with
     family_id: str = ""  # identifies the model family the latent belongs to
+    cache_budget: int | None = None  # B: full UNet passes the device may spend on its N - k steps (None: every step full)
 
     @property
     def num_inference_steps(self) -> int:
@@ -99,6 +104,8 @@ class RelayState:
             "seed": self.seed,
             "family_id": self.family_id,
         }
+        if self.cache_budget is not None:  # written only when set: a state without a budget has the same bytes as before
+            meta["cache_budget"] = self.cache_budget
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         return save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))})
 
@@ -159,6 +166,7 @@ class RelayState:
                 negative_prompt=_typed(meta, "negative_prompt", str),
                 seed=meta.get("seed"),
                 family_id=_typed(meta, "family_id", str),
+                cache_budget=_typed(meta, "cache_budget", int) if "cache_budget" in meta else None,
             )
         except (TypeError, ValueError) as exc:
             raise RelayStateError(f"relay state metadata is malformed: {exc}") from None
@@ -217,6 +225,12 @@ def validate(state: RelayState) -> None:
     n = int(ts.shape[0])
     if isinstance(state.step_index, bool) or not isinstance(state.step_index, int) or not 0 <= state.step_index <= n:
         raise RelayStateError(f"relay step {state.step_index!r} is outside [0, {n}]")
+    budget = state.cache_budget
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= n - state.step_index):
+        raise RelayStateError(
+            f"cache budget {budget!r} is outside [1, {n - state.step_index}]: the device runs N - k = "
+            f"{n} - {state.step_index} steps and spends at least its first full pass"
+        )
     if state.sampler not in SAMPLERS:
         raise RelayStateError(f"unknown sampler {state.sampler!r}; expected one of {sorted(SAMPLERS)}")
     for name in ("prompt_embeds", "negative_prompt_embeds"):

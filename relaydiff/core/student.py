@@ -28,12 +28,15 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from relaydiff.core.denoiser import Conditioning, Denoiser
 from relaydiff.core.errors import RelaydiffError, RelayStateError
+
+if TYPE_CHECKING:
+    from relaydiff.core.caching.device import DeviceCache
 
 STUDENT_FILE = "relaydiff_student.json"
 STUDENT_FORMAT = "relaydiff-student/1"
@@ -195,8 +198,13 @@ def student_eps(student: StudentSpec, x: torch.Tensor, eps: torch.Tensor, t: int
 
 @torch.no_grad()
 def student_finish(denoiser: Denoiser, student: StudentSpec, latents: torch.Tensor, timesteps: torch.Tensor, k: int,
-                   cond: torch.Tensor, scheduler_config: dict[str, Any], sampler: str) -> torch.Tensor:
-    """Run the student from grid step ``k`` of ``timesteps`` to the end; one denoiser pass (conditional only) per jump."""
+                   cond: torch.Tensor, scheduler_config: dict[str, Any], sampler: str, *, cache: DeviceCache | None = None,
+                   budget: int | None = None) -> torch.Tensor:
+    """Run the student from grid step ``k`` of ``timesteps`` to the end; one denoiser pass (conditional only) per jump.
+
+    With ``cache`` and a budget B, min(B, jumps) jumps are full passes (the uniform schedule over the jumps) and
+    the others reuse the deep features of the last full one.
+    """
     if sampler != student.sampler:
         raise RelayStateError(f"the student was distilled on the {student.sampler!r} sampler; the relay state uses {sampler!r}")
     n = len(timesteps)
@@ -204,7 +212,20 @@ def student_finish(denoiser: Denoiser, student: StudentSpec, latents: torch.Tens
         return latents
     x = latents.float()
     conditioning = Conditioning(cond)
-    for t, a_t, a_s in jump_alphas(timesteps, coarse_indices(n, k, student.student_steps), scheduler_config):
+    jumps = jump_alphas(timesteps, coarse_indices(n, k, student.student_steps), scheduler_config)
+    if cache is not None and budget is not None:
+        from relaydiff.core.caching.budget import uniform_mask
+        from relaydiff.core.caching.device import cached_steps
+
+        def jump(eps: torch.Tensor, j: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            _t, a_t, a_s = jumps[j]
+            return ddim_jump(x, student_eps(student, x, eps, int(t), a_t), a_t, a_s)
+
+        steps = [(j, torch.tensor(t)) for j, (t, _a, _b) in enumerate(jumps)]
+
+        full = uniform_mask(len(jumps), min(budget, len(jumps)))
+        return cached_steps(cache, None, x, (cond, None), 1.0, steps, full, jump, scale=False)
+    for t, a_t, a_s in jumps:
         eps = denoiser(x, torch.tensor(t), conditioning)
         x = ddim_jump(x, student_eps(student, x, eps, t, a_t), a_t, a_s)
     return x

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from relaydiff.cache.denoiser import CachedDenoiser
-from relaydiff.cache.unet import SplitUNet
+from relaydiff.core.caching.denoiser import CachedDenoiser
+from relaydiff.core.caching.split import SplitUNet
 from relaydiff.core.errors import RelaydiffError
 
 

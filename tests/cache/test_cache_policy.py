@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from relaydiff.cache.policy import (
+from relaydiff.core.caching.policy import (
     FEATURES,
     PolicyConfig,
     SchedulePolicy,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from relaydiff.cache.policy import check_policy_for, load_policy
+from relaydiff.core.caching.policy import check_policy_for, load_policy
 from relaydiff.cache.train import TrainConfig, train
 from relaydiff.core.errors import RelaydiffError
 
@@ -16,7 +16,7 @@ from relaydiff.core.errors import RelaydiffError
 def test_train_writes_a_policy_and_resumes(tiny_family: Path, tiny_pair, tmp_path: Path) -> None:
     _, device = tiny_pair
     torch.manual_seed(0)
-    from relaydiff.cache.policy import SchedulePolicy
+    from relaydiff.core.caching.policy import SchedulePolicy
 
     init = SchedulePolicy(hidden=8).state_dict()
     cfg = TrainConfig(out=tmp_path / "reuse", family=tiny_family, max_updates=2, prompts=1, relay_steps=(2,), steps=6,

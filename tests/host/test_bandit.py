@@ -204,3 +204,55 @@ def test_host_server_serves_with_the_bandit(tiny_pair, link_config, token, tmp_p
     assert flushed_on and threading.main_thread().name not in flushed_on  # saved in a worker, never on the loop
     (obs,) = BanditPolicy.load(tmp_path / "bandit.json").history
     assert obs.arm == Arm(0.7, "device") and obs.context.device_steps_per_second == 100.0 and obs.context.steps == 4
+
+
+def test_arms_include_the_device_budget() -> None:
+    cfg = BanditConfig(fractions=(0.0, 0.5, 1.0), variants=("device",), budgets=(1.0, 0.5, 0.25))
+    arms = cfg.arms
+    assert len(arms) == 3 * 1 * 3 and {a.budget for a in arms} == {1.0, 0.5, 0.25}
+    assert Arm(0.5, "device").name == "0.5@device" and Arm(0.5, "device", 0.25).name == "0.5@device/b0.25"
+    assert Arm(0.5, "device", 0.25).device_budget(20) == 2  # k = 10: B = round(0.25 x 10)
+    assert Arm(0.0, "device", 0.5).device_budget(25) == 12 and Arm(0.0, "device", 0.01).device_budget(25) == 1
+    assert Arm(1.0, "device", 0.5).device_budget(20) is None and Arm(0.5, "device").device_budget(20) is None
+
+
+def test_bandit_learns_a_cached_arm_and_hands_its_budget_to_the_controller(tmp_path: Path) -> None:
+    from relaydiff.host.policy import BudgetPolicy
+
+    cfg = BanditConfig(fractions=(0.2, 0.5), budgets=(1.0, 0.5), seed=0)
+    policy = BanditPolicy(cfg, state_path=tmp_path / "b.jsonl")
+    assert isinstance(policy, BudgetPolicy)
+    rng = np.random.default_rng(0)
+    for _ in range(80):  # planted: the cached arm at fraction 0.2 is best for everyone
+        ctx = _ctx(float(rng.choice([0.2, 0.8])))
+        arm = policy.choose_arm(ctx)
+        policy.record(ctx, arm, 0.9 if arm == Arm(0.2, "device", 0.5) else 0.3)
+    request = GenerateRequest("r9", "a red circle", 0.8, 30.0)
+    k = policy.choose_in(request, None, 20, Conditions())
+    assert k == 4 and policy.device_budget(request, k, 20) == 8  # B = round(0.5 x 16)
+    assert policy.device_budget(request, 10, 20) is None  # k was overridden: no budget for another hand-off
+    policy.observe(request, k, Feedback("r9", latency_s=2.0, quality=1.0))
+    assert policy.history[-1].arm == Arm(0.2, "device", 0.5)
+    restarted = BanditPolicy.load(tmp_path / "b.jsonl")
+    assert restarted.history[-1].arm == Arm(0.2, "device", 0.5) and restarted.config.budgets == (1.0, 0.5)
+
+
+def test_state_files_from_before_budgets_still_load(tmp_path: Path) -> None:
+    import json
+
+    policy = BanditPolicy(BanditConfig(fractions=FRACTIONS))
+    policy.record(_ctx(), Arm(0.5, "device"), 0.5)
+    state = policy.to_json()
+    del state["config"]["budgets"]
+    for o in state["observations"]:
+        del o["budget"]
+    (tmp_path / "old.json").write_text(json.dumps(state) + "\n")
+    old = BanditPolicy.load(tmp_path / "old.json")
+    assert old.config.budgets == (1.0,) and old.history[0].arm == Arm(0.5, "device")
+
+
+@pytest.mark.parametrize("budgets, message", [((0.0,), r"budgets item is 0.0; expected a finite number in \(0, 1\]"),
+                                              ((1.5,), r"budgets item is 1.5"), ((), "budgets is"), ((0.5, 0.5), "duplicates")])
+def test_bad_budgets_are_refused(budgets: tuple[float, ...], message: str) -> None:
+    with pytest.raises(BanditError, match=message):
+        BanditConfig(budgets=budgets)

@@ -67,3 +67,9 @@ def test_bad_state_files(tmp_path: Path) -> None:
     (tmp_path / "neg.json").write_text(__import__("json").dumps(good))
     with pytest.raises(BanditError, match="context rtt_s is -5"):
         BanditPolicy.load(tmp_path / "neg.json")
+
+
+def test_an_arm_with_an_unconfigured_budget_is_refused() -> None:
+    policy = BanditPolicy(BanditConfig(budgets=(1.0, 0.5)))
+    with pytest.raises(BanditError, match=r"device budget is 0.25; expected one of \[1.0, 0.5\]"):
+        policy.record(BanditContext(**GOOD), Arm(0.5, "device", 0.25), 0.5)  # type: ignore[arg-type]

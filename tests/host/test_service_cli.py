@@ -122,6 +122,9 @@ def test_host_command_policy_options_are_checked(tiny_family, service_main, tmp_
         (["--policy", "rule", "--bandit-state", str(tmp_path / "b.jsonl")], "--bandit-state applies to --policy bandit"),
         (["--policy", "bandit", "--bandit-state", str(tmp_path / "missing-dir" / "x" / "b.jsonl"), "--fraction", "0.2"],
          "--fraction applies to --policy fixed"),
+        (["--policy", "rule", "--cache-budgets", "1,0.5"], "--cache-budgets applies to --policy bandit"),
+        (["--policy", "bandit", "--cache-budgets", "1,half"], "--cache-budgets must be comma-separated numbers"),
+        (["--policy", "bandit", "--cache-budgets", "1,0"], "BanditConfig.budgets item is 0.0; expected a finite number in (0, 1]"),
     ]
     for extra, message in cases:
         assert service_main(base + extra) == 2

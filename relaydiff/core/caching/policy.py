@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from relaydiff.cache.denoiser import check_mechanism
+from relaydiff.core.caching.denoiser import check_mechanism
 from relaydiff.core.errors import RelaydiffError
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def step_features(timesteps: torch.Tensor, k: int, budget: int, scheduler_config
     snr = torch.log(a / (1 - a)).float()
     j = torch.arange(m, dtype=torch.float32)
     uniform = torch.zeros(m)
-    uniform[[math.floor(i * m / budget) for i in range(budget)]] = 1.0  # as relaydiff.cache.schedules.uniform_mask
+    uniform[[math.floor(i * m / budget) for i in range(budget)]] = 1.0  # as relaydiff.core.caching.budget.uniform_mask
     cols = [
         torch.full((m,), budget / m), j / m, (k + j) / n, torch.full((m,), k / n),
         snr[k:n] / 10, (snr[k + 1 : n + 1] - snr[k:n]), uniform, torch.remainder(j * budget / m, 1.0),

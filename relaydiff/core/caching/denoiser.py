@@ -1,6 +1,6 @@
 """The cached denoiser: given the step index and whether to recompute, it returns the noise prediction.
 
-Two mechanisms fill a cached step's deep features D (see :mod:`relaydiff.cache.unet`):
+Two mechanisms fill a cached step's deep features D (see :mod:`relaydiff.core.caching.split`):
 
 - ``reuse`` (DeepCache, Ma et al. 2024): D of the last full step, unchanged.
 - ``forecast`` (TaylorSeer, Liu et al. 2025, first order): extrapolate D from the last two full steps s1 < s2
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from relaydiff.cache.unet import Shallow, SplitUNet
+from relaydiff.core.caching.split import Shallow, SplitUNet
 from relaydiff.core.errors import RelaydiffError
 
 MECHANISMS = ("reuse", "forecast")
@@ -36,7 +36,7 @@ class CachedDenoiser:
     Args:
         unet: a diffusers ``UNet2DConditionModel``.
         mechanism: ``"reuse"`` or ``"forecast"``.
-        cache_branch: the skip branch of the split (see :class:`relaydiff.cache.unet.SplitUNet`).
+        cache_branch: the skip branch of the split (see :class:`relaydiff.core.caching.split.SplitUNet`).
     Raises:
         RelaydiffError: an unknown mechanism or a branch the UNet does not have.
     """
