@@ -22,8 +22,8 @@ Per ``GenerateRequest`` (docs/protocol.md, sections 4 and 7):
 Host steps of concurrent requests are batched: requests that arrive while the worker is busy
 wait in a queue, and the next host run takes up to ``HostConfig.max_batch`` of them through one
 UNet call per step (:func:`relaydiff.core.relay.start_batch`; each request still stops at its own k).
-A batched run is not interrupted: cancelled requests are dropped when a run is formed, and a single
-(unbatched) run or a fallback stops at the next step.
+Cancelled requests are dropped when a run is formed and, within a run (batched or not) or a fallback,
+between two steps: a batch goes on without them.
 """
 
 from __future__ import annotations
@@ -584,7 +584,7 @@ class HostServer:
                     if len(group) == 1:  # the unbatched path: bit-identical to relaydiff.core.relay.start
                         results = [await self._work(_host_steps, self.host_model, first, group[0][1])]
                     else:
-                        results = await self._work(_host_batch, self.host_model, [p[0] for p in group])
+                        results = await self._work(_host_batch, self.host_model, [p[0] for p in group], [p[1] for p in group])
                 except Exception as exc:  # every request of the run fails (or stops) on its own, and is answered
                     for _, _, future in group:
                         if not future.done():
@@ -592,9 +592,13 @@ class HostServer:
                     continue
                 finally:
                     self.host_busy_s += time.perf_counter() - t_run
-                for (_, _, future), (state, seconds) in zip(group, results):
-                    if not future.done():
-                        future.set_result((state, seconds, len(group)))
+                for (_, _, future), outcome in zip(group, results):
+                    if future.done():
+                        continue
+                    if isinstance(outcome, Exception):  # dropped from the batch between two steps (cancelled)
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result((outcome[0], outcome[1], len(group)))
         except Exception as exc:  # a bug in the queue itself: fail what waits, so that every request is answered
             log.exception("the host queue failed")
             for _, _, future in self._pending:
@@ -654,10 +658,10 @@ def _host_steps(model: LoadedModel, request: Any, job: _Job) -> tuple[RelayState
     return state, time.perf_counter() - t0
 
 
-def _host_batch(model: LoadedModel, requests: list[Any]) -> list[tuple[RelayState, float]]:
+def _host_batch(model: LoadedModel, requests: list[Any], jobs: list[_Job]) -> list[tuple[RelayState, float] | Exception]:
     from relaydiff.core.relay import start_batch
 
-    return start_batch(model, requests)
+    return start_batch(model, requests, on_step=[job.on_step for job in jobs])
 
 
 def _device_steps(model: LoadedModel, state: RelayState, job: _Job) -> tuple[Any, float]:
