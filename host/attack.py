@@ -97,9 +97,9 @@ class AttackBenchConfig:
     @classmethod
     def quick(cls, family: Path | None = None) -> AttackBenchConfig:
         """Small counts (a test's run): every attack kind still runs, the lockout and both caps are reached."""
-        return cls(family=family, steps=4, honest_requests=3, links=4, requests_per_link=6, accepted=60, oversize_results=3,
-                   oversize_bytes=256 * 1024, pre_hello_frames=2, pre_hello_bytes=1 * MIB, guesses=8, max_queue=12,
-                   max_per_device=4, ledger_max_entries=20, timeout_s=600.0)
+        return cls(family=family, steps=3, honest_requests=2, links=4, requests_per_link=6, accepted=40, oversize_results=2,
+                   oversize_bytes=256 * 1024, pre_hello_frames=2, pre_hello_bytes=1 * MIB, guesses=7, max_queue=10,
+                   max_per_device=4, ledger_max_entries=15, timeout_s=600.0)
 
 
 def rss_bytes() -> int:
