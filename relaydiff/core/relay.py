@@ -259,6 +259,7 @@ def start_batch(
     requests: list[RelayRequest] | tuple[RelayRequest, ...],
     *,
     on_step: Sequence[StepCallback | None] | None = None,
+    on_ready: Callable[[int, RelayState, float], None] | None = None,
 ) -> list[tuple[RelayState, float] | Exception]:
     """Host half of several requests at once: one UNet call per step for every request still running.
 
@@ -272,6 +273,9 @@ def start_batch(
     steps, as :func:`start` calls its own. A callback that raises drops its request from the batch
     between two steps (the host stops computing it; the others go on unchanged) and the exception it
     raised takes the request's place in the returned list.
+
+    ``on_ready(j, state, seconds)`` is called as soon as request ``j``'s state is ready, before the
+    batch runs its remaining steps, so that a caller can hand it over while the longer requests go on.
 
     We batch by hand because diffusers pipelines batch prompts but cannot stop requests at
     different steps or export a mid-trajectory state.
@@ -306,7 +310,10 @@ def start_batch(
     def finish(j: int) -> None:
         r = requests[j]
         state = _make_state(side, r, schedulers[j], latents[j], r.relay_step, conds[j], unconds[j], generators[j])
-        out[j] = (state, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        out[j] = (state, seconds)
+        if on_ready is not None:
+            on_ready(j, state, seconds)
 
     for j, r in enumerate(requests):
         if r.relay_step == 0:

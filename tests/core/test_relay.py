@@ -170,6 +170,17 @@ def test_a_request_dropped_from_a_batch_between_steps_stops_there_and_the_others
         start_batch(host, reqs, on_step=[None])
 
 
+def test_a_batched_request_is_ready_as_soon_as_it_reaches_its_k(tiny_pair) -> None:
+    """on_ready hands a short request's state out before the batch runs the longer one's remaining steps."""
+    host, _ = tiny_pair
+    reqs = [RelayRequest("a red circle", relay_step=1, steps=N, seed=1), RelayRequest("a blue square", relay_step=N, steps=N, seed=2)]
+    order: list[tuple[str, int]] = []
+    out = start_batch(host, reqs, on_step=[None, lambda i, t, x: order.append(("step", i))],
+                      on_ready=lambda j, state, seconds: order.append(("ready", j)))
+    assert order == [("ready", 0), *[("step", i) for i in range(N)], ("ready", 1)]  # request 0 is out after step 0
+    assert all(isinstance(o, tuple) and o[0].step_index == r.relay_step for o, r in zip(out, reqs))
+
+
 def test_batched_host_steps_refuse_mixed_step_counts(tiny_pair) -> None:
     host, _ = tiny_pair
     reqs = [RelayRequest("a red circle", relay_step=1, steps=N), RelayRequest("a red circle", relay_step=1, steps=N + 1)]
