@@ -21,9 +21,10 @@ Per ``GenerateRequest`` (docs/protocol.md, sections 4 and 7):
 
 Host steps of concurrent requests are batched: requests that arrive while the worker is busy
 wait in a queue, and the next host run takes up to ``HostConfig.max_batch`` of them through one
-UNet call per step (:func:`relaydiff.core.relay.start_batch`; each request still stops at its own k).
-A batched run is not interrupted: cancelled requests are dropped when a run is formed, and a single
-(unbatched) run or a fallback stops at the next step.
+UNet call per step (:func:`relaydiff.core.relay.start_batch`; each request still stops at its own k, and
+is handed over as soon as it does, while the batch goes on with the longer ones).
+Cancelled requests are dropped when a run is formed and, within a run (batched or not) or a fallback,
+between two steps: a batch goes on without them.
 """
 
 from __future__ import annotations
@@ -644,7 +645,9 @@ class HostServer:
                     if len(group) == 1:  # the unbatched path: bit-identical to relaydiff.core.relay.start
                         results = [await self._work(_host_steps, self.host_model, first, group[0][1])]
                     else:
-                        results = await self._work(_host_batch, self.host_model, [p[0] for p in group])
+                        ready = _hand_out(asyncio.get_running_loop(), [p[2] for p in group])
+                        results = await self._work(_host_batch, self.host_model, [p[0] for p in group],
+                                                   [p[1] for p in group], ready)
                 except Exception as exc:  # every request of the run fails (or stops) on its own, and is answered
                     for _, _, future in group:
                         if not future.done():
@@ -655,9 +658,13 @@ class HostServer:
                     self.host_busy_s += time.perf_counter() - t_run
                     self._run_seconds.append((time.perf_counter() - t_run) / len(group))
                     del self._run_seconds[:-LOAD_RUNS]
-                for (_, _, future), (state, seconds) in zip(group, results):
-                    if not future.done():
-                        future.set_result((state, seconds, len(group)))
+                for (_, _, future), outcome in zip(group, results):
+                    if future.done():
+                        continue
+                    if isinstance(outcome, Exception):  # dropped from the batch between two steps (cancelled)
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result((outcome[0], outcome[1], len(group)))
         except Exception as exc:  # a bug in the queue itself: fail what waits, so that every request is answered
             log.exception("the host queue failed")
             for _, _, future in self._pending:
@@ -717,10 +724,23 @@ def _host_steps(model: LoadedModel, request: Any, job: _Job) -> tuple[RelayState
     return state, time.perf_counter() - t0
 
 
-def _host_batch(model: LoadedModel, requests: list[Any]) -> list[tuple[RelayState, float]]:
+def _resolve(future: asyncio.Future[T], value: T) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _hand_out(loop: asyncio.AbstractEventLoop, futures: list[Any]) -> Callable[[int, RelayState, float], None]:
+    """A start_batch on_ready (called in the worker thread) that resolves request j's future on the loop at once."""
+    def ready(j: int, state: RelayState, seconds: float) -> None:
+        loop.call_soon_threadsafe(_resolve, futures[j], (state, seconds, len(futures)))
+    return ready
+
+
+def _host_batch(model: LoadedModel, requests: list[Any], jobs: list[_Job],
+                on_ready: Callable[[int, RelayState, float], None]) -> list[tuple[RelayState, float] | Exception]:
     from relaydiff.core.relay import start_batch
 
-    return start_batch(model, requests)
+    return start_batch(model, requests, on_step=[job.on_step for job in jobs], on_ready=on_ready)
 
 
 def _device_steps(model: LoadedModel, state: RelayState, job: _Job) -> tuple[Any, float]:

@@ -1,5 +1,6 @@
-"""``relaydiff bench device | link | cluster``: the command-line layer over the benchmarks (``relaydiff.export.bench``,
-``relaydiff.host.bench``, ``relaydiff.host.cluster_bench``). The library never sees argparse.
+"""``relaydiff bench device | cache | link | attack | cluster``: the command-line layer over the benchmarks
+(``relaydiff.export.bench``, ``relaydiff.host.bench``, ``relaydiff.host.attack``, ``relaydiff.host.cluster_bench``).
+The library never sees argparse.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: Any) -> None:
-    """Add ``bench`` with its sub-commands (``device``, ``cache``, ``link``) to the ``relaydiff`` subparsers."""
-    p = sub.add_parser("bench", help="benchmarks: `bench device` times a bundle's artifacts beside torch; `bench link` the link and host throughput")
+    """Add ``bench`` with its sub-commands (``device``, ``cache``, ``link``, ``attack``, ``cluster``) to the ``relaydiff`` subparsers."""
+    p = sub.add_parser("bench", help="benchmarks: `bench device` times a bundle's artifacts beside torch; `bench link` the link and host "
+                                     "throughput; `bench attack` the host under abuse; `bench cluster` Ray Serve replicas")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
 
     d = bench_sub.add_parser("device", help="size, load time and per-call latency of a bundle's artifacts vs torch fp32")
@@ -68,6 +70,20 @@ def register(sub: Any) -> None:
     c.add_argument("--replica-cpus", type=float, default=0.5, help="Ray CPUs reserved per replica (default 0.5)")
     c.add_argument("--json", action="store_true", help="print the report as one JSON object")
     c.set_defaults(func=cmd_cluster)
+    a = bench_sub.add_parser("attack", help="issue 19's abuse on a loopback host beside an honest device: its latency, "
+                                            "host RSS, exactly one answer per request, the ledger's bound")
+    a.add_argument("--family", help="family folder (default: the embedded family)")
+    a.add_argument("--steps", type=int, default=8, help="denoising steps N of every request")
+    a.add_argument("--accepted", type=int, default=1000, help="the attack lasts until the host accepted this many requests")
+    a.add_argument("--links", type=int, default=20, help="work amplification: links per wave")
+    a.add_argument("--requests-per-link", type=int, default=16, help="work amplification: requests per link")
+    a.add_argument("--honest-requests", type=int, default=20, help="the honest device's requests unloaded (and at least as many under attack)")
+    a.add_argument("--max-queue", type=int, default=64, help="the host's global queue cap")
+    a.add_argument("--max-per-device", type=int, default=4, help="the host's per-link quota")
+    a.add_argument("--ledger-max-entries", type=int, default=200, help="the ledger's bound on completed entries")
+    a.add_argument("--quick", action="store_true", help="small counts (a smoke run; the other count options are ignored)")
+    a.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    a.set_defaults(func=cmd_attack)
 
 
 def cmd_device(args: argparse.Namespace) -> int:
@@ -117,3 +133,17 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     report = bench_cluster(config, log=None if args.json else (lambda m: log.info("running %s", m)))
     result(json.dumps(report, sort_keys=True) if args.json else format_report(report))
     return 0
+def cmd_attack(args: argparse.Namespace) -> int:
+    from relaydiff.host.attack import AttackBenchConfig, bench_attack, format_report
+
+    family = Path(args.family) if args.family else None
+    if args.quick:
+        config = AttackBenchConfig.quick(family)
+    else:
+        config = AttackBenchConfig(family=family, steps=args.steps, accepted=args.accepted, links=args.links,
+                                   requests_per_link=args.requests_per_link, honest_requests=args.honest_requests,
+                                   max_queue=args.max_queue, max_per_device=args.max_per_device,
+                                   ledger_max_entries=args.ledger_max_entries)
+    report = bench_attack(config, log=None if args.json else (lambda m: log.info("attack bench: %s", m)))
+    result(json.dumps(report, sort_keys=True) if args.json else format_report(report))
+    return 0 if report["ok"] else 1

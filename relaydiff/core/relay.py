@@ -18,7 +18,7 @@ student, its spec), so a torch family model and a bundle's artifacts run the sam
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -265,7 +265,10 @@ def _snapshots(
 def start_batch(
     model: LoadedModel,
     requests: list[RelayRequest] | tuple[RelayRequest, ...],
-) -> list[tuple[RelayState, float]]:
+    *,
+    on_step: Sequence[StepCallback | None] | None = None,
+    on_ready: Callable[[int, RelayState, float], None] | None = None,
+) -> list[tuple[RelayState, float] | Exception]:
     """Host half of several requests at once: one UNet call per step for every request still running.
 
     The requests must share the step count, sampler and latent size (so they share the timestep
@@ -273,6 +276,14 @@ def start_batch(
     scheduler and generator, so its state is the one :func:`start` returns, up to float rounding of
     the batched UNet (tests bound the difference). Returns ``(state, seconds)`` per request in
     order, where seconds is the wall time until that request's state was ready.
+
+    ``on_step`` holds one :data:`StepCallback` (or None) per request, called after each of that request's
+    steps, as :func:`start` calls its own. A callback that raises drops its request from the batch
+    between two steps (the host stops computing it; the others go on unchanged) and the exception it
+    raised takes the request's place in the returned list.
+
+    ``on_ready(j, state, seconds)`` is called as soon as request ``j``'s state is ready, before the
+    batch runs its remaining steps, so that a caller can hand it over while the longer requests go on.
 
     We batch by hand because diffusers pipelines batch prompts but cannot stop requests at
     different steps or export a mid-trajectory state.
@@ -289,8 +300,11 @@ def start_batch(
                 "batched host requests must share steps, sampler and size; got "
                 f"{(r.steps, r.sampler, r.height, r.width)!r} and {(first.steps, first.sampler, first.height, first.width)!r}"
             )
-    t0 = time.perf_counter()
     n = len(requests)
+    if on_step is not None and len(on_step) != n:
+        raise RelaydiffError(f"on_step must hold one callback per request ({n}), got {len(on_step)}")
+    callbacks = list(on_step) if on_step is not None else [None] * n
+    t0 = time.perf_counter()
     schedulers, generators, conds, unconds, latents = [], [], [], [], []
     for r in requests:
         sch = build_scheduler(r.sampler, model.scheduler_config)
@@ -303,18 +317,23 @@ def start_batch(
         conds.append(cond)
         unconds.append(uncond)
         latents.append(lat)
-    out: list[tuple[RelayState, float] | None] = [None] * n
+    out: list[tuple[RelayState, float] | Exception | None] = [None] * n
 
     def finish(j: int) -> None:
         r = requests[j]
         state = _make_state(side, r, schedulers[j], latents[j], r.relay_step, conds[j], unconds[j], generators[j])
-        out[j] = (state, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        out[j] = (state, seconds)
+        if on_ready is not None:
+            on_ready(j, state, seconds)
 
     for j, r in enumerate(requests):
         if r.relay_step == 0:
             finish(j)
     for i in range(max(r.relay_step for r in requests)):
-        active = [j for j, r in enumerate(requests) if r.relay_step > i]
+        active = [j for j, r in enumerate(requests) if r.relay_step > i and out[j] is None]
+        if not active:
+            break
         t = schedulers[active[0]].timesteps[i]
         xs, embeds, sizes = [], [], []
         for j in active:  # 1. per-request input scaling; 2. one batch: [uncond, cond] for CFG requests
@@ -335,6 +354,13 @@ def start_batch(
             if size == 2:  # 3. guidance, per request
                 eps = eps[:1] + requests[j].guidance_scale * (eps[1:] - eps[:1])
             latents[j] = sampler_step(schedulers[j], eps, t, latents[j], generators[j])  # 4.
+            callback = callbacks[j]
+            if callback is not None:
+                try:
+                    callback(i, int(t), latents[j])
+                except Exception as exc:  # the request leaves the batch; the others go on
+                    out[j] = exc
+                    continue
             if requests[j].relay_step == i + 1:
                 finish(j)
     return [o for o in out if o is not None]

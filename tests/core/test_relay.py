@@ -120,6 +120,67 @@ def test_batched_host_steps_match_one_request_at_a_time(tiny_pair, sampler: str)
         assert torch.allclose(resume(host, state).latents, resume(host, alone).latents, atol=1e-3, rtol=0)
 
 
+class _Dropped(Exception):
+    pass
+
+
+def test_a_request_dropped_from_a_batch_between_steps_stops_there_and_the_others_go_on(tiny_pair, monkeypatch) -> None:
+    """A batch of 3; the second request's device leaves after its step 1: the host computes no more of its steps."""
+    import relaydiff.core.relay as relay_module
+    from relaydiff.core.relay import encode_prompt, relay_side
+
+    host, _ = tiny_pair
+    reqs = [RelayRequest(f"prompt {c}", relay_step=N, steps=N, sampler="dpmpp_2m", seed=i) for i, c in enumerate("abc")]
+    conds = [encode_prompt(host, r.prompt)[0] for r in reqs]
+    calls = [0, 0, 0]  # denoiser rows computed per request (conditional rows: one per step and request)
+
+    class Counting:  # the real denoiser, counting the rows whose text embeddings are each request's
+        def __init__(self, inner):  # type: ignore[no-untyped-def]
+            self.inner = inner
+            self.latent_spec, self.text_embed_dim = inner.latent_spec, inner.text_embed_dim
+
+        def __call__(self, x, t, conditioning):  # type: ignore[no-untyped-def]
+            for row in conditioning.text_embeds:
+                for j, cond in enumerate(conds):
+                    calls[j] += bool(torch.equal(row, cond[0]))
+            return self.inner(x, t, conditioning)
+
+    def counting_side(model):  # type: ignore[no-untyped-def]
+        return replace(relay_side(model), denoiser=Counting(relay_side(model).denoiser))
+
+    monkeypatch.setattr(relay_module, "relay_side", counting_side)
+    seen: list[tuple[int, int]] = []
+
+    def leaves_after_step_1(i: int, t: int, latents: torch.Tensor) -> None:
+        seen.append((i, t))
+        if i == 1:
+            raise _Dropped("the device left")
+
+    out = start_batch(host, reqs, on_step=[None, leaves_after_step_1, None])
+    assert len(out) == 3 and isinstance(out[1], _Dropped) and [i for i, _ in seen] == [0, 1]  # called once per step, stopped
+    assert calls == [N, 2, N]  # the dropped request cost the host 2 steps, not N
+    monkeypatch.undo()
+    for j in (0, 2):  # the others finish as an unbatched run does (up to the batched UNet's rounding)
+        state, _ = out[j]  # type: ignore[misc]
+        alone = start(host, reqs[j])
+        assert state.step_index == N and torch.allclose(state.latents, alone.latents, atol=1e-4, rtol=0)
+        for key in alone.history:
+            assert torch.allclose(state.history[key], alone.history[key], atol=1e-4, rtol=0)
+    with pytest.raises(RelaydiffError, match="one callback per request"):
+        start_batch(host, reqs, on_step=[None])
+
+
+def test_a_batched_request_is_ready_as_soon_as_it_reaches_its_k(tiny_pair) -> None:
+    """on_ready hands a short request's state out before the batch runs the longer one's remaining steps."""
+    host, _ = tiny_pair
+    reqs = [RelayRequest("a red circle", relay_step=1, steps=N, seed=1), RelayRequest("a blue square", relay_step=N, steps=N, seed=2)]
+    order: list[tuple[str, int]] = []
+    out = start_batch(host, reqs, on_step=[None, lambda i, t, x: order.append(("step", i))],
+                      on_ready=lambda j, state, seconds: order.append(("ready", j)))
+    assert order == [("ready", 0), *[("step", i) for i in range(N)], ("ready", 1)]  # request 0 is out after step 0
+    assert all(isinstance(o, tuple) and o[0].step_index == r.relay_step for o, r in zip(out, reqs))
+
+
 def test_batched_host_steps_refuse_mixed_step_counts(tiny_pair) -> None:
     host, _ = tiny_pair
     reqs = [RelayRequest("a red circle", relay_step=1, steps=N), RelayRequest("a red circle", relay_step=1, steps=N + 1)]

@@ -229,3 +229,59 @@ def test_a_bug_in_the_link_loop_is_logged_and_the_device_told(make_host, token, 
     assert isinstance(reply, Error) and reply.code == "internal" and reply.request_id is None and "KeyError" in reply.message
     assert any("link s1 failed" in r.getMessage() and r.exc_info for r in caplog.records)
     assert host.ledger.get("s1/r1").source is Source.DEVICE and host.ledger.pending() == []
+
+
+def test_a_batched_run_drops_a_request_whose_device_left_and_finishes_the_others(make_host, token, link_config, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Three requests share one batched host run; one device leaves mid-run: it is stopped between steps, once."""
+    import time
+    from dataclasses import replace
+
+    import relaydiff.core.relay as relay_module
+
+    real_side = relay_module.relay_side
+
+    def slow_side(model):  # type: ignore[no-untyped-def]
+        side = real_side(model)
+        inner = side.denoiser
+
+        class Slow:  # at least 20 ms a step, so that the run is still going when the device leaves
+            latent_spec, text_embed_dim = inner.latent_spec, inner.text_embed_dim
+
+            def __call__(self, *args):  # type: ignore[no-untyped-def]
+                time.sleep(0.02)
+                return inner(*args)
+
+        return replace(side, denoiser=Slow())
+
+    monkeypatch.setattr(relay_module, "relay_side", slow_side)
+    host = make_host(fraction=1.0, steps=60, max_batch=3, batch_window_s=0.3)  # the window gathers all three
+
+    async def main():  # type: ignore[no-untyped-def]
+        async with host:
+            links = [await connect(host.url, auth_token=token, capabilities=CAPS, config=link_config) for _ in range(3)]
+            for i, link in enumerate(links):
+                await link.send(GenerateRequest("r", f"prompt {i}", 0.5, 120.0))
+            while not host.batch_sizes:  # the batched run has started
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            links[1].websocket.transport.abort()  # gone mid-run, without a Close
+            answers = []
+            for i in (0, 2):  # the run takes a while on a loaded machine: wait through recv timeouts
+                while True:
+                    try:
+                        answers.append(await next_for(links[i], "r"))
+                        break
+                    except TimeoutError:
+                        continue
+            for i in (0, 2):
+                await links[i].close()
+            return answers
+
+    answers = run(main(), timeout=120.0)
+    assert host.batch_sizes == [3]
+    assert all(isinstance(a, Result) and a.kind is ResultKind.LATENT for a in answers)
+    s = host.stats
+    assert s.cancelled == 1 and s.stopped_between_steps == 1 and s.skipped_host_runs == 0 and s.failed == 0
+    sources = sorted(e.source.value for e in host.ledger.entries())
+    assert sources == sorted([Source.HOST.value, Source.HOST.value, Source.CANCELLED.value]) and host.ledger.pending() == []
+    assert "left" in (host.ledger.get("s2/r").error or "")
