@@ -159,8 +159,9 @@ def encode_conditioning(model: LoadedModel, prompt: str, negative_prompt: str = 
     if model.style == "sdxl":
         if size is None:
             raise RelaydiffError("SDXL time ids need the image size")
+        # no negative prompt is None, as in the pipeline: SDXL's force_zeros_for_empty_prompt then makes zeros
         pe, npe, pooled, npooled = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
-                                                      do_classifier_free_guidance=True, negative_prompt=negative_prompt)
+                                                      do_classifier_free_guidance=True, negative_prompt=negative_prompt or None)
         h, w = size
         ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)
         return (Conditioning(pe, pooled_text_embeds=pooled, time_ids=ids).float(),
