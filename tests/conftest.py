@@ -34,3 +34,24 @@ def plain_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from plain_pipelines import build_pair
 
     return build_pair(tmp_path_factory.mktemp("own"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_pair(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The tiny SD3-style family (MMDiT host, MMDiT-X device, flow schedule), loaded: (host, device)."""
+    return _load_pair(tmp_path_factory, "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pair(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The tiny SDXL-style family (text-time UNets, two text encoders), loaded: (host, device)."""
+    return _load_pair(tmp_path_factory, "tiny-sdxl")
+
+
+def _load_pair(tmp_path_factory: pytest.TempPathFactory, name: str):  # type: ignore[no-untyped-def]
+    from relaydiff.core import family
+    from relaydiff.presets import build_preset
+
+    root = build_preset(name, tmp_path_factory.mktemp(name) / "family", seed=0)
+    host = family.load(family.resolve(root, role="host"))
+    return host, family.load(family.resolve(root, role="device"), share_with=host)

@@ -28,5 +28,5 @@ def test_tiny_family_loads_as_a_standard_pipeline(tiny_family: Path) -> None:
 
 
 def test_unknown_preset_lists_known() -> None:
-    with pytest.raises(RelaydiffError, match="unknown preset 'sd3'.*sd15-bksdm, tiny"):
+    with pytest.raises(RelaydiffError, match="unknown preset .sd3.*sd15-bksdm, sd35-large-medium, sdxl-ssd1b, tiny"):
         get_preset("sd3")

@@ -1,6 +1,6 @@
 """The one interface every denoising model is used through: ``(latent, timestep, Conditioning) -> model output``.
 
-A torch UNet (:class:`UNetDenoiser`), an exported ``unet_step`` artifact
+A torch UNet (:class:`UNetDenoiser`), an SD3 transformer (:class:`SD3TransformerDenoiser`), an exported ``unet_step`` artifact
 (``relaydiff.runtime.artifact_denoiser``) and a recording proxy used for calibration all implement
 :class:`Denoiser`; the relay loop, the student loop, calibration and parity call nothing else. A model
 that computes classifier-free guidance itself (an exported ``unet_step`` bakes it into the graph) also
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 
 from relaydiff.core.errors import RelaydiffError
-from relaydiff.core.schedulers import NOISE_SCHEDULE_KEYS
+from relaydiff.core.schedulers import noise_schedule as schedule_of
 
 if TYPE_CHECKING:
     from relaydiff.core.family import LoadedModel
@@ -68,28 +68,35 @@ class LatentSpec:
     sample_size: tuple[int, int]  # the latent (h, w) the model was built for; the default image is this times the VAE factor
     scaling_factor: float  # the VAE's latent scaling: the denoiser sees (z - shift_factor) * scaling_factor
     shift_factor: float | None  # the VAE's latent shift (None: no shift, as in SD 1.x)
-    prediction_type: str  # what the model outputs: "epsilon", "v_prediction" or "sample"
-    noise_schedule: tuple[tuple[str, Any], ...]  # the training noise schedule: (key, value) for NOISE_SCHEDULE_KEYS
+    prediction_type: str  # what the model outputs: "epsilon", "v_prediction", "sample", or "flow" (a velocity)
+    noise_schedule: tuple[tuple[str, Any], ...]  # the training schedule as (key, value): relaydiff.core.schedulers.noise_schedule
+    patch_size: int = 1  # latent pixels per token side (an SD3 transformer's patch_size; 1 for a UNet)
 
     @property
     def schedule(self) -> dict[str, Any]:
         """The noise schedule as a dict keyed like a diffusers scheduler config."""
         return dict(self.noise_schedule)
 
+    @property
+    def is_flow(self) -> bool:
+        """A rectified-flow latent space (SD3-style): the model predicts a velocity on a flow schedule."""
+        return self.prediction_type == "flow"
+
     @classmethod
     def from_configs(cls, unet: Mapping[str, Any], vae: Mapping[str, Any], scheduler: Mapping[str, Any]) -> LatentSpec:
-        """The spec of a diffusers UNet on a family's VAE and noise schedule (configs as dicts)."""
+        """The spec of a diffusers UNet or SD3 transformer on a family's VAE and noise schedule (configs as dicts)."""
         size = unet.get("sample_size", 64)
         hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
         shift = vae.get("shift_factor")
+        schedule = schedule_of(scheduler)
         return cls(
             channels=int(unet.get("in_channels", 4)),
             sample_size=hw,
             scaling_factor=float(vae.get("scaling_factor", 0.18215)),
             shift_factor=None if shift is None else float(shift),
-            prediction_type=str(scheduler.get("prediction_type", "epsilon")),
-            noise_schedule=tuple((k, _frozen(scheduler.get(k, "epsilon" if k == "prediction_type" else None)))
-                                 for k in NOISE_SCHEDULE_KEYS),
+            prediction_type=str(schedule["prediction_type"]),
+            noise_schedule=tuple((k, _frozen(v)) for k, v in schedule.items()),
+            patch_size=int(unet.get("patch_size", 1)),
         )
 
 
@@ -161,6 +168,48 @@ class UNetDenoiser:
         return out
 
 
+class SD3TransformerDenoiser:
+    """A diffusers ``SD3Transformer2DModel`` (MMDiT) as a :class:`Denoiser`: per-token joint text embeddings
+    (CLIP-L + CLIP-G padded to the T5 width, then T5) and the pooled projections in, the flow velocity out.
+
+    The timestep is the flow-match scheduler's (sigma x num_train_timesteps), one per batch row, as in
+    diffusers' ``StableDiffusion3Pipeline``.
+    """
+
+    def __init__(self, transformer: Any, latent_spec: LatentSpec) -> None:
+        """
+        Args:
+            transformer: a diffusers SD3Transformer2DModel.
+            latent_spec: its latent space (a flow schedule; see :func:`denoiser_of`).
+
+        Raises:
+            RelaydiffError: the latent spec is not a flow one (an SD3 transformer predicts a velocity).
+        """
+        if not latent_spec.is_flow:
+            raise RelaydiffError(f"an SD3 transformer predicts a flow; its latent spec says {latent_spec.prediction_type!r}")
+        self.transformer = transformer
+        self._spec = latent_spec
+        self._text_dim = int(transformer.config.joint_attention_dim)
+
+    @property
+    def latent_spec(self) -> LatentSpec:
+        return self._spec
+
+    @property
+    def text_embed_dim(self) -> int:
+        return self._text_dim
+
+    def __call__(self, latent: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        if conditioning.pooled_projections is None:
+            raise RelaydiffError("an SD3 transformer needs pooled projections in its conditioning")
+        if conditioning.pooled_text_embeds is not None or conditioning.time_ids is not None:
+            raise RelaydiffError("an SD3 transformer takes no pooled text embeddings or time ids (an SDXL UNet does)")
+        t = torch.as_tensor(timestep).reshape(-1).expand(latent.shape[0])
+        out: torch.Tensor = self.transformer(hidden_states=latent, timestep=t, encoder_hidden_states=conditioning.text_embeds,
+                                             pooled_projections=conditioning.pooled_projections, return_dict=False)[0]
+        return out
+
+
 def latent_spec_of(model: LoadedModel) -> LatentSpec:
     """The latent space of a loaded family model (its UNet, VAE and noise schedule configs)."""
     return LatentSpec.from_configs(dict(model.unet.config), dict(model.vae.config), model.scheduler_config)
@@ -169,3 +218,11 @@ def latent_spec_of(model: LoadedModel) -> LatentSpec:
 def unet_denoiser(model: LoadedModel) -> UNetDenoiser:
     """The UNet of a loaded family model as a :class:`Denoiser`."""
     return UNetDenoiser(model.unet, latent_spec_of(model))
+
+
+def denoiser_of(model: LoadedModel) -> UNetDenoiser | SD3TransformerDenoiser:
+    """The denoising network of a loaded family model as a :class:`Denoiser`: an SD3-style family's transformer,
+    otherwise its UNet (SD 1.x/2.x, and SDXL with its added text-time conditioning)."""
+    if model.style == "sd3":
+        return SD3TransformerDenoiser(model.unet, latent_spec_of(model))
+    return unet_denoiser(model)

@@ -1,7 +1,9 @@
 """Model families: find host and device models in local diffusers folders, check they can relay, load them.
 
 A model folder is a StableDiffusionPipeline folder (``unet/``, ``vae/``, ``text_encoder/``,
-``tokenizer/``, ``scheduler/``, ``model_index.json``). A *family* folder is the same with extra
+``tokenizer/``, ``scheduler/``, ``model_index.json``), a StableDiffusionXLPipeline folder (plus
+``text_encoder_2/``, ``tokenizer_2/``) or a StableDiffusion3Pipeline folder (``transformer/`` for the
+UNet, three text encoders and tokenizers, a flow-match scheduler); :func:`pipeline_style` tells them apart. A *family* folder is the same with extra
 UNet folders and a ``family.json`` naming them as variants, e.g.
 ``{"variants": {"host": "unet", "device": "unet_device"}, "default_host": "host", "default_device": "device"}``.
 Nothing is ever fetched from a hub: every path is local and a missing one is a clear error.
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from relaydiff.core.errors import CompatibilityError, FamilyNotFoundError, RelaydiffError, RelayStateError
-from relaydiff.core.schedulers import NOISE_SCHEDULE_KEYS
+from relaydiff.core.schedulers import NOISE_SCHEDULE_KEYS, is_flow_config, noise_schedule
 
 if TYPE_CHECKING:
     from relaydiff.core.relay import RelaySide
@@ -28,7 +30,24 @@ logger = logging.getLogger(__name__)
 
 FAMILY_FILE = "family.json"
 FAMILY_FORMAT = "relaydiff-family/1"
-_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json")
+_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json", "spiece.model")
+STYLES = {"StableDiffusion3Pipeline": "sd3", "StableDiffusionXLPipeline": "sdxl"}  # pipeline class -> style; else "sd"
+TEXT_SUBFOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # with tokenizer, tokenizer_2, tokenizer_3
+
+
+def pipeline_style(root: Path) -> str:
+    """The family style of a pipeline folder: "sd3" (MMDiT transformer, rectified flow, three text encoders),
+    "sdxl" (text-time UNet, two text encoders) or "sd" (SD 1.x/2.x), from model_index.json's class name."""
+    return STYLES.get(str(read_json(root / "model_index.json").get("_class_name", "")), "sd")
+
+
+def _network_folder(root: Path) -> str:
+    """The denoising network's subfolder of a plain pipeline folder: ``transformer`` for SD3, else ``unet``."""
+    return "transformer" if not (root / "unet").is_dir() and (root / "transformer").is_dir() else "unet"
+
+
+def _text_subfolders(root: Path) -> list[str]:
+    return [sub for sub in TEXT_SUBFOLDERS if (root / sub / "config.json").is_file()]
 
 
 @dataclass(frozen=True)
@@ -36,7 +55,7 @@ class ModelRef:
     """Where one model of a relay lives: a pipeline folder and the UNet subfolder to use."""
 
     root: Path  # the pipeline (or family) folder
-    unet_subfolder: str  # e.g. "unet" or "unet_device"
+    unet_subfolder: str  # the denoising network's folder, e.g. "unet", "unet_device" or (SD3) "transformer"
     variant: str  # the family variant name, or "unet" for a plain pipeline folder
 
     @property
@@ -82,9 +101,10 @@ def resolve(path: str | Path, variant: str | None = None, *, role: str = "host")
         raise FamilyNotFoundError(f"'{root}' is not a diffusers pipeline folder: model_index.json is missing")
     info = family_info(root)
     if info is None:
-        if variant not in (None, "unet"):
-            raise RelaydiffError(f"'{root}' has no {FAMILY_FILE}, so it has no variant {variant!r}; only 'unet'")
-        sub, name = "unet", "unet"
+        net = _network_folder(root)
+        if variant not in (None, net):
+            raise RelaydiffError(f"'{root}' has no {FAMILY_FILE}, so it has no variant {variant!r}; only {net!r}")
+        sub, name = net, net
     else:
         variants = info.get("variants")
         if not isinstance(variants, dict) or not variants:
@@ -103,9 +123,9 @@ def _config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(clean, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def tokenizer_hash(root: Path) -> str:
+def tokenizer_hash(root: Path, subfolder: str = "tokenizer") -> str:
     """A hash over the tokenizer's vocabulary files (same hash = same token ids)."""
-    tok = root / "tokenizer"
+    tok = root / subfolder
     if not tok.is_dir():
         raise FamilyNotFoundError(f"tokenizer folder missing: '{tok}'")
     h = hashlib.sha256()
@@ -182,6 +202,9 @@ def latent_spec(root: Path) -> dict[str, Any]:
         "scaling_factor": vae.get("scaling_factor", 0.18215),
         "shift_factor": vae.get("shift_factor"),
     }
+    if is_flow_config(sched):  # a flow family: its kind, shift and dynamic-shift settings (SD folders keep their id)
+        spec.update(noise_schedule(sched))
+        return spec
     for key in NOISE_SCHEDULE_KEYS:
         spec[key] = sched.get(key, "epsilon" if key == "prediction_type" else None)
     return spec
@@ -191,12 +214,16 @@ def family_id(ref: ModelRef) -> str:
     """The family id: a content hash of what host and device must share (VAE weights, text encoder weights and
     tokenizer, noise schedule, latent spec). The folder name plays no part; it is only a label."""
     root = ref.root
-    content = {
+    content: dict[str, Any] = {
         "vae": weights_hash(root / "vae"),
         "text_encoder": weights_hash(root / "text_encoder"),
         "tokenizer": tokenizer_hash(root),
         "latent": latent_spec(root),
     }
+    for sub in _text_subfolders(root)[1:]:  # SDXL's and SD3's further encoders (an SD family's id is unchanged)
+        suffix = sub[len("text_encoder"):]
+        content[sub] = weights_hash(root / sub)
+        content[f"tokenizer{suffix}"] = tokenizer_hash(root, f"tokenizer{suffix}")
     fid = "fam-" + hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
     logger.debug("family id of '%s': %s (vae %s, text encoder %s, tokenizer %s)", root, fid, content["vae"],
                  content["text_encoder"], content["tokenizer"])
@@ -230,25 +257,111 @@ def relay_fields(ref: ModelRef) -> dict[str, Any]:
         "tokenizer.hash": tokenizer_hash(ref.root),
         "tokenizer.model_max_length": tok_cfg.get("model_max_length"),
     }
-    for key in NOISE_SCHEDULE_KEYS:
-        fields[f"scheduler.{key}"] = sched.get(key)
-    fields["scheduler.prediction_type"] = sched.get("prediction_type", "epsilon")
+    if is_flow_config(sched):
+        for key, value in noise_schedule(sched).items():
+            fields[f"scheduler.{key}"] = value
+    else:
+        for key in NOISE_SCHEDULE_KEYS:
+            fields[f"scheduler.{key}"] = sched.get(key)
+        fields["scheduler.kind"] = "diffusion"
+        fields["scheduler.prediction_type"] = sched.get("prediction_type", "epsilon")
+    fields.update(_conditioning_fields(ref, unet))
     return fields
 
 
+def _text_width(cfg: dict[str, Any]) -> Any:
+    return cfg.get("hidden_size", cfg.get("d_model"))  # CLIP's hidden_size, T5's d_model
+
+
+def _conditioning_fields(ref: ModelRef, net: dict[str, Any]) -> dict[str, Any]:
+    """The conditioning layout of a model: its style, each text encoder (class, width, projection) and tokenizer,
+    the pooled width and the time-id layout its network takes. SD folders keep exactly their old fields plus the style."""
+    style = pipeline_style(ref.root)
+    subs = _text_subfolders(ref.root)
+    fields: dict[str, Any] = {"style": style, "text_encoders.count": len(subs)}
+    if style == "sd":
+        return fields
+    texts = {sub: read_json(ref.root / sub / "config.json") for sub in subs}
+    for sub, cfg in texts.items():
+        suffix = sub[len("text_encoder"):]
+        arch = cfg.get("architectures") or [None]
+        fields[f"{sub}.class"] = arch[0]
+        fields[f"{sub}.hidden_size"] = _text_width(cfg)
+        fields[f"{sub}.projection_dim"] = cfg.get("projection_dim") if "Projection" in str(arch[0]) else None
+        if sub != "text_encoder":  # the first encoder's weights and tokenizer are in the fields already
+            fields[f"{sub}.weights_hash"] = weights_hash(ref.root / sub)
+            tok = ref.root / f"tokenizer{suffix}"
+            tok_cfg = read_json(tok / "tokenizer_config.json") if (tok / "tokenizer_config.json").is_file() else {}
+            fields[f"tokenizer{suffix}.hash"] = tokenizer_hash(ref.root, f"tokenizer{suffix}")
+            fields[f"tokenizer{suffix}.model_max_length"] = tok_cfg.get("model_max_length")
+    if style == "sdxl":
+        pooled = (texts.get("text_encoder_2") or {}).get("projection_dim")
+        fields["pooled.width"] = pooled
+        time_dim = net.get("addition_time_embed_dim")
+        proj_in = net.get("projection_class_embeddings_input_dim")
+        n = (proj_in - pooled) // time_dim if isinstance(proj_in, int) and isinstance(pooled, int) and time_dim else None
+        fields["time_ids.count"] = n
+        fields["time_ids.layout"] = "original_size,crop_top_left,target_size" if n == 6 else None
+        fields["unet.addition_embed_type"] = net.get("addition_embed_type")
+    else:  # sd3: the pooled CLIP-L + CLIP-G projections, and no time ids
+        widths = [(texts.get(sub) or {}).get("projection_dim") for sub in ("text_encoder", "text_encoder_2")]
+        fields["pooled.width"] = sum(widths) if all(isinstance(w, int) for w in widths) else None
+        fields["time_ids.count"] = None
+        fields["time_ids.layout"] = None
+    return fields
+
+
+def _network_text_width(net: dict[str, Any]) -> Any:
+    """D of the (B, L, D) text embeddings a network takes: a UNet's cross_attention_dim, an SD3 transformer's
+    joint_attention_dim."""
+    return net.get("cross_attention_dim", net.get("joint_attention_dim"))
+
+
+def _expected_text_width(ref: ModelRef) -> Any:
+    """D of the text embeddings the folder's encoders make: SD's one encoder; SDXL's two concatenated (CLIP-L +
+    CLIP-G penultimate layers); SD3's T5 width (the CLIP pair is zero-padded to it)."""
+    style = pipeline_style(ref.root)
+    cfgs = [read_json(ref.root / sub / "config.json") for sub in _text_subfolders(ref.root)]
+    if style == "sdxl" and len(cfgs) >= 2:
+        widths = [_text_width(c) for c in cfgs[:2]]
+        return sum(widths) if all(isinstance(w, int) for w in widths) else None
+    if style == "sd3" and len(cfgs) >= 3:
+        return _text_width(cfgs[2])
+    return _text_width(cfgs[0]) if cfgs else None
+
+
+def _pooled_input(net: dict[str, Any], fields: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The network's pooled input width against what the encoders give, as (name, network, encoders), if it has one."""
+    if fields.get("style") == "sd3":
+        return ("transformer.pooled_projection_dim vs pooled.width", net.get("pooled_projection_dim"), fields["pooled.width"])
+    if fields.get("style") == "sdxl":
+        time_dim, n, pooled = net.get("addition_time_embed_dim"), fields.get("time_ids.count"), fields.get("pooled.width")
+        want = pooled + n * time_dim if all(isinstance(v, int) for v in (time_dim, n, pooled)) else None
+        return ("unet.projection_class_embeddings_input_dim vs pooled.width + time ids",
+                net.get("projection_class_embeddings_input_dim"), want)
+    return None
+
+
 def mismatches(host: ModelRef, device: ModelRef) -> list[tuple[str, Any, Any]]:
-    """Every reason ``host`` cannot hand a latent to ``device``, as ``(field, host value, device value)``."""
+    """Every reason ``host`` cannot hand a latent to ``device``, as ``(field, host value, device value)``: the
+    shared parts (VAE channels, scaling and shift factor, noise schedule with its kind, prediction and shift),
+    the conditioning layout (style, number, classes and widths of the text encoders, pooled width, time ids),
+    and each network against the encoders it is fed."""
     hf, df = relay_fields(host), relay_fields(device)
-    found = [(key, hf[key], df[key]) for key in hf if hf[key] != df[key]]
+    found = [(key, hf.get(key), df.get(key)) for key in {**hf, **df} if hf.get(key) != df.get(key)]
+    want_width = _expected_text_width(host)
     for ref, fields in ((host, hf), (device, df)):
-        unet = read_json(ref.root / ref.unet_subfolder / "config.json")
-        if unet.get("in_channels", 4) != fields["vae.latent_channels"]:
+        net = read_json(ref.root / ref.unet_subfolder / "config.json")
+        if net.get("in_channels", 4) != fields["vae.latent_channels"]:
             found.append((f"{ref.variant} unet.in_channels vs vae.latent_channels",
-                          unet.get("in_channels", 4), fields["vae.latent_channels"]))
-        cad = unet.get("cross_attention_dim")
-        if cad != hf["text_encoder.hidden_size"]:
-            found.append((f"{ref.variant} unet.cross_attention_dim vs host text_encoder.hidden_size",
-                          cad, hf["text_encoder.hidden_size"]))
+                          net.get("in_channels", 4), fields["vae.latent_channels"]))
+        width = _network_text_width(net)
+        if width != want_width:
+            what = "unet.cross_attention_dim" if "cross_attention_dim" in net else "transformer.joint_attention_dim"
+            found.append((f"{ref.variant} {what} vs host text width", width, want_width))
+        pooled = _pooled_input(net, hf)
+        if pooled is not None and pooled[1] != pooled[2]:
+            found.append((f"{ref.variant} {pooled[0]}", pooled[1], pooled[2]))
     return found
 
 
@@ -263,56 +376,41 @@ def check_pair(host: ModelRef, device: ModelRef) -> None:
         raise CompatibilityError.of(found)
 
 
-def _target_facts(target: Any) -> tuple[str, Any, int, int]:
-    """(family id, scheduler config, latent channels, text-embedding width) of a LoadedModel or a RelaySide."""
-    if isinstance(target, LoadedModel):
-        unet = target.unet.config
-        return target.family_id, target.scheduler_config, int(unet.in_channels), int(unet.cross_attention_dim)
-    denoiser = target.denoiser  # a relaydiff.core.relay.RelaySide (not imported: relay imports this module)
-    return target.family_id, target.scheduler_config, int(denoiser.latent_spec.channels), int(denoiser.text_embed_dim)
-
-
-def state_mismatches(target: LoadedModel | RelaySide, state: RelayState) -> list[tuple[str, Any, Any]]:
-    """Every reason ``target`` cannot continue ``state``, as ``(field, state's value, target's value)``: family id,
-    each noise-schedule key, latent channels and text-embedding width."""
-    fid, sched, channels, width = _target_facts(target)
-    found: list[tuple[str, Any, Any]] = []
-    if state.family_id != fid:
-        found.append(("family_id", state.family_id, fid))
-    for key in NOISE_SCHEDULE_KEYS:
-        default = "epsilon" if key == "prediction_type" else None
-        theirs, mine = state.scheduler_config.get(key, default), sched.get(key, default)
-        mine = list(mine) if isinstance(mine, tuple) else mine
-        theirs = list(theirs) if isinstance(theirs, tuple) else theirs
-        if theirs != mine:
-            found.append((f"scheduler.{key}", theirs, mine))
-    if int(state.latents.shape[1]) != channels:
-        found.append(("latent.channels", int(state.latents.shape[1]), channels))
-    if int(state.prompt_embeds.shape[-1]) != width:
-        found.append(("text_embeds.width", int(state.prompt_embeds.shape[-1]), width))
-    return found
-
-
 def check_state(target: LoadedModel | RelaySide, state: RelayState) -> None:
     """Check that ``target`` (a loaded model, or the RelaySide of a runtime backend) can continue relay ``state``.
 
     THE compatibility check of a state: ``relay.resume`` runs it, and with it every path that consumes a state
     (``relaydiff resume``, ``DeviceRuntime.finish``, the host's fallback). It checks a *validated* state
-    (``RelayState.from_bytes`` or ``relaydiff.core.state.validate``); it does not validate again.
+    (``RelayState.from_bytes`` or ``relaydiff.core.state.validate``); it does not validate again. It compares the
+    family id (a content hash of the shared weights and latent spec), the noise schedule (kind, prediction,
+    shift), latent channels, text-embedding width and added conditioning (``relay.state_mismatches``).
 
     Raises:
         CompatibilityError: the state is from another family or noise schedule, listing every mismatch
-            (``latent.channels`` and ``text_embeds.width`` too) as (field, state's value, device's value).
-        RelayStateError: same family and schedule, but the latent or embeddings do not fit the device UNet
-            (a malformed state; every such problem).
+            (the shape fields too) as (field, state's value, device's value).
+        RelayStateError: same family and schedule, but the latent or conditioning does not fit the device
+            network (a malformed state; every such problem).
     """
+    from relaydiff.core.relay import SHAPE_FIELDS, state_mismatches
+
     found = state_mismatches(target, state)
-    shapes = {"latent.channels": "relay latent has {} channels; the device UNet expects {}",
-              "text_embeds.width": "relay text embeddings have width {}; the device UNet expects {}"}
-    if any(f not in shapes for f, _, _ in found):
+    if any(f not in SHAPE_FIELDS for f, _, _ in found):
         raise CompatibilityError.of(found, subject="the relay state and this device")
     if found:
-        raise RelayStateError("; ".join(shapes[f].format(a, b) for f, a, b in found))
+        shapes = {"latent.channels": "relay latent has {} channels; the device UNet expects {}",
+                  "text_embeds.width": "relay text embeddings have width {}; the device UNet expects {}"}
+
+        def say(f: str, a: Any, b: Any) -> str:
+            name = f.removesuffix(".width")
+            if f in shapes:
+                return shapes[f].format(a, b)
+            if a is None:
+                return f"relay state lacks {name}; the device network needs them (width {b})"
+            if b is None:
+                return f"relay state carries {name} (width {a}); the device network takes none"
+            return f"relay {name} have width {a}; the device network expects {b}"
+
+        raise RelayStateError("; ".join(say(f, a, b) for f, a, b in found))
 
 
 # diffusers scheduler class (and config) -> our sampler name (relaydiff.core.schedulers.SAMPLERS)
@@ -331,7 +429,11 @@ def folder_sampler(ref: ModelRef) -> str | None:
     name = str(sched.get("_class_name", ""))
     if name == "DPMSolverMultistepScheduler":
         algo = sched.get("algorithm_type", "dpmsolver++")
+        if is_flow_config(sched):
+            return "flow_dpmpp_2m" if algo == "dpmsolver++" else None
         return {"dpmsolver++": "dpmpp_2m", "sde-dpmsolver++": "dpmpp_2m_sde"}.get(algo)
+    if name == "FlowMatchEulerDiscreteScheduler":
+        return "flow_euler_sde" if sched.get("stochastic_sampling") else "flow_euler"
     return _FOLDER_SAMPLERS.get(name)
 
 
@@ -343,8 +445,9 @@ def default_sampler(ref: ModelRef) -> str:
     if name is not None and name in SAMPLERS:
         return name
     sched = read_json(ref.root / "scheduler" / "scheduler_config.json")
-    logger.info("the scheduler of '%s' (%s) cannot be relayed; sampling with ddim", ref.root, sched.get("_class_name"))
-    return "ddim"
+    fallback = "flow_euler" if is_flow_config(sched) else "ddim"
+    logger.info("the scheduler of '%s' (%s) cannot be relayed; sampling with %s", ref.root, sched.get("_class_name"), fallback)
+    return fallback
 
 
 def require_family(path: str | Path, *, needed: str = "a host and a device") -> Path:
@@ -363,7 +466,7 @@ def require_family(path: str | Path, *, needed: str = "a host and a device") -> 
     return root
 
 
-_PIPELINE_PARTS = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+_PIPELINE_PARTS = ("model_index.json", "vae/config.json", "text_encoder/config.json",
                    "tokenizer", "scheduler/scheduler_config.json")
 
 
@@ -372,6 +475,8 @@ def _require_pipeline(path: Path, role: str) -> Path:
     if not root.is_dir():
         raise FamilyNotFoundError(f"--{role} folder not found: '{root}'")
     missing = [part for part in _PIPELINE_PARTS if not (root / part).exists()]
+    if not (root / "unet" / "config.json").exists() and not (root / "transformer" / "config.json").exists():
+        missing.insert(1, "unet/config.json (or transformer/config.json)")
     if missing:
         raise FamilyNotFoundError(f"--{role} '{root}' is not a diffusers pipeline folder: missing {', '.join(missing)}")
     return root
@@ -448,13 +553,19 @@ class LoadedModel:
     """The torch modules of one side of a relay."""
 
     ref: ModelRef
-    unet: Any  # diffusers UNet2DConditionModel
+    unet: Any  # the denoising network: a diffusers UNet2DConditionModel, or for style "sd3" an SD3Transformer2DModel
     vae: Any  # diffusers AutoencoderKL
-    text_encoder: Any  # transformers CLIPTextModel (or compatible)
+    text_encoder: Any  # transformers CLIPTextModel (or compatible; CLIPTextModelWithProjection for SD3)
     tokenizer: Any  # transformers CLIPTokenizer (or compatible)
     scheduler_config: dict[str, Any]
     family_id: str
     student: StudentSpec | None = None  # a distilled student's relaydiff_student.json (relaydiff.core.student)
+    style: str = "sd"  # "sd", "sdxl" or "sd3" (see pipeline_style)
+    text_encoder_2: Any = None  # SDXL/SD3: CLIPTextModelWithProjection (OpenCLIP bigG shape)
+    tokenizer_2: Any = None
+    text_encoder_3: Any = None  # SD3: T5EncoderModel
+    tokenizer_3: Any = None
+    pipeline_config: dict[str, Any] | None = None  # model_index.json (e.g. SDXL's force_zeros_for_empty_prompt)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -462,31 +573,44 @@ class LoadedModel:
 
 
 def load(ref: ModelRef, *, share_with: LoadedModel | None = None) -> LoadedModel:
-    """Load a model's UNet, VAE, text encoder and tokenizer from its local folder (eval mode, fp32).
+    """Load a model's denoising network (UNet, or SD3 transformer), VAE, text encoders and tokenizers from its
+    local folder (eval mode, fp32).
 
-    ``share_with``: reuse that model's VAE/text encoder/tokenizer when it lives in the same folder.
+    ``share_with``: reuse that model's VAE/text encoders/tokenizers when it lives in the same folder.
     """
     import diffusers
     import transformers
 
     root = str(ref.root)
     index = read_json(ref.root / "model_index.json")
-    unet = diffusers.UNet2DConditionModel.from_pretrained(root, subfolder=ref.unet_subfolder, local_files_only=True)
+    style = pipeline_style(ref.root)
+    net_cls = diffusers.SD3Transformer2DModel if style == "sd3" else diffusers.UNet2DConditionModel
+    unet = net_cls.from_pretrained(root, subfolder=ref.unet_subfolder, local_files_only=True)
+    texts: dict[str, Any] = {}
     if share_with is not None and share_with.ref.root == ref.root:
-        vae, text_encoder, tokenizer = share_with.vae, share_with.text_encoder, share_with.tokenizer
+        vae = share_with.vae
+        for sub in TEXT_SUBFOLDERS:
+            suffix = sub[len("text_encoder"):]
+            texts[sub], texts[f"tokenizer{suffix}"] = getattr(share_with, sub), getattr(share_with, f"tokenizer{suffix}")
     else:
         vae = diffusers.AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True)
-        te_cls = _library_class(index, "text_encoder", transformers, "CLIPTextModel")
-        tok_cls = _library_class(index, "tokenizer", transformers, "CLIPTokenizer")
-        text_encoder = te_cls.from_pretrained(root, subfolder="text_encoder", local_files_only=True)
-        tokenizer = tok_cls.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
-    for module in (unet, vae, text_encoder):
-        module.eval().requires_grad_(False)
+        for i, sub in enumerate(_text_subfolders(ref.root)):
+            suffix = sub[len("text_encoder"):]
+            te_cls = _library_class(index, sub, transformers, "CLIPTextModel" if i == 0 else "CLIPTextModelWithProjection")
+            tok_cls = _library_class(index, f"tokenizer{suffix}", transformers, "CLIPTokenizer")
+            texts[sub] = te_cls.from_pretrained(root, subfolder=sub, local_files_only=True)
+            texts[f"tokenizer{suffix}"] = tok_cls.from_pretrained(root, subfolder=f"tokenizer{suffix}", local_files_only=True)
+    for module in (unet, vae, *(texts.get(sub) for sub in TEXT_SUBFOLDERS)):
+        if module is not None:
+            module.eval().requires_grad_(False)
     sched = read_json(ref.root / "scheduler" / "scheduler_config.json")
     from relaydiff.core.student import read_student
 
     student = read_student(ref.root / ref.unet_subfolder)
-    return LoadedModel(ref, unet, vae, text_encoder, tokenizer, sched, family_id(ref), student)
+    return LoadedModel(ref, unet, vae, texts.get("text_encoder"), texts.get("tokenizer"), sched, family_id(ref), student,
+                       style=style, text_encoder_2=texts.get("text_encoder_2"), tokenizer_2=texts.get("tokenizer_2"),
+                       text_encoder_3=texts.get("text_encoder_3"), tokenizer_3=texts.get("tokenizer_3"),
+                       pipeline_config=index)
 
 
 def _library_class(index: dict[str, Any], key: str, module: Any, default: str) -> Any:

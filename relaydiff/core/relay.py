@@ -4,10 +4,14 @@ We write the denoising loop ourselves rather than call ``StableDiffusionPipeline
 because the pipeline cannot stop after step k and export, or start from, a mid-trajectory state.
 Each step is the standard one (Ho et al. 2020, with the scheduler's update rule):
 
-1. scale the model input for timestep t (``scheduler.scale_model_input``);
-2. predict noise for the conditional and, with CFG, the unconditional embeddings in one batch;
+1. scale the model input for timestep t (``scheduler.scale_model_input``; a flow model sees x_t as is);
+2. predict noise (or, for a rectified-flow model, the velocity) for the conditional and, with CFG, the
+   unconditional conditioning in one batch;
 3. combine: eps = eps_uncond + g * (eps_cond - eps_uncond) (Ho & Salimans 2022, eq. 6);
 4. take the sampler's update x_t -> x_{t-1} (``scheduler.step``).
+
+The conditioning is a :class:`~relaydiff.core.denoiser.Conditioning`: SD 1.x/2.x per-token embeddings;
+SDXL adds pooled embeddings and size/crop time ids; SD3 joint embeddings and pooled projections.
 
 The model is used only through :class:`relaydiff.core.denoiser.Denoiser`; a :class:`RelaySide` is what
 the loop needs of one side (its denoiser, noise schedule, family id, VAE factor and, for a distilled
@@ -25,14 +29,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from relaydiff.core.denoiser import Conditioning, Denoiser, GuidedDenoiser, unet_denoiser
+from relaydiff.core.denoiser import Conditioning, Denoiser, GuidedDenoiser, denoiser_of
 from relaydiff.core.errors import RelaydiffError, RelayStateError
 from relaydiff.core.family import LoadedModel, check_state
 from relaydiff.core.schedulers import (
     build_scheduler,
+    dynamic_shift_mu,
     export_history,
     import_history,
+    init_noise_sigma,
+    noise_schedule,
     restore_scheduler,
+    scale_input,
     sampler_spec,
     scheduler_config,
     set_steps,
@@ -58,11 +66,27 @@ class RelaySide:
     vae_scale_factor: int  # image pixels per latent pixel
     student: StudentSpec | None = None  # a distilled student's jumps (its denoiser takes one conditional pass each)
     cache: DeviceCache | None = None  # feature caching for a state with a cache budget (None: built from a torch model, else refused)
+    conditioning_widths: Mapping[str, int] = field(default_factory=dict)  # added Conditioning fields the denoiser
+    #   needs, with their widths: SDXL {"pooled_text_embeds": P, "time_ids": 6}, SD3 {"pooled_projections": P}
 
 
 def relay_side(model: LoadedModel) -> RelaySide:
-    """A loaded family model as the loop sees it: its UNet as a Denoiser, plus its schedule, family id and student."""
-    return RelaySide(unet_denoiser(model), model.scheduler_config, model.family_id, model.vae_scale_factor, model.student)
+    """A loaded family model as the loop sees it: its network as a Denoiser, plus its schedule, family id and student."""
+    return RelaySide(denoiser_of(model), model.scheduler_config, model.family_id, model.vae_scale_factor, model.student,
+                     conditioning_widths=conditioning_widths(model))
+
+
+def conditioning_widths(model: LoadedModel) -> dict[str, int]:
+    """The added conditioning a loaded model's network takes: SDXL's pooled embeddings (the CLIP-G projection
+    width) and time ids (their count, from the UNet's added-embedding input), SD3's pooled projections."""
+    net = model.unet.config
+    if model.style == "sd3":
+        return {"pooled_projections": int(net.pooled_projection_dim)}
+    if getattr(net, "addition_embed_type", None) == "text_time":
+        pooled = int(model.text_encoder_2.config.projection_dim)
+        return {"pooled_text_embeds": pooled,
+                "time_ids": (int(net.projection_class_embeddings_input_dim) - pooled) // int(net.addition_time_embed_dim)}
+    return {}
 
 
 def _side(model: LoadedModel | RelaySide) -> RelaySide:
@@ -128,6 +152,56 @@ def encode_prompt(model: LoadedModel, prompt: str, negative_prompt: str = "") ->
 
 
 @torch.no_grad()
+def encode_conditioning(model: LoadedModel, prompt: str, negative_prompt: str = "",
+                        size: tuple[int, int] | None = None) -> tuple[Conditioning, Conditioning]:
+    """The (cond, uncond) conditioning of a prompt for the model's style, batch 1, float32.
+
+    SD 1.x/2.x: the text encoder's last hidden states. SDXL and SD3: diffusers' own pipeline
+    ``encode_prompt`` on the model's encoders (their layer choices, concatenation, padding and the pooled
+    outputs are the pipeline's, so the embeddings are diffusers'); SDXL's time ids are (H, W, 0, 0, H, W):
+    original size, crop top-left, target size (Podell et al. 2023, sec. 2.2), for the ``size`` = (H, W) image.
+    """
+    if model.style == "sd":
+        cond, uncond = encode_prompt(model, prompt, negative_prompt)
+        return Conditioning(cond), Conditioning(uncond)
+    pipe = _encoding_pipeline(model)
+    if model.style == "sdxl":
+        if size is None:
+            raise RelaydiffError("SDXL time ids need the image size")
+        # no negative prompt is None, as in the pipeline: SDXL's force_zeros_for_empty_prompt then makes zeros
+        pe, npe, pooled, npooled = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=True, negative_prompt=negative_prompt or None)
+        h, w = size
+        ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)
+        return (Conditioning(pe, pooled_text_embeds=pooled, time_ids=ids).float(),
+                Conditioning(npe, pooled_text_embeds=npooled, time_ids=ids.clone()).float())
+    pe, npe, pooled, npooled = pipe.encode_prompt(prompt, None, None, device="cpu", num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=True, negative_prompt=negative_prompt,
+                                                  max_sequence_length=int(model.tokenizer_3.model_max_length))
+    return Conditioning(pe, pooled_projections=pooled).float(), Conditioning(npe, pooled_projections=npooled).float()
+
+
+def _encoding_pipeline(model: LoadedModel) -> Any:
+    """The diffusers pipeline of the model's style over its own modules (no copies), used for its ``encode_prompt``."""
+    import diffusers
+
+    scheduler = getattr(diffusers, "FlowMatchEulerDiscreteScheduler" if model.style == "sd3" else "EulerDiscreteScheduler")()
+    common = dict(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                  text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2, scheduler=scheduler)
+    if model.style == "sd3":
+        return diffusers.StableDiffusion3Pipeline(transformer=model.unet, text_encoder_3=model.text_encoder_3,
+                                                  tokenizer_3=model.tokenizer_3, **common)
+    zeros = bool((model.pipeline_config or {}).get("force_zeros_for_empty_prompt", True))
+    return diffusers.StableDiffusionXLPipeline(unet=model.unet, force_zeros_for_empty_prompt=zeros, **common)
+
+
+def image_size(side: RelaySide, req: RelayRequest) -> tuple[int, int]:
+    """The request's image (H, W) in pixels: its own, else the network's sample size times the VAE factor."""
+    f, spec = side.vae_scale_factor, side.denoiser.latent_spec
+    return req.height or spec.sample_size[0] * f, req.width or spec.sample_size[1] * f
+
+
+@torch.no_grad()
 def encode_texts(tokenizer: Any, encoder: TextEncoder, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """Text embeddings (cond, uncond), each (1, L, D): ``tokenizer`` pads to its max length, ``encoder`` embeds the ids."""
     out = []
@@ -140,7 +214,7 @@ def encode_texts(tokenizer: Any, encoder: TextEncoder, prompt: str, negative_pro
 def _latent_shape(side: RelaySide, req: RelayRequest) -> tuple[int, int, int, int]:
     f = side.vae_scale_factor
     spec = side.denoiser.latent_spec
-    h, w = req.height or spec.sample_size[0] * f, req.width or spec.sample_size[1] * f
+    h, w = image_size(side, req)
     if h % f or w % f:
         raise RelaydiffError(f"image size {h}x{w} must be a multiple of the VAE factor {f}")
     return (1, spec.channels, h // f, w // f)
@@ -151,7 +225,7 @@ def denoise(
     denoiser: Denoiser,
     scheduler: Any,
     latents: torch.Tensor,
-    state_embeds: tuple[torch.Tensor, torch.Tensor | None],
+    conditioning: tuple[Conditioning | torch.Tensor, Conditioning | torch.Tensor | None],
     guidance_scale: float,
     start: int,
     end: int,
@@ -161,19 +235,21 @@ def denoise(
     progress: bool = False,
     desc: str = "denoise",
 ) -> torch.Tensor:
-    """Run steps [start, end) of ``scheduler.timesteps`` with ``denoiser``."""
+    """Run steps [start, end) of ``scheduler.timesteps`` with ``denoiser``; ``conditioning`` = (cond, uncond or
+    None), each a Conditioning (or bare per-token text embeddings)."""
     from tqdm.auto import tqdm
 
-    cond, uncond = Conditioning(state_embeds[0]), None if state_embeds[1] is None else Conditioning(state_embeds[1])
+    cond, uncond = (None if c is None else c if isinstance(c, Conditioning) else Conditioning(c) for c in conditioning)
+    assert cond is not None
     guided = uncond is not None and _cfg(guidance_scale)
     both = Conditioning.cat([uncond, cond]) if guided and uncond is not None else cond
     for i in tqdm(range(start, end), desc=desc, disable=not progress or end <= start, leave=False):
         t = scheduler.timesteps[i]
         if guided and uncond is not None and isinstance(denoiser, GuidedDenoiser):  # steps 2-3 in one call
-            eps = denoiser.guided(scheduler.scale_model_input(latents, t), t, cond, uncond, guidance_scale)  # step 1
+            eps = denoiser.guided(scale_input(scheduler, latents, t), t, cond, uncond, guidance_scale)  # step 1
         else:
             x = torch.cat([latents, latents]) if guided else latents
-            x = scheduler.scale_model_input(x, t)  # step 1
+            x = scale_input(scheduler, x, t)  # step 1
             eps = denoiser(x, t, both)  # step 2
             if guided:
                 eps_uncond, eps_cond = eps.chunk(2)
@@ -209,20 +285,24 @@ def snapshots(
     Also returns the host compute seconds spent to reach each k (prompt encoding included),
     so that evaluating many relay steps costs one host trajectory instead of one per k.
     """
-    return _snapshots(relay_side(model), req, at, lambda: encode_prompt(model, req.prompt, req.negative_prompt),
+    side = relay_side(model)
+    return _snapshots(side, req, at, lambda: encode_conditioning(model, req.prompt, req.negative_prompt, image_size(side, req)),
                       on_step=on_step, progress=progress)
 
 
 def start_from(
     side: RelaySide,
     req: RelayRequest,
-    embeds: tuple[torch.Tensor, torch.Tensor],
+    embeds: tuple[torch.Tensor, torch.Tensor] | tuple[Conditioning, Conditioning],
     *,
     on_step: StepCallback | None = None,
     progress: bool = False,
 ) -> RelayState:
-    """:func:`start` with the prompt already encoded (``embeds`` = (cond, uncond), each (1, L, D)), for a side without a text encoder."""
-    state, _ = _snapshots(side, req, [req.relay_step], lambda: embeds, on_step=on_step, progress=progress)[req.relay_step]
+    """:func:`start` with the prompt already encoded (``embeds`` = (cond, uncond): Conditionings, or per-token
+    embeddings (1, L, D) each), for a side without a text encoder."""
+    conds = tuple(e if isinstance(e, Conditioning) else Conditioning(e) for e in embeds)
+    state, _ = _snapshots(side, req, [req.relay_step], lambda: (conds[0], conds[1]), on_step=on_step,
+                          progress=progress)[req.relay_step]
     return state
 
 
@@ -230,7 +310,7 @@ def _snapshots(
     side: RelaySide,
     req: RelayRequest,
     at: list[int] | tuple[int, ...],
-    encode: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    encode: Callable[[], tuple[Conditioning, Conditioning]],
     *,
     on_step: StepCallback | None,
     progress: bool,
@@ -241,13 +321,14 @@ def _snapshots(
             raise RelaydiffError(f"relay step {k!r} is outside [0, {req.steps}]")
     t0 = time.perf_counter()
     scheduler = build_scheduler(req.sampler, dict(side.scheduler_config))
-    set_steps(scheduler, req.steps)
+    mu = _mu(side, req)
+    set_steps(scheduler, req.steps, mu)
     cond, uncond = encode()
     generator = torch.Generator("cpu").manual_seed(req.seed)
     from diffusers.utils.torch_utils import randn_tensor
 
     latents = randn_tensor(_latent_shape(side, req), generator=generator, dtype=torch.float32)
-    latents = latents * scheduler.init_noise_sigma
+    latents = latents * init_noise_sigma(scheduler)
     out: dict[int, tuple[RelayState, float]] = {}
     done = 0
     for k in ks:
@@ -257,8 +338,15 @@ def _snapshots(
         )
         done = k
         elapsed = time.perf_counter() - t0
-        out[k] = (_make_state(side, req, scheduler, latents, k, cond, uncond, generator), elapsed)
+        out[k] = (_make_state(side, req, scheduler, latents, k, cond, uncond, generator, mu), elapsed)
     return out
+
+
+def _mu(side: RelaySide, req: RelayRequest) -> float | None:
+    """A dynamically shifted flow family's mu for the request's image: from its token count (latent / patch)."""
+    _, _, h, w = _latent_shape(side, req)
+    patch = side.denoiser.latent_spec.patch_size
+    return dynamic_shift_mu(side.scheduler_config, (h // patch) * (w // patch))
 
 
 @torch.no_grad()
@@ -308,10 +396,10 @@ def start_batch(
     schedulers, generators, conds, unconds, latents = [], [], [], [], []
     for r in requests:
         sch = build_scheduler(r.sampler, model.scheduler_config)
-        set_steps(sch, r.steps)
-        cond, uncond = encode_prompt(model, r.prompt, r.negative_prompt)
+        set_steps(sch, r.steps, _mu(side, r))
+        cond, uncond = encode_conditioning(model, r.prompt, r.negative_prompt, image_size(side, r))
         gen = torch.Generator("cpu").manual_seed(r.seed)
-        lat = randn_tensor(_latent_shape(side, r), generator=gen, dtype=torch.float32) * sch.init_noise_sigma
+        lat = randn_tensor(_latent_shape(side, r), generator=gen, dtype=torch.float32) * init_noise_sigma(sch)
         schedulers.append(sch)
         generators.append(gen)
         conds.append(cond)
@@ -321,7 +409,8 @@ def start_batch(
 
     def finish(j: int) -> None:
         r = requests[j]
-        state = _make_state(side, r, schedulers[j], latents[j], r.relay_step, conds[j], unconds[j], generators[j])
+        state = _make_state(side, r, schedulers[j], latents[j], r.relay_step, conds[j], unconds[j], generators[j],
+                            _mu(side, r))
         seconds = time.perf_counter() - t0
         out[j] = (state, seconds)
         if on_ready is not None:
@@ -337,7 +426,7 @@ def start_batch(
         t = schedulers[active[0]].timesteps[i]
         xs, embeds, sizes = [], [], []
         for j in active:  # 1. per-request input scaling; 2. one batch: [uncond, cond] for CFG requests
-            x = schedulers[j].scale_model_input(latents[j], t)
+            x = scale_input(schedulers[j], latents[j], t)
             if _cfg(requests[j].guidance_scale):
                 xs += [x, x]
                 embeds += [unconds[j], conds[j]]
@@ -346,7 +435,7 @@ def start_batch(
                 xs.append(x)
                 embeds.append(conds[j])
                 sizes.append(1)
-        eps_all = side.denoiser(torch.cat(xs), t, Conditioning(torch.cat(embeds)))
+        eps_all = side.denoiser(torch.cat(xs), t, Conditioning.cat(embeds))
         offset = 0
         for j, size in zip(active, sizes):
             eps = eps_all[offset : offset + size]
@@ -372,12 +461,18 @@ def _make_state(
     scheduler: Any,
     latents: torch.Tensor,
     k: int,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    cond: Conditioning,
+    uncond: Conditioning,
     generator: torch.Generator,
+    mu: float | None = None,
 ) -> RelayState:
     hist, hist_ints = export_history(scheduler)
     sigmas = getattr(scheduler, "sigmas", None)
+    cfg = _cfg(req.guidance_scale)
+    extras = {}
+    for name in ("pooled_text_embeds", "time_ids", "pooled_projections"):
+        extras[name] = getattr(cond, name)
+        extras[f"negative_{name}"] = getattr(uncond, name) if cfg else None
     return RelayState(
         latents=latents.contiguous(),
         step_index=k,
@@ -385,8 +480,8 @@ def _make_state(
         sampler=req.sampler,
         scheduler_config=scheduler_config(scheduler),
         guidance_scale=float(req.guidance_scale),
-        prompt_embeds=cond,
-        negative_prompt_embeds=uncond if _cfg(req.guidance_scale) else None,
+        prompt_embeds=cond.text_embeds,
+        negative_prompt_embeds=uncond.text_embeds if cfg else None,
         history=hist,
         history_ints=hist_ints,
         sigmas=sigmas.clone().float() if isinstance(sigmas, torch.Tensor) else None,
@@ -396,9 +491,40 @@ def _make_state(
         seed=req.seed,
         family_id=side.family_id,
         cache_budget=req.cache_budget if k == req.relay_step else None,
+        noise_schedule=noise_schedule(side.scheduler_config),
+        mu=mu,
+        **extras,
     )
 
 
+SHAPE_FIELDS = ("latent.channels", "text_embeds.width", "pooled_text_embeds.width", "time_ids.width",
+                "pooled_projections.width")  # mismatches of shape alone (same family and schedule): a malformed state
+
+
+def state_mismatches(model: LoadedModel | RelaySide, state: RelayState) -> list[tuple[str, Any, Any]]:
+    """Every reason ``model`` cannot continue ``state``, as ``(field, state's value, device's value)``: family id,
+    each noise-schedule key (kind, prediction, shift, ...), latent channels, text-embedding width and the width of
+    each added conditioning (None where one side has none)."""
+    side = _side(model)
+    found: list[tuple[str, Any, Any]] = []
+    if state.family_id != side.family_id:
+        found.append(("family_id", state.family_id, side.family_id))
+    mine = noise_schedule(side.scheduler_config)
+    theirs = state.noise_schedule
+    found += [(f"scheduler.{key}", theirs.get(key), mine.get(key)) for key in sorted({**mine, **theirs})
+              if theirs.get(key) != mine.get(key)]
+    channels = side.denoiser.latent_spec.channels
+    if int(state.latents.shape[1]) != channels:
+        found.append(("latent.channels", int(state.latents.shape[1]), channels))
+    dim = side.denoiser.text_embed_dim
+    if int(state.prompt_embeds.shape[-1]) != dim:
+        found.append(("text_embeds.width", int(state.prompt_embeds.shape[-1]), dim))
+    for name in ("pooled_text_embeds", "time_ids", "pooled_projections"):
+        value, want = getattr(state, name), side.conditioning_widths.get(name)
+        have = None if value is None else int(value.shape[-1])
+        if have != want:
+            found.append((f"{name}.width", have, want))
+    return found
 def resume(
     model: LoadedModel | RelaySide,
     state: RelayState,
@@ -419,12 +545,15 @@ def resume(
     end = n if end is None else end
     if not state.step_index <= end <= n:
         raise RelaydiffError(f"end step {end!r} is outside [{state.step_index}, {n}]")
-    scheduler = restore_scheduler(state.sampler, state.scheduler_config, n)
+    scheduler = restore_scheduler(state.sampler, state.scheduler_config, n, state.mu)
     if not torch.equal(scheduler.timesteps.to(state.timesteps.dtype), state.timesteps):
         raise RelayStateError(
             f"the timestep grid in the relay state {state.timesteps.tolist()} differs from the one its "
             f"scheduler config gives for {n} steps {scheduler.timesteps.tolist()}"
         )
+    if sampler_spec(state.sampler).flow and (state.sigmas is None or not torch.equal(scheduler.sigmas.float(), state.sigmas.float())):
+        raise RelayStateError(  # the flow step moves x by (sigma_next - sigma) * v: the sigmas are the trajectory
+            f"the flow sigmas in the relay state differ from the ones its scheduler config gives for {n} steps")
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(state.step_index)
     import_history(scheduler, dict(state.history), dict(state.history_ints))
@@ -452,7 +581,7 @@ def resume(
         )
     else:
         latents = denoise(
-            side.denoiser, scheduler, state.latents.float(), (state.prompt_embeds.float(), _opt_float(state.negative_prompt_embeds)),
+            side.denoiser, scheduler, state.latents.float(), (state.conditioning(), state.negative_conditioning()),
             state.guidance_scale, state.step_index, end, generator, on_step=on_step, progress=progress, desc="device steps",
         )
     hist, hist_ints = export_history(scheduler)
@@ -474,6 +603,10 @@ def resume(
         negative_prompt=state.negative_prompt,
         seed=state.seed,
         family_id=state.family_id,
+        noise_schedule=state.noise_schedule,
+        mu=state.mu,
+        **{k: getattr(state, k) for n in ("pooled_text_embeds", "time_ids", "pooled_projections")
+           for k in (n, f"negative_{n}")},
     )
 
 

@@ -9,6 +9,7 @@ The step counter itself is not carried as a hidden value: the receiver calls the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ class SamplerSpec:
     overrides: tuple[tuple[str, Any], ...]  # config fields forced on top of the family's noise schedule
     stochastic: bool  # draws noise inside step(): the generator state must travel too
     description: str
+    flow: bool = False  # a rectified-flow sampler (SD3-style families, flow prediction); the others are for diffusion
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
@@ -64,10 +66,27 @@ SAMPLERS: dict[str, SamplerSpec] = {
             False,
             "UniPC (Zhao et al. 2023), multistep predictor-corrector: carries its history and last sample",
         ),
+        SamplerSpec(
+            "flow_euler", "FlowMatchEulerDiscreteScheduler", (), False,
+            "rectified-flow Euler (Esser et al. 2024), SD3's own sampler, deterministic", flow=True,
+        ),
+        SamplerSpec(
+            "flow_euler_sde", "FlowMatchEulerDiscreteScheduler", (("stochastic_sampling", True),), True,
+            "rectified-flow Euler with re-noising every step (diffusers' stochastic_sampling): the generator travels",
+            flow=True,
+        ),
+        SamplerSpec(
+            "flow_dpmpp_2m", "DPMSolverMultistepScheduler",
+            (("algorithm_type", "dpmsolver++"), ("solver_order", 2), ("use_flow_sigmas", True),
+             ("prediction_type", "flow_prediction")),
+            False,
+            "DPM-Solver++(2M) on flow sigmas (diffusers' flow_prediction mode), multistep: carries its solver history",
+            flow=True,
+        ),
     )
 }
 
-# Keys of the noise schedule: host and device must agree on these to share a trajectory.
+# Keys of the noise schedule of a diffusion family: host and device must agree on these to share a trajectory.
 NOISE_SCHEDULE_KEYS = (
     "num_train_timesteps",
     "beta_start",
@@ -76,6 +95,63 @@ NOISE_SCHEDULE_KEYS = (
     "trained_betas",
     "prediction_type",
 )
+
+
+# Keys of a rectified-flow family's schedule (FlowMatchEulerDiscreteScheduler's config), with their diffusers defaults.
+FLOW_SCHEDULE_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "time_shift_type": "exponential",
+}
+FLOW_CLASS = "FlowMatchEulerDiscreteScheduler"
+
+
+def is_flow_config(config: Mapping[str, Any]) -> bool:
+    """Whether a scheduler config is a rectified-flow one: the flow-match class (named, or recognized by its
+    ``shift`` and lack of a beta schedule once the class name is stripped), or a solver on flow sigmas."""
+    return config.get("_class_name") == FLOW_CLASS or bool(config.get("use_flow_sigmas")) \
+        or config.get("prediction_type") == "flow_prediction" or ("shift" in config and "beta_schedule" not in config)
+
+
+def noise_schedule(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What host and device must agree on to share a trajectory, read from a family's (or a sampler's) config.
+
+    A diffusion family: ``kind`` "diffusion" and the NOISE_SCHEDULE_KEYS (prediction type defaults to epsilon).
+    A flow family: ``kind`` "flow", prediction "flow" and the FLOW_SCHEDULE_DEFAULTS keys; a DPM-Solver on flow
+    sigmas names the shift ``flow_shift``, read here as ``shift``.
+    """
+    if is_flow_config(config):
+        out: dict[str, Any] = {"kind": "flow", "prediction_type": "flow"}
+        for key, default in FLOW_SCHEDULE_DEFAULTS.items():
+            value = config.get(key, default)
+            if key == "shift" and "shift" not in config:
+                value = config.get("flow_shift", default)
+            out[key] = float(value) if key in ("shift", "base_shift", "max_shift") and value is not None else value
+        return out
+    out = {"kind": "diffusion"}
+    for key in NOISE_SCHEDULE_KEYS:
+        value = config.get(key, "epsilon" if key == "prediction_type" else None)
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def dynamic_shift_mu(config: Mapping[str, Any], image_seq_len: int) -> float | None:
+    """The resolution-dependent shift ``mu`` of a flow family with ``use_dynamic_shifting`` (None without it):
+    linear in the image's token count between (base_image_seq_len, base_shift) and (max_image_seq_len,
+    max_shift), as diffusers' SD3 pipeline computes it (``calculate_shift``)."""
+    if not config.get("use_dynamic_shifting"):
+        return None
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    d = FLOW_SCHEDULE_DEFAULTS
+    return float(calculate_shift(image_seq_len, config.get("base_image_seq_len", d["base_image_seq_len"]),
+                                 config.get("max_image_seq_len", d["max_image_seq_len"]),
+                                 config.get("base_shift", d["base_shift"]), config.get("max_shift", d["max_shift"])))
 
 
 def sampler_spec(name: str) -> SamplerSpec:
@@ -95,22 +171,37 @@ def build_scheduler(name: str, family_config: dict[str, Any]) -> Any:
     spec = sampler_spec(name)
     cls = getattr(diffusers, spec.class_name)
     base = {k: v for k, v in family_config.items() if not k.startswith("_")}
+    if spec.flow != is_flow_config(family_config):
+        kind = "a rectified-flow" if is_flow_config(family_config) else "a diffusion"
+        known = sorted(s.name for s in SAMPLERS.values() if s.flow == is_flow_config(family_config))
+        raise RelaydiffError(f"sampler {name!r} cannot sample {kind} family; expected one of: {', '.join(known)}")
+    if spec.flow and spec.class_name != FLOW_CLASS:  # a solver on flow sigmas: the family's shift is its flow_shift
+        base = {"num_train_timesteps": base.get("num_train_timesteps", 1000),
+                "flow_shift": float(base.get("shift", 1.0)),
+                "use_dynamic_shifting": bool(base.get("use_dynamic_shifting", False))}
     base.update(dict(spec.overrides))
     return cls.from_config(base)
 
 
-def set_steps(scheduler: Any, steps: int) -> None:
+def set_steps(scheduler: Any, steps: int, mu: float | None = None) -> None:
     """Set ``scheduler``'s grid to exactly ``steps`` timesteps (one UNet call each), which the relay state
     carries and the receiver re-derives. PNDM's PLMS repeats one timestep to warm up (``n`` steps give n + 1
-    timesteps), so it is asked for ``steps - 1``.
+    timesteps), so it is asked for ``steps - 1``. ``mu``: a flow family's dynamic shift (see
+    :func:`dynamic_shift_mu`), None for a fixed shift.
 
     Raises:
-        RelaydiffError: PNDM with fewer than 2 steps.
+        RelaydiffError: PNDM with fewer than 2 steps; ``mu`` for a scheduler that takes none.
     """
     if type(scheduler).__name__ == "PNDMScheduler":
         if steps < 2:
             raise RelaydiffError(f"the pndm sampler needs at least 2 steps, got {steps}")
         scheduler.set_timesteps(steps - 1)
+    elif mu is not None:
+        import inspect
+
+        if "mu" not in inspect.signature(scheduler.set_timesteps).parameters:
+            raise RelaydiffError(f"{type(scheduler).__name__} takes no dynamic shift (mu = {mu!r})")
+        scheduler.set_timesteps(steps, mu=mu)
     else:
         scheduler.set_timesteps(steps)
     if len(scheduler.timesteps) != steps:
@@ -127,13 +218,26 @@ def step(scheduler: Any, model_output: torch.Tensor, timestep: Any, sample: torc
     return scheduler.step(model_output, timestep, sample).prev_sample
 
 
-def restore_scheduler(name: str, config: dict[str, Any], steps: int) -> Any:
+def restore_scheduler(name: str, config: dict[str, Any], steps: int, mu: float | None = None) -> Any:
     """The sampler a relay state was made with: its class on the state's config, on a ``steps``-long grid."""
     import diffusers
 
     scheduler = getattr(diffusers, sampler_spec(name).class_name).from_config(config)
-    set_steps(scheduler, steps)
+    set_steps(scheduler, steps, mu)
     return scheduler
+
+
+def init_noise_sigma(scheduler: Any) -> Any:
+    """The initial noise's scale: the scheduler's ``init_noise_sigma``; 1 for the flow-match schedulers (x_1 is
+    pure unit noise; they define no such attribute)."""
+    return getattr(scheduler, "init_noise_sigma", 1.0)
+
+
+def scale_input(scheduler: Any, sample: torch.Tensor, timestep: Any) -> torch.Tensor:
+    """The model input for ``timestep``: the scheduler's ``scale_model_input``, or the sample itself for the
+    flow-match schedulers, which have none (a flow model sees x_t unscaled)."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return sample if scale is None else scale(sample, timestep)
 
 
 def scheduler_config(scheduler: Any) -> dict[str, Any]:

@@ -10,10 +10,13 @@ A state is parsed and validated **once per hop, by the layer that consumes it**:
 (the device runtime, ``relaydiff resume``, the in-process relay) or :func:`validate` for an in-memory state
 (the host's fallback). Building a ``RelayState`` checks nothing: the relay loop that builds one is trusted,
 and whoever receives its bytes checks them. The link carries the bytes and never looks inside.
+
+Version 2 (docs/protocol.md section 5.1) adds what SDXL- and SD3-style families are conditioned
+on (pooled text embeddings, size/crop time ids, pooled projections, each with its unconditional
+twin for CFG) and the family's noise schedule (diffusion, or rectified flow with its ``shift``
+and, with dynamic shifting, ``mu``). Version 1 states are refused, not guessed at.
 A device budget (``cache_budget``: how many full UNet passes the device may spend, docs/cache.md) is an
-optional metadata entry, written only when set, so the format stays version 1: a state without a budget
-has exactly the bytes it had before, and a reader that predates the entry ignores it and runs every
-device step full (the same image as uncached, only slower). See docs/protocol.md.
+optional metadata entry, written only when set: a state without one runs every device step full.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import torch
 from relaydiff.core.errors import RelaydiffError, RelayStateError
 
 FORMAT = "relaydiff-relay-state"
-VERSION = 1
+VERSION = 2
+_VERSION_NOTES = {1: "version 1 predates the pooled embeddings, time ids and noise schedule of version 2; "
+                     "re-run the host half with this relaydiff"}
 MAX_STATE_BYTES = 64 * 1024 * 1024  # 64 MiB: an SD-size state (4x64x64 latent + 2x77x768 embeddings) is ~0.5 MiB
 _META_KEY = "relaydiff"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -41,8 +46,11 @@ MAX_GUIDANCE = 100.0  # classifier-free guidance scale
 _CONFIG_CHOICES = {  # scheduler_config keys diffusers reads, and the values it accepts
     "timestep_spacing": ("leading", "trailing", "linspace"),
     "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
-    "prediction_type": ("epsilon", "v_prediction", "sample"),
+    "prediction_type": ("epsilon", "v_prediction", "sample", "flow_prediction"),
 }
+# Conditioning fields beyond the per-token embeddings: each travels as NAME (conditional) and negative_NAME
+EXTRA_CONDITIONING = ("pooled_text_embeds", "time_ids", "pooled_projections")
+MAX_EXTRA_WIDTH = 16_384  # widest pooled embedding / time-id vector accepted
 
 
 @dataclass(frozen=True)
@@ -69,11 +77,40 @@ class RelayState:
     seed: int | None = None  # the seed the initial noise was drawn with
     family_id: str = ""  # identifies the model family the latent belongs to
     cache_budget: int | None = None  # B: full UNet passes the device may spend on its N - k steps (None: every step full)
+    noise_schedule: dict[str, Any] = field(default_factory=dict)  # relaydiff.core.schedulers.noise_schedule of the
+    #   family ({"kind": "diffusion" | "flow", ...}; a flow family's "shift" among them); {} = from scheduler_config
+    mu: float | None = None  # a flow family's dynamic shift (use_dynamic_shifting), None for a fixed shift
+    pooled_text_embeds: torch.Tensor | None = None  # (B, P) SDXL's pooled text embeddings (the UNet's "text_embeds")
+    negative_pooled_text_embeds: torch.Tensor | None = None  # (B, P) their unconditional twin (CFG)
+    time_ids: torch.Tensor | None = None  # (B, T) SDXL micro-conditioning (T = 6: original size, crop, target size)
+    negative_time_ids: torch.Tensor | None = None  # (B, T) unconditional time ids (CFG)
+    pooled_projections: torch.Tensor | None = None  # (B, P) SD3's pooled CLIP-L + CLIP-G projections
+    negative_pooled_projections: torch.Tensor | None = None  # (B, P) their unconditional twin (CFG)
 
     @property
     def num_inference_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
+    def conditioning(self) -> Any:
+        """The conditional :class:`relaydiff.core.denoiser.Conditioning` (float32)."""
+        from relaydiff.core.denoiser import Conditioning
+
+        return Conditioning(self.prompt_embeds, **{n: getattr(self, n) for n in EXTRA_CONDITIONING}).float()
+
+    def negative_conditioning(self) -> Any:
+        """The unconditional Conditioning (float32), or None without CFG embeddings."""
+        from relaydiff.core.denoiser import Conditioning
+
+        if self.negative_prompt_embeds is None:
+            return None
+        return Conditioning(self.negative_prompt_embeds,
+                            **{n: getattr(self, f"negative_{n}") for n in EXTRA_CONDITIONING}).float()
+
+    def __post_init__(self) -> None:  # fills the noise schedule in; validation is the consumer's (once per hop)
+        if not self.noise_schedule and isinstance(self.scheduler_config, dict):
+            from relaydiff.core.schedulers import noise_schedule
+
+            object.__setattr__(self, "noise_schedule", noise_schedule(self.scheduler_config))
     def to_bytes(self) -> bytes:
         """Serialize to a safetensors buffer; identical states give identical bytes."""
         from safetensors.torch import save
@@ -91,6 +128,10 @@ class RelayState:
             tensors["generator_state"] = self.generator_state
         for key, value in self.history.items():
             tensors[f"history.{key}"] = value
+        for name in EXTRA_CONDITIONING:
+            for key in (name, f"negative_{name}"):
+                if getattr(self, key) is not None:
+                    tensors[key] = getattr(self, key)
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -103,6 +144,8 @@ class RelayState:
             "negative_prompt": self.negative_prompt,
             "seed": self.seed,
             "family_id": self.family_id,
+            "noise_schedule": self.noise_schedule,
+            "mu": self.mu,
         }
         if self.cache_budget is not None:  # written only when set: a state without a budget has the same bytes as before
             meta["cache_budget"] = self.cache_budget
@@ -140,11 +183,14 @@ class RelayState:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise RelayStateError(f"not a relay state (format {meta.get('format') if isinstance(meta, dict) else meta!r})")
         if meta.get("version") != VERSION:
-            raise RelayStateError(f"relay state version {meta.get('version')!r} is not supported; expected {VERSION}")
+            note = _VERSION_NOTES.get(meta.get("version"), "") if isinstance(meta.get("version"), int) else ""
+            raise RelayStateError(f"relay state version {meta.get('version')!r} is not supported; expected {VERSION}"
+                                  + (f" ({note})" if note else ""))
         for key in ("latents", "timesteps", "prompt_embeds"):
             if key not in tensors:
                 raise RelayStateError(f"relay state lacks tensor {key!r}")
-        known = {"latents", "timesteps", "prompt_embeds", "negative_prompt_embeds", "sigmas", "generator_state"}
+        known = {"latents", "timesteps", "prompt_embeds", "negative_prompt_embeds", "sigmas", "generator_state",
+                 *EXTRA_CONDITIONING, *(f"negative_{n}" for n in EXTRA_CONDITIONING)}
         extra = [k for k in tensors if k not in known and not k.startswith("history.")]
         if extra:
             raise RelayStateError(f"relay state has unexpected tensors {sorted(extra)}")
@@ -167,6 +213,9 @@ class RelayState:
                 seed=meta.get("seed"),
                 family_id=_typed(meta, "family_id", str),
                 cache_budget=_typed(meta, "cache_budget", int) if "cache_budget" in meta else None,
+                noise_schedule=_typed(meta, "noise_schedule", dict),
+                mu=None if meta.get("mu") is None else float(_typed(meta, "mu", (int, float))),
+                **{k: tensors.get(k) for n in EXTRA_CONDITIONING for k in (n, f"negative_{n}")},
             )
         except (TypeError, ValueError) as exc:
             raise RelayStateError(f"relay state metadata is malformed: {exc}") from None
@@ -262,10 +311,73 @@ def validate(state: RelayState) -> None:
             raise RelayStateError(
                 f"solver history {key!r} must be finite with the latent shape {tuple(lat.shape)}, got {tuple(value.shape)}"
             )
+    _validate_conditioning(state)
     gen = state.generator_state
     if gen is not None and (gen.dtype != torch.uint8 or gen.ndim != 1 or gen.numel() > 1 << 16):
         raise RelayStateError(f"generator_state must be a 1-D uint8 tensor, got {gen.dtype} of shape {tuple(gen.shape)}")
     _validate_semantics(state)
+
+
+def _validate_conditioning(state: RelayState) -> None:
+    """The added conditioning: (B, W) finite floats, a negative twin exactly when CFG embeddings travel."""
+    batch = int(state.latents.shape[0])
+    cfg = state.negative_prompt_embeds is not None
+    for name in EXTRA_CONDITIONING:
+        pos, neg = getattr(state, name), getattr(state, f"negative_{name}")
+        for key, value in ((name, pos), (f"negative_{name}", neg)):
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor) or value.ndim != 2 or value.shape[0] != batch \
+                    or not 1 <= value.shape[1] <= MAX_EXTRA_WIDTH:
+                raise RelayStateError(f"{key} must be (B, W) with B = {batch} and 1 <= W <= {MAX_EXTRA_WIDTH}, "
+                                      f"got shape {tuple(getattr(value, 'shape', ()))}")
+            if value.dtype not in _FLOAT_DTYPES or not _finite(value):
+                raise RelayStateError(f"{key} must be finite floats (dtype {value.dtype})")
+        if neg is not None and pos is None:
+            raise RelayStateError(f"negative_{name} travels without {name}")
+        if pos is not None and cfg != (neg is not None):
+            raise RelayStateError(f"{name} needs negative_{name} exactly when negative_prompt_embeds travel "
+                                  f"(negative_prompt_embeds {'present' if cfg else 'absent'})")
+        if pos is not None and neg is not None and pos.shape != neg.shape:
+            raise RelayStateError(f"negative_{name} shape {tuple(neg.shape)} differs from {name} shape {tuple(pos.shape)}")
+
+
+def _validate_schedule(state: RelayState) -> None:
+    """The noise schedule record: a known kind, consistent with the sampler config it travels with; a flow
+    schedule's finite positive shift, its sigmas in [0, 1] and ``mu`` exactly when it shifts dynamically."""
+    from relaydiff.core.schedulers import SAMPLERS, noise_schedule
+
+    sched = state.noise_schedule
+    if not isinstance(sched, dict) or sched.get("kind") not in ("diffusion", "flow"):
+        raise RelayStateError(f"noise_schedule must be an object with kind 'diffusion' or 'flow', got {sched!r}")
+    derived = noise_schedule(state.scheduler_config)
+    cfg = state.scheduler_config
+    for key, value in derived.items():
+        explicit = key in ("kind", "prediction_type") or key in cfg or (key == "shift" and "flow_shift" in cfg)
+        if explicit and sched.get(key) != value:
+            raise RelayStateError(f"noise_schedule {key!r} is {sched.get(key)!r}; the scheduler config gives {value!r}")
+    flow = sched["kind"] == "flow"
+    if SAMPLERS[state.sampler].flow != flow:
+        raise RelayStateError(f"sampler {state.sampler!r} does not sample a {sched['kind']} schedule")
+    if not flow:
+        if state.mu is not None:
+            raise RelayStateError(f"mu is {state.mu!r}; a diffusion schedule has no dynamic shift")
+        return
+    shift = sched.get("shift")
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or not 0 < shift <= 1000:
+        raise RelayStateError(f"flow shift is {shift!r}; expected a finite number in (0, 1000]")
+    dynamic = sched.get("use_dynamic_shifting")
+    if not isinstance(dynamic, bool):
+        raise RelayStateError(f"noise_schedule 'use_dynamic_shifting' is {dynamic!r}; expected true or false")
+    if dynamic != (state.mu is not None):
+        raise RelayStateError(f"mu is {state.mu!r}; it travels exactly when the flow schedule shifts dynamically "
+                              f"(use_dynamic_shifting {dynamic})")
+    if state.mu is not None and (not math.isfinite(state.mu) or abs(state.mu) > 100):
+        raise RelayStateError(f"mu is {state.mu!r}; expected a finite number in [-100, 100]")
+    if state.sigmas is None:
+        raise RelayStateError("a flow relay state must carry its sigmas")
+    if bool((state.sigmas < 0).any()) or bool((state.sigmas > 1).any()):
+        raise RelayStateError(f"flow sigmas must lie in [0, 1], got {state.sigmas[:8].tolist()}...")
 
 
 def _validate_semantics(state: RelayState) -> None:
@@ -316,6 +428,7 @@ def _validate_semantics(state: RelayState) -> None:
             raise RelayStateError(f"history_ints {key!r} is {value!r}; expected an integer in [0, {MAX_STEPS}]")
     if state.seed is not None and not -(1 << 63) <= state.seed < 1 << 64:
         raise RelayStateError(f"seed {state.seed!r} is outside the 64-bit range")
+    _validate_schedule(state)
     if state.generator_state is not None:
         try:
             torch.Generator("cpu").set_state(state.generator_state)
