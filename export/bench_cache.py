@@ -102,7 +102,7 @@ def _device_half(root: Path, target: str, config: CacheBenchConfig) -> dict[str,
     from relaydiff.core.relay import RelayRequest
     from relaydiff.runtime.backends import create_backend
 
-    backend = create_backend(target, bundle_dir=root, threads=config.threads)
+    backend: Any = create_backend(target, bundle_dir=root, threads=config.threads)  # a bundle backend: manifest, probe_state
     relay = backend.manifest.relay
     k, n = relay.relay_step, relay.steps
     budget = budget_for(config.budget_fraction, n - k)

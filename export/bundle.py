@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -329,8 +329,9 @@ def calibration_config(config: BundleConfig, device: Any) -> Any:
     from relaydiff.quantize.calibration import CalibrationConfig
 
     listed = config.calibration_prompts if isinstance(config.calibration_prompts, tuple) else ()
+    count = config.calibration_prompts if isinstance(config.calibration_prompts, int) else len(listed)
     return CalibrationConfig(relay_steps=(config.relay_step,), steps=config.steps,
-                             prompts=len(listed) if listed else int(config.calibration_prompts), prompt_list=listed,
+                             prompts=len(listed) if listed else count, prompt_list=listed,
                              sampler=config.calibration_sampler or family_sampler(device),
                              guidance_scale=float(config.calibration_guidance or family_guidance(device)))
 
@@ -500,7 +501,8 @@ def _component(comp: str, device: Any, branch: int) -> Any:
     from relaydiff.export.components import component_for
 
     component = component_for(comp, device)
-    return replace(component, cache_branch=branch) if comp in CACHE_COMPONENTS else component
+    # the cached-step components (a Component subclass) have a cache_branch field; the base class has not
+    return replace(cast(Any, component), cache_branch=branch) if comp in CACHE_COMPONENTS else component
 
 
 def _cache_policy(device: Any, config: BundleConfig) -> tuple[Path, Any] | tuple[None, None]:

@@ -120,6 +120,11 @@ def rss_bytes() -> int:
     return 0
 
 
+def _ratio(a: Any, b: Any) -> float | None:
+    """a / b, or None where either is missing (no requests in a phase) or b is 0."""
+    return float(a) / float(b) if a is not None and b else None
+
+
 def _pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -196,7 +201,7 @@ async def _run(config: AttackBenchConfig, family_dir: Path, say: Callable[[str],
         assert proc.stdout is not None and proc.stdin is not None
         report: dict[str, Any] | None = None
         accepted_before = 0
-        peak = 0
+        peak = 0.0
         monitor: asyncio.Task[None] | None = None
 
         async def watch_attack() -> None:  # RSS and ledger size every 20 ms; stop the attack at the accepted target
@@ -256,7 +261,7 @@ async def _run(config: AttackBenchConfig, family_dir: Path, say: Callable[[str],
     honest = report["honest"]
     p = {phase: {"p50_s": _pct(honest[phase], 50), "p95_s": _pct(honest[phase], 95), "requests": len(honest[phase])}
          for phase in ("unloaded", "attack")}
-    ratio = {q: (p["attack"][f"{q}_s"] / p["unloaded"][f"{q}_s"]) if p["unloaded"][f"{q}_s"] else None for q in ("p50", "p95")}
+    ratio = {q: _ratio(p["attack"][f"{q}_s"], p["unloaded"][f"{q}_s"]) for q in ("p50", "p95")}
     mib = {k: round(v / MIB, 1) for k, v in rss.items()}
     return {
         "config": spec["config"],
@@ -525,7 +530,7 @@ async def _clients(cfg: AttackBenchConfig, url: str, runtime: Any) -> dict[str, 
     await asyncio.gather(*attackers)
     allowed = {("handoff",), ("handoff", "request_failed"), ("busy",), ("deadline_exceeded",)}
     violations = {k: v for k, v in wire.items() if tuple(v) not in allowed}
-    attack = {name: counts[name] for name in ("amplification_waves", "amplification_sent", "oversize_sent", "pre_hello_sent",
+    attack: dict[str, Any] = {name: counts[name] for name in ("amplification_waves", "amplification_sent", "oversize_sent", "pre_hello_sent",
                                               "pre_hello_refused", "reused_id_rounds", "guesses_sent", "guesses_refused",
                                               "guesses_locked_out")}
     attack.update({k: v for k, v in counts.items() if k.startswith(("attacker_failed_", "guess_errors_"))})

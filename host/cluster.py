@@ -33,7 +33,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from ssl import SSLContext
-from typing import Any
+from typing import Any, cast
 
 from relaydiff.core.errors import RelaydiffError
 from relaydiff.core.state import RelayState
@@ -199,8 +199,8 @@ class HostReplica:
         torch.set_num_threads(spec.torch_threads)
         settings = GenerationSettings(**spec.settings)
         config = HostConfig(settings=settings, workers=spec.workers, max_batch=spec.max_batch)
-        self.server = _ReplicaHost.from_family(spec.family_dir, auth_token="replica-does-not-listen", host_variant=spec.host_variant,
-                                               device_variant=spec.device_variant, config=config)
+        self.server: _ReplicaHost = cast(_ReplicaHost, _ReplicaHost.from_family(spec.family_dir, auth_token="replica-does-not-listen", host_variant=spec.host_variant,
+                                               device_variant=spec.device_variant, config=config))
         self.server.start_workers()
         self.rank, self.name = _replica_identity()
         self.served = 0

@@ -643,7 +643,7 @@ class HostServer:
                 self._running = len(group)
                 try:
                     if len(group) == 1:  # the unbatched path: bit-identical to relaydiff.core.relay.start
-                        results = [await self._work(_host_steps, self.host_model, first, group[0][1])]
+                        results: list[Any] = [await self._work(_host_steps, self.host_model, first, group[0][1])]
                     else:
                         ready = _hand_out(asyncio.get_running_loop(), [p[2] for p in group])
                         results = await self._work(_host_batch, self.host_model, [p[0] for p in group],

@@ -192,7 +192,11 @@ def distill(config: DistillConfig, *, resume: bool = True, progress: bool = True
         reqs = [RelayRequest(p, relay_step=k, steps=n, guidance_scale=config.guidance_scale,
                              seed=10**7 + config.seed * 10**6 + state["batches"] * config.batch_size + i)
                 for i, p in enumerate(prompts)]
-        states = [s for s, _ in start_batch(host, reqs)]
+        states = []
+        for outcome in start_batch(host, reqs):
+            if isinstance(outcome, Exception):  # only a request dropped by an on_step hook (none here) is an exception
+                raise outcome
+            states.append(outcome[0])
         timesteps = states[0].timesteps
         cond, _, points = _teacher_points(teacher, states, kept, config.guidance_scale)
         buffer.append((cond, points))

@@ -64,7 +64,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     import dataclasses
     import math
 
-    from relaydiff.cli.service import _logging, _policy, _server_tls, _settings, _token, parse_listen
+    from relaydiff.cli.service import HOST_NEEDS, _logging, _policy, _server_tls, _settings, _token, parse_listen
+    from relaydiff.core import family
     from relaydiff.host.cluster import ClusterHost, ReplicaSpec, deploy, ray_init, undeploy
     from relaydiff.host.controller import HostConfig
     from relaydiff.link.config import LinkConfig
@@ -78,14 +79,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise RelaydiffError(f"--duration must be > 0 seconds, got {args.duration!r}")
     if args.ray_cpus is not None and args.ray_cpus < 1:
         raise RelaydiffError(f"--ray-cpus must be a positive integer, got {args.ray_cpus!r}")
-    settings = _settings(args)
+    root = family.require_family(args.family, needed=HOST_NEEDS) if args.family else family.default_family_dir()
+    settings = _settings(args, family.default_sampler(family.resolve(root, args.host_variant, role="host")))
     config = HostConfig(settings=settings, listen_host=listen_host, port=port, result_timeout_s=args.result_timeout,
                         max_queue=args.max_queue, max_requests_per_session=args.max_per_device, link=LinkConfig())
     tls = _server_tls(args)
     policy = _policy(args)
     replicas = cluster.initial_replicas(args.replicas)
     cpus = args.ray_cpus or max(2, math.ceil(cluster.max_replicas * cluster.replica_num_cpus))
-    spec = ReplicaSpec(family_dir=args.family, host_variant=args.host_variant, device_variant=args.device_variant,
+    spec = ReplicaSpec(family_dir=str(root), host_variant=args.host_variant, device_variant=args.device_variant,
                        settings=settings.to_dict(), workers=cluster.replica_workers, max_batch=cluster.max_batch,
                        torch_threads=cluster.replica_torch_threads)
     with _logging(args):

@@ -336,7 +336,7 @@ def _pooled_input(net: dict[str, Any], fields: dict[str, Any]) -> tuple[str, Any
         return ("transformer.pooled_projection_dim vs pooled.width", net.get("pooled_projection_dim"), fields["pooled.width"])
     if fields.get("style") == "sdxl":
         time_dim, n, pooled = net.get("addition_time_embed_dim"), fields.get("time_ids.count"), fields.get("pooled.width")
-        want = pooled + n * time_dim if all(isinstance(v, int) for v in (time_dim, n, pooled)) else None
+        want = pooled + n * time_dim if isinstance(time_dim, int) and isinstance(n, int) and isinstance(pooled, int) else None
         return ("unet.projection_class_embeddings_input_dim vs pooled.width + time ids",
                 net.get("projection_class_embeddings_input_dim"), want)
     return None

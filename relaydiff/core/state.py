@@ -183,7 +183,8 @@ class RelayState:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise RelayStateError(f"not a relay state (format {meta.get('format') if isinstance(meta, dict) else meta!r})")
         if meta.get("version") != VERSION:
-            note = _VERSION_NOTES.get(meta.get("version"), "") if isinstance(meta.get("version"), int) else ""
+            version = meta.get("version")
+            note = _VERSION_NOTES.get(version, "") if isinstance(version, int) else ""
             raise RelayStateError(f"relay state version {meta.get('version')!r} is not supported; expected {VERSION}"
                                   + (f" ({note})" if note else ""))
         for key in ("latents", "timesteps", "prompt_embeds"):
