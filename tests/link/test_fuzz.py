@@ -134,7 +134,7 @@ def test_bytes_behind_a_valid_magic(role: Role, messages: list[bytes], prefix: b
 )
 def test_well_framed_arbitrary_json(role: Role, type_code: int, obj: dict, blob: bytes) -> None:
     body = json.dumps(obj).encode()
-    data = b"RDLK" + struct.pack("<HHII", 1, type_code, len(body), len(blob)) + body + blob
+    data = b"RDLK" + struct.pack("<HHII", 2, type_code, len(body), len(blob)) + body + blob
     feed(ready(role), [data])
     feed(fresh(role), [data])
 
@@ -167,6 +167,6 @@ def test_mutated_relay_states(edits: list[tuple[int, int]]) -> None:
     for pos, byte in edits:
         blob[pos] = byte
     body = b'{"request_id":"r1"}'
-    data = b"RDLK" + struct.pack("<HHII", 1, 4, len(body), len(blob)) + body + bytes(blob)
+    data = b"RDLK" + struct.pack("<HHII", 2, 4, len(body), len(blob)) + body + bytes(blob)
     device = ready(Role.DEVICE)
     feed(device, [data])
