@@ -140,3 +140,45 @@ def cmd_preview_train(args: argparse.Namespace) -> int:
           f"reuse margin {predictors.reuse.margin}", f"val refine: {tr['refine_val']}", f"val reuse: {tr['reuse_val']}",
           f"written to {out}"])
     return 0
+
+
+def register_eval(what: Any) -> None:
+    """``eval preview``: the editing-session policies (host every round, device only, preview + host/refine)."""
+    e = what.add_parser("preview", help="editing sessions: host every round vs device only vs preview + host refine")
+    add_pair_args(e)
+    _config_args(e)
+    e.add_argument("--sessions", type=int, default=12, help="editing sessions of 3-6 rounds")
+    e.add_argument("--split", default="test", choices=("test", "val"), help="split of the sessions' final prompts")
+    e.add_argument("--session-seed", type=int, default=0, help="session-drawing seed")
+    e.add_argument("--reuse-strength", type=_strength_or_auto, default=0.6, help="device reuse strength, or 'auto'")
+    e.add_argument("--predictors", default=None, help="predictors JSON (adds the predictor policy; default: none)")
+    e.add_argument("--out-dir", default="out/eval-preview", help="output folder")
+    add_json(e)
+    e.set_defaults(func=cmd_eval_preview)
+
+
+def cmd_eval_preview(args: argparse.Namespace) -> int:
+    from relaydiff.cli.relay import load_pair, resolve_pair
+    from relaydiff.preview.evaluate import PreviewEvalConfig, run_preview_eval, write_report
+
+    if args.sessions < 1:
+        raise RelaydiffError(f"--sessions {args.sessions!r}; expected a positive integer")
+    predictors = None
+    if args.predictors:
+        from relaydiff.preview.predictor import StrengthPredictors
+
+        predictors = StrengthPredictors.load(Path(args.predictors))
+    elif args.reuse_strength is None:
+        raise RelaydiffError("--reuse-strength auto needs --predictors FILE")
+    config = PreviewEvalConfig(sessions=args.sessions, split=args.split, seed=args.session_seed,
+                               edit=_config(args, reuse_strength=args.reuse_strength))
+    host, device = load_pair(*resolve_pair(args))
+    report = run_preview_eval(host, device, config, predictors, progress=not args.json)
+    paths = write_report(report, Path(args.out_dir))
+    lines = [f"{report['sessions']} sessions ({args.split} split), N={args.steps}, preview {args.preview_steps} steps"]
+    for name, s in report["policies"].items():
+        lines.append(f"{name:26s} acc {s['prompt_accuracy']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]  host evals "
+                     f"{s['host_unet_evals_per_session']:.0f}  device evals {s['device_unet_evals_per_session']:.0f}")
+    lines.append(f"written to {paths['report']}")
+    emit(args.json, {k: v for k, v in report.items() if k != "rows"} | paths, lines)
+    return 0
