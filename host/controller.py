@@ -50,7 +50,8 @@ from relaydiff.link.config import LinkConfig
 from relaydiff.link.connection import RequestState
 from relaydiff.link.errors import ErrorCode, LocalProtocolError, ProtocolError
 from relaydiff.link.events import (
-    Close, Error, Feedback, GenerateRequest, Hello, Ping, Pong, Progress, RelayHandoff, Result, ResultKind,
+    Close, Error, Feedback, GenerateRequest, Hello, Ping, Pong, Progress, RefineHandoff, RefineResult, RelayHandoff, Result,
+    ResultKind,
 )
 from relaydiff.link.transport import Link, LinkClosed, LinkServer, serve
 from relaydiff.runtime.device import MAX_IMAGE_PIXELS
@@ -351,6 +352,10 @@ class HostServer:
                 return  # the peer went away or broke the protocol (recv told it and closed the socket)
             if isinstance(event, GenerateRequest):
                 await self._admit(session, event, capabilities)
+            elif isinstance(event, RefineHandoff):  # protocol 2: refine a device preview (docs/protocol.md 4.12)
+                task = asyncio.create_task(self._refine(session, event))
+                session.tasks.add(task)
+                task.add_done_callback(session.tasks.discard)
             elif isinstance(event, Result):
                 future = session.waiting.pop(event.request_id, None)
                 if future is not None and not future.done():
@@ -467,6 +472,19 @@ class HostServer:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         finally:
             self._busy -= 1
+
+    async def _refine(self, session: _Session, handoff: RefineHandoff) -> None:
+        """Answer a reverse hand-off: check it against the host model, refine in a worker, send the PNG."""
+        why = _refine_mismatch(self.host_model, handoff)
+        if why is None:
+            try:
+                png, strength, evals, seconds = await self._work(_refine_png, self.host_model, handoff)
+            except RelaydiffError as exc:
+                why = str(exc)
+            else:
+                await self._send(session, RefineResult(handoff.request_id, strength, evals, png, {"host_s": round(seconds, 6)}))
+                return
+        await self._send(session, Error(ErrorCode.REQUEST_FAILED.value, why[:1000], request_id=handoff.request_id))
 
     # -- one request -------------------------------------------------------------------------
 
@@ -666,3 +684,42 @@ def _device_steps(model: LoadedModel, state: RelayState, job: _Job) -> tuple[Any
     t0 = time.perf_counter()
     latents = resume(model, state, on_step=job.on_step).latents
     return latents, time.perf_counter() - t0
+
+
+def _refine_mismatch(model: LoadedModel, handoff: RefineHandoff) -> str | None:
+    """Why ``model`` cannot refine ``handoff`` (family, latent spec, sampler, strength), or None."""
+    from relaydiff.core.denoiser import latent_spec_of
+    from relaydiff.core.schedulers import SAMPLERS
+
+    if handoff.family_id != model.family_id:
+        return f"refine family_id is {handoff.family_id!r}; this host's is {model.family_id!r}"
+    spec = latent_spec_of(model)
+    shape = tuple(handoff.latents().shape)
+    want = (1, spec.channels, *spec.sample_size)
+    if shape != want:
+        return f"refine latent has shape {shape}; this host's latent spec is {want}"
+    if handoff.sampler not in SAMPLERS:
+        return f"refine sampler is {handoff.sampler!r}; expected one of {sorted(SAMPLERS)}"
+    if handoff.strength is None:
+        return "this host has no strength predictor; send a strength in (0, 1]"
+    return None
+
+
+def _refine_png(model: LoadedModel, handoff: RefineHandoff) -> tuple[bytes, float, int, float]:
+    """Refine the hand-off's latent with the host model (relaydiff.core.refine); (PNG, strength, UNet evals, seconds)."""
+    import io
+
+    from PIL import Image
+
+    from relaydiff.core.refine import refine
+    from relaydiff.core.relay import decode, encode_prompt, relay_side
+
+    t0 = time.perf_counter()
+    assert handoff.strength is not None
+    cond, uncond = encode_prompt(model, handoff.prompt)
+    cfg = handoff.guidance_scale > 1.0
+    out = refine(relay_side(model), handoff.latents().float(), (cond, uncond if cfg else None), strength=handoff.strength,
+                 steps=handoff.steps, sampler=handoff.sampler, guidance_scale=handoff.guidance_scale, seed=handoff.seed)
+    buf = io.BytesIO()
+    Image.fromarray(decode(model, out.latents)[0]).save(buf, format="PNG")
+    return buf.getvalue(), handoff.strength, out.plan.calls * (2 if cfg else 1), time.perf_counter() - t0

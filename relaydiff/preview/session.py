@@ -100,7 +100,7 @@ class RefineReply:
     """What a refiner returns."""
 
     image: np.ndarray  # (H, W, 3) uint8
-    latents: torch.Tensor
+    latents: torch.Tensor | None  # the refined latent (None when only the image came back, over the link)
     strength: float  # the strength it used
     calls: int  # its denoiser calls, the predictor's probe included
     seconds: float
@@ -145,6 +145,52 @@ class LocalRefiner:
         image = decode(self.host, out.latents)[0]
         calls = cfg_calls(out.plan.calls, config.guidance_scale) + probe_calls
         return RefineReply(image, out.latents, strength, calls, time.perf_counter() - t0)
+
+
+class LinkRefiner:
+    """The host over the link: a reverse hand-off (``RefineHandoff``) per final, its ``RefineResult`` back."""
+
+    def __init__(self, url: str, *, auth_token: str, family_id: str, capabilities: Any, config: Any = None,
+                 timeout_s: float = 120.0) -> None:
+        self.url, self.auth_token, self.family_id = url, auth_token, family_id
+        self.capabilities, self.link_config, self.timeout_s = capabilities, config, timeout_s
+        self._ids = 0
+
+    def __call__(self, latent: torch.Tensor, prompt: str, strength: float | None, config: EditConfig) -> RefineReply:
+        import asyncio
+        import io
+
+        from PIL import Image
+
+        from relaydiff.link import Error, RefineHandoff, RefineResult
+        from relaydiff.link.errors import ProtocolError
+        from relaydiff.link.transport import LinkClosed, connect
+
+        self._ids += 1
+        handoff = RefineHandoff.from_latents(f"refine-{self._ids}", latent, family_id=self.family_id, prompt=prompt,
+                                             steps=config.steps, sampler=config.sampler,
+                                             guidance_scale=config.guidance_scale, seed=config.seed, strength=strength)
+
+        async def ask() -> RefineResult:
+            link = await connect(self.url, auth_token=self.auth_token, capabilities=self.capabilities, config=self.link_config)
+            try:
+                await link.send(handoff)
+                while True:
+                    event = await link.recv()
+                    if isinstance(event, RefineResult) and event.request_id == handoff.request_id:
+                        return event
+                    if isinstance(event, Error):
+                        raise RelaydiffError(f"the host refused the refinement: {event.code}: {event.message}")
+            finally:
+                await link.close("done")
+
+        t0 = time.perf_counter()
+        try:
+            got = asyncio.run(asyncio.wait_for(ask(), self.timeout_s))
+        except (OSError, LinkClosed, TimeoutError, ProtocolError) as exc:
+            raise HostUnavailable(f"{type(exc).__name__}: {exc}") from None
+        image = np.asarray(Image.open(io.BytesIO(got.data)).convert("RGB"))
+        return RefineReply(image, None, got.strength, got.host_unet_evals, time.perf_counter() - t0)
 
 
 class EditSession:
