@@ -51,7 +51,8 @@ from relaydiff.link.config import LinkConfig
 from relaydiff.link.connection import RequestState
 from relaydiff.link.errors import ErrorCode, LocalProtocolError, ProtocolError
 from relaydiff.link.events import (
-    MAX_RESULT_BYTES, Close, Error, Feedback, GenerateRequest, Hello, Ping, Pong, Progress, RelayHandoff, Result, ResultKind,
+    MAX_RESULT_BYTES, Close, Error, Feedback, GenerateRequest, Hello, Ping, Pong, Progress, RefineHandoff, RefineResult, RelayHandoff,
+    Result, ResultKind,
 )
 from relaydiff.link.transport import Link, LinkClosed, LinkServer, serve
 from relaydiff.runtime.device import MAX_IMAGE_PIXELS
@@ -399,6 +400,10 @@ class HostServer:
                 return  # the peer went away or broke the protocol (recv told it and closed the socket)
             if isinstance(event, GenerateRequest):
                 await self._admit(session, event, capabilities)
+            elif isinstance(event, RefineHandoff):  # protocol 2: refine a device preview (docs/protocol.md 4.12)
+                task = asyncio.create_task(self._refine(session, event))
+                session.tasks.add(task)
+                task.add_done_callback(session.tasks.discard)
             elif isinstance(event, Result):
                 future = session.waiting.pop(event.request_id, None)
                 if future is not None and not future.done():
@@ -517,6 +522,27 @@ class HostServer:
         finally:
             self._account_busy()
             self._busy -= 1
+
+    async def _refine(self, session: _Session, handoff: RefineHandoff) -> None:
+        """Answer a reverse hand-off: check it against the host model, refine in a worker, send the PNG."""
+        from relaydiff.core.state import latents_from_bytes
+
+        why: str | None
+        try:  # the host consumes the preview latent: it parses and checks it here, once (the link carries bytes)
+            latent: Any = latents_from_bytes(handoff.latent)
+        except RelaydiffError as exc:
+            latent, why = None, f"refine latent refused: {exc}"
+        else:
+            why = _refine_mismatch(self.host_model, handoff, latent)
+        if why is None:
+            try:
+                png, strength, evals, seconds = await self._work(_refine_png, self.host_model, handoff, latent)
+            except RelaydiffError as exc:
+                why = str(exc)
+            else:
+                await self._send(session, RefineResult(handoff.request_id, strength, evals, png, {"host_s": round(seconds, 6)}))
+                return
+        await self._send(session, Error(ErrorCode.REQUEST_FAILED.value, why[:1000], request_id=handoff.request_id))
 
     # -- one request -------------------------------------------------------------------------
 
@@ -753,3 +779,42 @@ def _device_steps(model: LoadedModel, state: RelayState, job: _Job) -> tuple[Any
     validate(state)
     latents = resume(model, state, on_step=job.on_step).latents
     return latents, time.perf_counter() - t0
+
+
+def _refine_mismatch(model: LoadedModel, handoff: RefineHandoff, latent: Any) -> str | None:
+    """Why ``model`` cannot refine ``handoff`` (family, latent spec, sampler, strength), or None."""
+    from relaydiff.core.denoiser import latent_spec_of
+    from relaydiff.core.schedulers import SAMPLERS
+
+    if handoff.family_id != model.family_id:
+        return f"refine family_id is {handoff.family_id!r}; this host's is {model.family_id!r}"
+    spec = latent_spec_of(model)
+    shape = tuple(latent.shape)
+    want = (1, spec.channels, *spec.sample_size)
+    if shape != want:
+        return f"refine latent has shape {shape}; this host's latent spec is {want}"
+    if handoff.sampler not in SAMPLERS:
+        return f"refine sampler is {handoff.sampler!r}; expected one of {sorted(SAMPLERS)}"
+    if handoff.strength is None:
+        return "this host has no strength predictor; send a strength in (0, 1]"
+    return None
+
+
+def _refine_png(model: LoadedModel, handoff: RefineHandoff, latent: Any) -> tuple[bytes, float, int, float]:
+    """Refine the hand-off's latent with the host model (relaydiff.core.refine); (PNG, strength, UNet evals, seconds)."""
+    import io
+
+    from PIL import Image
+
+    from relaydiff.core.refine import refine
+    from relaydiff.core.relay import decode, encode_prompt, relay_side
+
+    t0 = time.perf_counter()
+    assert handoff.strength is not None
+    cond, uncond = encode_prompt(model, handoff.prompt)
+    cfg = handoff.guidance_scale > 1.0
+    out = refine(relay_side(model), latent.float(), (cond, uncond if cfg else None), strength=handoff.strength,
+                 steps=handoff.steps, sampler=handoff.sampler, guidance_scale=handoff.guidance_scale, seed=handoff.seed)
+    buf = io.BytesIO()
+    Image.fromarray(decode(model, out.latents)[0]).save(buf, format="PNG")
+    return buf.getvalue(), handoff.strength, out.plan.calls * (2 if cfg else 1), time.perf_counter() - t0

@@ -20,14 +20,14 @@ from typing import Any
 
 from relaydiff import __version__
 from relaydiff.cache import cli as cache
-from relaydiff.cli import bench, bundle, cluster, demo, distill, evaluation, export, family, preset, quantize, relay, service
+from relaydiff.cli import bench, bundle, cluster, demo, distill, evaluation, export, family, preset, preview, quantize, relay, service
 from relaydiff.cli.common import Parser
 from relaydiff.cli.output import capture, configure_logging, default_log_path, log_note, message
 from relaydiff.core.errors import RelaydiffError
 
 log = logging.getLogger(__name__)
 
-GROUPS = (relay, family, preset, evaluation, distill, quantize, export, bundle, bench, cluster, demo, cache)
+GROUPS = (relay, family, preset, evaluation, distill, quantize, export, bundle, bench, cluster, demo, cache, preview)
 PASSTHROUGH = {"family train", "family evaluate", "family probe"}  # long runs whose own prints are their output: nothing captured
 
 
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = [*argv[:2], "--", *argv[2:]]
     args = build_parser().parse_args(argv)
     command = " ".join(str(getattr(args, k)) for k in ("command", "eval_command", "family_command", "quantize_command",
-                                                         "bundle_command", "bench_command", "cluster_command", "cache_command") if getattr(args, k, None))
+                                                         "bundle_command", "bench_command", "cluster_command", "cache_command",
+                                                         "preview_command") if getattr(args, k, None))
     verbose = bool(getattr(args, "verbose", False))
     configure_logging(verbose=verbose, quiet=bool(getattr(args, "json", False)))
     if command in PASSTHROUGH:

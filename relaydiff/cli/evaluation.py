@@ -22,7 +22,7 @@ from relaydiff.core.errors import RelaydiffError
 def register(sub: Any) -> None:
     p = sub.add_parser("eval", help="evaluations: relay (quality and cost vs relay step), scheduler (the split "
                                     "scheduler on a measured table), distill (students vs the device half)")
-    what = p.add_subparsers(dest="eval_command", required=True, metavar="{relay,scheduler,distill,cache}")
+    what = p.add_subparsers(dest="eval_command", required=True, metavar="{relay,scheduler,distill,cache,preview}")
 
     r = what.add_parser("relay", help="accuracy, PSNR/SSIM and cost vs relay step (RISE Fig. 5)")
     add_pair_args(r)
@@ -64,6 +64,10 @@ def register(sub: Any) -> None:
     from relaydiff.cache.cli import register_eval as register_eval_cache
 
     register_eval_cache(what)  # eval cache: budget-aware feature caching (relaydiff.cache)
+
+    from relaydiff.cli.preview import register_eval as register_eval_preview
+
+    register_eval_preview(what)  # eval preview: DiffusionX editing sessions (relaydiff.preview)
 
 
 def cmd_eval_relay(args: argparse.Namespace) -> int:

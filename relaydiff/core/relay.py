@@ -234,17 +234,24 @@ def denoise(
     on_step: StepCallback | None = None,
     progress: bool = False,
     desc: str = "denoise",
+    timesteps: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run steps [start, end) of ``scheduler.timesteps`` with ``denoiser``; ``conditioning`` = (cond, uncond or
-    None), each a Conditioning (or bare per-token text embeddings)."""
+    """Run steps [start, end) of ``timesteps`` (default ``scheduler.timesteps``) with ``denoiser``; ``conditioning`` =
+    (cond, uncond or None), each a Conditioning (or bare per-token text embeddings).
+
+    ``timesteps`` is for a grid the scheduler's own does not hold, e.g. a PNDM img2img tail with its
+    warm-up step (relaydiff.core.refine).
+    """
     from tqdm.auto import tqdm
+
+    grid = scheduler.timesteps if timesteps is None else timesteps
 
     cond, uncond = (None if c is None else c if isinstance(c, Conditioning) else Conditioning(c) for c in conditioning)
     assert cond is not None
     guided = uncond is not None and _cfg(guidance_scale)
     both = Conditioning.cat([uncond, cond]) if guided and uncond is not None else cond
     for i in tqdm(range(start, end), desc=desc, disable=not progress or end <= start, leave=False):
-        t = scheduler.timesteps[i]
+        t = grid[i]
         if guided and uncond is not None and isinstance(denoiser, GuidedDenoiser):  # steps 2-3 in one call
             eps = denoiser.guided(scale_input(scheduler, latents, t), t, cond, uncond, guidance_scale)  # step 1
         else:

@@ -23,6 +23,8 @@ from relaydiff.link.events import (
     Ping,
     Pong,
     Progress,
+    RefineHandoff,
+    RefineResult,
     RelayHandoff,
     Result,
     ResultKind,
@@ -32,6 +34,6 @@ from relaydiff.link.events import (
 __all__ = [
     "EVENT_TYPES", "NEED_DATA", "PROTOCOL_VERSION", "Close", "Connection", "DeviceCapabilities", "Error",
     "ErrorCode", "Event", "Feedback", "GenerateRequest", "Hello", "HelloAck", "LinkConfig", "LocalProtocolError",
-    "PeerError", "Ping", "Pong", "Progress", "ProtocolError", "RelayHandoff", "RemoteProtocolError",
+    "PeerError", "Ping", "Pong", "Progress", "ProtocolError", "RefineHandoff", "RefineResult", "RelayHandoff", "RemoteProtocolError",
     "RequestState", "Result", "ResultKind", "Role", "State",
 ]

@@ -55,6 +55,7 @@ class RequestState(str, Enum):
 
     OPEN = "OPEN"  # GenerateRequest seen, host working
     RELAYED = "RELAYED"  # RelayHandoff seen, device working
+    REFINING = "REFINING"  # RefineHandoff seen (protocol 2), host refining the device's preview
     DONE = "DONE"  # Result or request Error seen; a late Feedback is still accepted
 
 
@@ -66,8 +67,10 @@ NEED_DATA = NeedData.NEED_DATA  # next_event(): no whole message is waiting; fee
 
 # An event's "kind" is its class name, except that an Error with a request_id is "RequestError":
 # it ends one request, not the link.
-_READY_KINDS = ("GenerateRequest", "RelayHandoff", "Progress", "Result", "Feedback", "Ping", "Pong", "RequestError")
-_REQUEST_KINDS = ("GenerateRequest", "RelayHandoff", "Progress", "Result", "Feedback", "RequestError")
+_READY_KINDS = ("GenerateRequest", "RelayHandoff", "Progress", "Result", "Feedback", "Ping", "Pong", "RequestError",
+                "RefineHandoff", "RefineResult")
+_REQUEST_KINDS = ("GenerateRequest", "RelayHandoff", "Progress", "Result", "Feedback", "RequestError",
+                  "RefineHandoff", "RefineResult")
 _LIVE = (State.IDLE, State.HELLO_SENT, State.HELLO_RECEIVED, State.READY)
 
 # THE connection state machine: (state, who sends, event kind) -> next state. Anything absent is refused.
@@ -87,6 +90,8 @@ ONLY_FROM: dict[str, Role] = {
     "GenerateRequest": Role.DEVICE,
     "RelayHandoff": Role.HOST,
     "Feedback": Role.DEVICE,
+    "RefineHandoff": Role.DEVICE,
+    "RefineResult": Role.HOST,
 }
 
 # THE request state machine: (request state or None if unknown, event kind) -> next state (None: forgotten).
@@ -102,6 +107,11 @@ REQUEST_TRANSITIONS: dict[tuple[RequestState | None, str], RequestState | None] 
     (RequestState.RELAYED, "Feedback"): None,  # the device kept the image and reports how it went
     (RequestState.DONE, "RequestError"): RequestState.DONE,  # e.g. a deadline error racing a Result
     (RequestState.DONE, "Feedback"): None,
+    # protocol 2, the reverse hand-off: the device's preview latent goes to the host to refine
+    (None, "RefineHandoff"): RequestState.REFINING,
+    (RequestState.REFINING, "Progress"): RequestState.REFINING,
+    (RequestState.REFINING, "RefineResult"): RequestState.DONE,
+    (RequestState.REFINING, "RequestError"): RequestState.DONE,
 }
 
 
@@ -300,7 +310,8 @@ class Connection:
         if key not in REQUEST_TRANSITIONS:
             if current is None:
                 raise err(ErrorCode.UNKNOWN_REQUEST, f"{kind} names request {request_id!r}, which is not open")
-            code = ErrorCode.UNKNOWN_REQUEST if kind == "GenerateRequest" else ErrorCode.UNEXPECTED_EVENT  # a reused id
+            opening = kind in ("GenerateRequest", "RefineHandoff")
+            code = ErrorCode.UNKNOWN_REQUEST if opening else ErrorCode.UNEXPECTED_EVENT  # a reused id
             raise err(code, f"{kind} for request {request_id!r} in request state {current.value}")
         new = REQUEST_TRANSITIONS[key]
         if current is None and len(self._requests) >= self.config.max_open_requests:

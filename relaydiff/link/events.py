@@ -26,13 +26,14 @@ from typing import Any, ClassVar
 
 from relaydiff.link.errors import ErrorCode, LocalProtocolError
 
-PROTOCOL_VERSION = 1  # the version this module speaks; travels in every header and in Hello/HelloAck
+PROTOCOL_VERSION = 2  # the version this module speaks; travels in every header and in Hello/HelloAck (2: + RefineHandoff, RefineResult)
 MIB = 1024 * 1024
 MIN_MESSAGE_CAP = 64 * 1024  # the smallest receive cap a peer may announce
 MAX_MESSAGE_CAP = 1024 * MIB  # the largest receive cap a peer may announce (blob length is a u32)
 DEFAULT_MAX_MESSAGE_BYTES = 16 * MIB
 MAX_RELAY_STATE_BYTES = 16 * MIB  # an SD-size relay state is ~0.5 MiB (the consumer parses it: RelayState.from_bytes)
 MAX_RESULT_BYTES = 16 * MIB  # a 1024x1024 PNG or a final latent
+MAX_LATENT_BYTES = 16 * MIB  # a reverse hand-off's preview latent (an SD-size one is 64 KiB)
 MAX_PADDING_BYTES = 4 * MIB  # Ping/Pong padding for bandwidth probes
 MAX_ERROR_MESSAGE_BYTES = 1024
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -506,8 +507,69 @@ class Close(Event):
     _SCHEMA: ClassVar[dict[str, _Spec]] = {"reason": _Str(max_bytes=256)}
 
 
+@dataclass(frozen=True)
+class RefineHandoff(Event):
+    """Device -> host (protocol 2): the reverse hand-off. The device's preview latent (a clean x_0); the host
+    re-noises it to ``strength`` (absent: the host's predictor chooses) and runs the rest of its ``steps``."""
+
+    request_id: str  # chosen by the device; a new request (exactly once, like GenerateRequest)
+    family_id: str  # the latent space the preview belongs to; must be the host's
+    prompt: str  # the final round's prompt
+    steps: int  # N of the host's full schedule
+    sampler: str  # one of relaydiff.core.schedulers.SAMPLERS (checked by the host)
+    guidance_scale: float
+    seed: int  # noise seed of the re-noising and of a stochastic sampler
+    latent: bytes = field(repr=False)  # the blob: safetensors with one tensor "latents" (1, C, h, w); capped here,
+    #   parsed and checked by the host that consumes it (relaydiff.core.state.latents_from_bytes), once
+    strength: float | None = None  # in (0, 1]; None: the host predicts it
+
+    TYPE_CODE: ClassVar[int] = 12
+    BLOB_FIELD: ClassVar[str | None] = "latent"
+    MAX_BLOB: ClassVar[int] = MAX_LATENT_BYTES
+    _SCHEMA: ClassVar[dict[str, _Spec]] = {
+        "request_id": _REQUEST_ID,
+        "family_id": _Str(min_bytes=1, max_bytes=128),
+        "prompt": _Str(min_bytes=1, max_bytes=4096),
+        "steps": _Int(lo=1, hi=1000),
+        "sampler": _Str(min_bytes=1, max_bytes=32, pattern=_NAME),
+        "guidance_scale": _Float(lo=0.0, hi=100.0),
+        "seed": _Int(lo=0, hi=2**63 - 1),
+        "strength": _Float(lo=0.0, hi=1.0, lo_open=True, optional=True),
+    }
+
+    def _check(self) -> None:
+        if not self.prompt.strip():
+            raise _bad("RefineHandoff.prompt", self.prompt, "a non-empty prompt")
+
+
+@dataclass(frozen=True)
+class RefineResult(Event):
+    """Host -> device (protocol 2): the refined image of a RefineHandoff, the strength used and the host's cost."""
+
+    request_id: str
+    strength: float  # the strength the host refined at, in (0, 1]
+    host_unet_evals: int  # UNet evaluations the host spent (its predictor's probe included)
+    data: bytes = field(repr=False)  # the blob: the refined image as a PNG
+    timings: Mapping[str, float] = field(default_factory=dict)  # stage name -> seconds
+
+    TYPE_CODE: ClassVar[int] = 13
+    BLOB_FIELD: ClassVar[str | None] = "data"
+    MAX_BLOB: ClassVar[int] = MAX_RESULT_BYTES
+    _SCHEMA: ClassVar[dict[str, _Spec]] = {
+        "request_id": _REQUEST_ID,
+        "strength": _Float(lo=0.0, hi=1.0, lo_open=True),
+        "host_unet_evals": _Int(lo=0, hi=1_000_000),
+        "timings": _FloatMap(key=_Str(min_bytes=1, max_bytes=64, pattern=_NAME), value=_Float(hi=86_400.0)),
+    }
+
+    def _check(self) -> None:
+        if not self.data.startswith(PNG_SIGNATURE):
+            raise _bad("RefineResult.data", self.data[:8], f"a PNG (starting {PNG_SIGNATURE!r})", ErrorCode.BAD_BLOB)
+
+
 EVENT_TYPES: dict[int, type[Event]] = {
     cls.TYPE_CODE: cls
-    for cls in (Hello, HelloAck, GenerateRequest, RelayHandoff, Progress, Result, Feedback, Error, Ping, Pong, Close)
+    for cls in (Hello, HelloAck, GenerateRequest, RelayHandoff, Progress, Result, Feedback, Error, Ping, Pong, Close,
+                RefineHandoff, RefineResult)
 }
 

@@ -15,7 +15,7 @@ from relaydiff.core.caching.device import device_schedule, family_policy_path, t
 from relaydiff.core.errors import RelaydiffError, RelayStateError
 from relaydiff.core.family import EMBEDDED_FAMILY
 from relaydiff.core.relay import RelayRequest, relay, resume, start
-from relaydiff.core.state import RelayState
+from relaydiff.core.state import RelayState, validate
 from relay_state_crafting import join, split
 
 
@@ -117,7 +117,7 @@ def test_bad_budget_in_a_relay_state_is_refused(tiny_pair) -> None:  # type: ign
     state = start(host, RelayRequest("x", relay_step=2, steps=8))
     assert "cache_budget" not in state.to_bytes().decode("latin-1")  # no budget: the bytes of a state before the key existed
     with pytest.raises(RelayStateError, match=r"cache budget 7 is outside \[1, 6\]"):
-        replace(state, cache_budget=7)
+        validate(replace(state, cache_budget=7))  # a state is built unvalidated; its consumer validates it once
     good = replace(state, cache_budget=6).to_bytes()
     assert RelayState.from_bytes(good).cache_budget == 6
     tensors, meta = split(good)

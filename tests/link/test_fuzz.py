@@ -25,6 +25,8 @@ from relaydiff.link import (
     Ping,
     Pong,
     Progress,
+    RefineHandoff,
+    RefineResult,
     RelayHandoff,
     RemoteProtocolError,
     Result,
@@ -68,6 +70,9 @@ CORPUS = [
         Ping(1, 2.0, b"pad"),
         Pong(1, 2.0),
         Close("x"),
+        RefineHandoff("r3", latent=latents_to_bytes(torch.zeros(1, 4, 2, 2)), family_id="f", prompt="p", steps=4, sampler="ddim",
+                                   guidance_scale=2.0, seed=0, strength=0.5),
+        RefineResult("r1", 0.5, 4, b"\x89PNG\r\n\x1a\n"),
     )
 ]
 
@@ -114,7 +119,7 @@ def test_arbitrary_bytes(role: Role, handshaken: bool, messages: list[bytes]) ->
 
 
 @FUZZ
-@given(role=roles, messages=st.lists(st.binary(max_size=64), min_size=1, max_size=3), prefix=st.sampled_from([b"RDLK\x01\x00", b"RDLK"]))
+@given(role=roles, messages=st.lists(st.binary(max_size=64), min_size=1, max_size=3), prefix=st.sampled_from([b"RDLK\x01\x00", b"RDLK\x02\x00", b"RDLK"]))
 def test_bytes_behind_a_valid_magic(role: Role, messages: list[bytes], prefix: bytes) -> None:
     feed(ready(role), [prefix + m for m in messages])
 
@@ -134,7 +139,7 @@ def test_bytes_behind_a_valid_magic(role: Role, messages: list[bytes], prefix: b
 )
 def test_well_framed_arbitrary_json(role: Role, type_code: int, obj: dict, blob: bytes) -> None:
     body = json.dumps(obj).encode()
-    data = b"RDLK" + struct.pack("<HHII", 1, type_code, len(body), len(blob)) + body + blob
+    data = b"RDLK" + struct.pack("<HHII", 2, type_code, len(body), len(blob)) + body + blob
     feed(ready(role), [data])
     feed(fresh(role), [data])
 
@@ -167,6 +172,6 @@ def test_mutated_relay_states(edits: list[tuple[int, int]]) -> None:
     for pos, byte in edits:
         blob[pos] = byte
     body = b'{"request_id":"r1"}'
-    data = b"RDLK" + struct.pack("<HHII", 1, 4, len(body), len(blob)) + body + bytes(blob)
+    data = b"RDLK" + struct.pack("<HHII", 2, 4, len(body), len(blob)) + body + bytes(blob)
     device = ready(Role.DEVICE)
     feed(device, [data])

@@ -199,7 +199,7 @@ def test_a_large_message_before_the_hello_is_refused_unread_and_the_cap_rises_af
     async def main() -> None:
         async with await serve(host_handler, auth_token=TOKEN, config=CONFIG) as server:
             async with ws_connect(server.url, proxy=None, max_size=None) as ws:
-                await ws.send(b"RDLK" + struct.pack("<HHII", 1, 4, 2, 1 << 20) + b"{}" + bytes(1 << 20))  # 1 MiB "hand-off"
+                await ws.send(b"RDLK" + struct.pack("<HHII", 2, 4, 2, 1 << 20) + b"{}" + bytes(1 << 20))  # 1 MiB "hand-off"
                 await ws.wait_closed()
                 assert ws.close_code == 1009  # websockets refused it from the frame header: never buffered nor parsed
             link = await connect(server.url, auth_token=TOKEN, capabilities=CAPS, config=CONFIG)

@@ -25,6 +25,8 @@ from relaydiff.link import (
     Ping,
     Pong,
     Progress,
+    RefineHandoff,
+    RefineResult,
     RelayHandoff,
     RequestState,
     Result,
@@ -123,6 +125,15 @@ def test_every_event_type_crosses_the_pipe() -> None:
     send(p.host, ping.pong(echo_padding=True))
     send(p.host, Ping(8, 0.0))
     send(p.device, Pong(8, 0.0))
+    # r4 (protocol 2): the reverse hand-off, the device's preview latent refined on the host
+    lat = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    refine = send(p.device, RefineHandoff("r4", latent=latents_to_bytes(lat), family_id="tiny", prompt="a red circle", steps=10,
+                                                       sampler="ddim", guidance_scale=5.0, seed=3, strength=0.5))
+    assert isinstance(refine, RefineHandoff) and torch.equal(latents_from_bytes(refine.latent), lat)
+    assert p.host.request_state("r4") is RequestState.REFINING
+    send(p.host, Progress("r4", 2, 5))
+    send(p.host, RefineResult("r4", 0.5, 10, PNG, {"host_s": 0.2}))
+    assert p.host.request_state("r4") is RequestState.DONE and p.device.request_state("r4") is RequestState.DONE
     send(p.device, Close("bye"))
     assert p.device.state is State.CLOSED and p.host.state is State.CLOSED
     assert sent == set(EVENT_TYPES.values())
@@ -167,9 +178,9 @@ def test_header_layout_is_pinned() -> None:
     """The example in docs/protocol.md: a Ping with nonce 7, timestamp 1.5 and 3 padding bytes."""
     data = wire.encode(Ping(7, 1.5, b"abc"))
     body = b'{"nonce":7,"timestamp":1.5}'
-    assert data == b"RDLK" + struct.pack("<HHII", 1, 9, len(body), 3) + body + b"abc"
+    assert data == b"RDLK" + struct.pack("<HHII", 2, 9, len(body), 3) + body + b"abc"
     assert data.hex() == (
-        "52444c4b" "0100" "0900" "1b000000" "03000000"
+        "52444c4b" "0200" "0900" "1b000000" "03000000"
         + body.hex() + "616263"
     )
     assert wire.HEADER_SIZE == 16
@@ -178,7 +189,7 @@ def test_header_layout_is_pinned() -> None:
 def test_type_codes_are_stable() -> None:
     assert {c: e.__name__ for c, e in EVENT_TYPES.items()} == {
         1: "Hello", 2: "HelloAck", 3: "GenerateRequest", 4: "RelayHandoff", 5: "Progress", 6: "Result",
-        7: "Feedback", 8: "Error", 9: "Ping", 10: "Pong", 11: "Close",
+        7: "Feedback", 8: "Error", 9: "Ping", 10: "Pong", 11: "Close", 12: "RefineHandoff", 13: "RefineResult",
     }
 
 

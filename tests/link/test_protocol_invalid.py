@@ -52,7 +52,7 @@ def relay_state() -> RelayState:
     )
 
 
-def frame(type_code: int, body: bytes | str, blob: bytes = b"", *, version: int = 1, magic: bytes = b"RDLK") -> bytes:
+def frame(type_code: int, body: bytes | str, blob: bytes = b"", *, version: int = 2, magic: bytes = b"RDLK") -> bytes:
     body = body.encode("utf-8") if isinstance(body, str) else body
     return magic + struct.pack("<HHII", version, type_code, len(body), len(blob)) + body + blob
 
@@ -137,7 +137,7 @@ def test_oversized_json() -> None:
 
 
 def test_blob_above_the_event_cap_is_refused_from_the_header() -> None:
-    data = b"RDLK" + struct.pack("<HHII", 1, 9, 2, 5 * 1024 * 1024) + b"{}"  # Ping padding cap is 4 MiB
+    data = b"RDLK" + struct.pack("<HHII", 2, 9, 2, 5 * 1024 * 1024) + b"{}"  # Ping padding cap is 4 MiB
     refuse(ready_pair()[1], data, ErrorCode.MESSAGE_TOO_LARGE, "blob cap is 4194304")
 
 
@@ -156,12 +156,12 @@ def test_trailing_bytes() -> None:
 
 
 def test_wrong_header_version_names_both_versions() -> None:
-    err = refuse(host(), frame(1, hello_json(), version=2), ErrorCode.UNSUPPORTED_VERSION, "version is 2")
-    assert "speaks 1" in str(err)
+    err = refuse(host(), frame(1, hello_json(), version=1), ErrorCode.UNSUPPORTED_VERSION, "version is 1")
+    assert "speaks 2" in str(err)
 
 
 def test_wrong_hello_version() -> None:
-    refuse(host(), frame(1, hello_json(protocol_version=3)), ErrorCode.UNSUPPORTED_VERSION, "version is 3; expected 1")
+    refuse(host(), frame(1, hello_json(protocol_version=3)), ErrorCode.UNSUPPORTED_VERSION, "version is 3; expected 2")
 
 
 def test_unknown_event_type() -> None:
@@ -344,7 +344,7 @@ def test_helloack_with_the_wrong_version_or_role() -> None:
     refuse(device, wire.encode(HelloAck(Role.DEVICE, "s")), ErrorCode.ROLE_CONFLICT)
     device = Connection(Role.DEVICE, auth_token=TOKEN)
     device.send(device.hello(CAPS))
-    refuse(device, wire.encode(HelloAck(Role.HOST, "s", protocol_version=4)), ErrorCode.UNSUPPORTED_VERSION, "is 4; expected 1")
+    refuse(device, wire.encode(HelloAck(Role.HOST, "s", protocol_version=4)), ErrorCode.UNSUPPORTED_VERSION, "is 4; expected 2")
 
 
 @pytest.mark.parametrize(
