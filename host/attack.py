@@ -141,7 +141,7 @@ class _Watch:
 
     def __init__(self, server: Any) -> None:
         self.ledger = server.ledger
-        self.accepted: set[str] = set()
+        self.accepted: Counter[str] = Counter()  # a key may be accepted again: a request id reused after its Feedback
         self.completions: Counter[str] = Counter()
         self.counting = False
         self.max_completed = 0
@@ -151,7 +151,7 @@ class _Watch:
         def counted_accept(key: str, prompt: str) -> Any:
             entry = accept(key, prompt)
             if self.counting:
-                self.accepted.add(key)
+                self.accepted[key] += 1
             return entry
 
         def counted_complete(key: str, source: Any, **kw: Any) -> bool:
@@ -256,8 +256,8 @@ async def _run(config: AttackBenchConfig, family_dir: Path, say: Callable[[str],
         stats = asdict(server.stats)
     accepted = watch.accepted
     doubled = sum(v for k, v in watch.completions.items() if k.endswith("(refused second result)"))
-    unanswered = sorted(k for k in accepted if watch.completions[k] == 0)
-    answered_once = not unanswered and doubled == 0 and all(watch.completions[k] == 1 for k in accepted)
+    unanswered = sorted(k for k in accepted if watch.completions[k] < accepted[k])
+    answered_once = not unanswered and doubled == 0 and all(watch.completions[k] == accepted[k] for k in accepted)
     honest = report["honest"]
     p = {phase: {"p50_s": _pct(honest[phase], 50), "p95_s": _pct(honest[phase], 95), "requests": len(honest[phase])}
          for phase in ("unloaded", "attack")}
@@ -277,7 +277,7 @@ async def _run(config: AttackBenchConfig, family_dir: Path, say: Callable[[str],
         "attack": report["attack"],
         "host_stats": stats,
         "invariants": {
-            "accepted_in_attack_phase": len(accepted),
+            "accepted_in_attack_phase": sum(accepted.values()),
             "answered_exactly_once_in_ledger": answered_once,
             "unanswered": unanswered[:10], "doubled_results": doubled,
             "wire_answer_violations": report["attack"]["wire_answer_violations"],

@@ -476,7 +476,7 @@ def _require_pipeline(path: Path, role: str) -> Path:
         raise FamilyNotFoundError(f"--{role} folder not found: '{root}'")
     missing = [part for part in _PIPELINE_PARTS if not (root / part).exists()]
     if not (root / "unet" / "config.json").exists() and not (root / "transformer" / "config.json").exists():
-        missing.insert(1, "unet/config.json (or transformer/config.json)")
+        missing.insert(int(bool(missing) and missing[0] == "model_index.json"), "unet/config.json (or transformer/config.json)")
     if missing:
         raise FamilyNotFoundError(f"--{role} '{root}' is not a diffusers pipeline folder: missing {', '.join(missing)}")
     return root

@@ -63,7 +63,7 @@ def test_family_init_refuses_a_folder_that_is_not_a_pipeline(pair: dict[str, Pat
     (half / "model_index.json").write_text("{}")
     code, _, err = _run(capsys, "family", "init", "--host", str(pair["host"]), "--device", str(half),
                         "--out", str(tmp_path / "o"))
-    assert code == 2 and "missing unet/config.json, vae/config.json, text_encoder/config.json, tokenizer" in err
+    assert code == 2 and "missing unet/config.json (or transformer/config.json), vae/config.json, text_encoder/config.json, tokenizer" in err
     assert not (tmp_path / "o").exists()
 
 

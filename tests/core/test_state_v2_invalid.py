@@ -13,7 +13,7 @@ from safetensors.torch import load, save
 
 from relaydiff.core.errors import RelayStateError
 from relaydiff.core.schedulers import build_scheduler, scheduler_config, set_steps
-from relaydiff.core.state import RelayState
+from relaydiff.core.state import RelayState, validate
 
 N = 4
 
@@ -83,4 +83,4 @@ def test_bad_schedule_metadata(flow_state: RelayState, meta: dict[str, Any], mat
 )
 def test_bad_added_conditioning_and_sigmas(flow_state: RelayState, changes: dict[str, Any], match: str) -> None:
     with pytest.raises(RelayStateError, match=match):
-        replace(flow_state, **changes)
+        validate(replace(flow_state, **changes))  # built unvalidated; the consumer validates once

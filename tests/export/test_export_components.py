@@ -10,7 +10,7 @@ import torch
 
 from relaydiff.export import check_inputs, get_component, list_components
 
-COMPONENTS = ["unet_step", "unet", "vae_decoder", "text_encoder"]
+COMPONENTS = ["unet_step", "unet", "vae_decoder", "text_encoder", "unet_step_full", "unet_step_cached"]
 
 
 def test_registry_lists_every_component() -> None:

@@ -28,7 +28,7 @@ def test_unknown_exporter_lists_the_known_ones() -> None:
 
 
 def test_unknown_component_lists_the_known_ones() -> None:
-    with pytest.raises(UnknownNameError, match=r"'unet_xl'.*text_encoder, unet, unet_step, vae_decoder"):
+    with pytest.raises(UnknownNameError, match=r"'unet_xl'.*text_encoder, unet, unet_step, unet_step_cached, unet_step_full, vae_decoder"):
         get_component("unet_xl")
 
 

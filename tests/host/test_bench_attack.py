@@ -24,7 +24,9 @@ def test_bench_attack_quick_keeps_exactly_once_and_the_ledger_bound(tiny_family:
     # every kind of attack really ran, and the host refused what it must
     assert a["amplification_waves"] >= 1 and a["oversize_sent"] >= 1 and a["reused_id_rounds"] >= 1
     assert a["pre_hello_refused"] == a["pre_hello_sent"] == cfg.pre_hello_frames
-    assert a["guesses_refused"] == a["guesses_sent"] and a["guesses_locked_out"] >= 1
+    # every guess refused; whether a locked-out guess reads the lockout Error or only the closed socket depends on
+    # timing, so the lockout itself is asserted in tests/link (the failed-login tests), not here
+    assert a["guesses_refused"] == a["guesses_sent"] == cfg.guesses
     assert not any(k.startswith("attacker_failed_") for k in a)
     assert report["host_stats"]["refused_results"] >= 1 and report["host_stats"]["cancelled"] >= 1
     h = report["honest"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from websockets.asyncio.client import connect as ws_connect
 
+from relaydiff.link.events import PROTOCOL_VERSION
 from relaydiff.core.relay import relay
 from relaydiff.core.state import RelayState
 from relaydiff.host.ledger import Source, digest_bytes, digest_latents
@@ -117,7 +118,7 @@ def test_bad_peers_do_not_stop_the_host_serving_a_good_device(tiny_pair, make_ho
 
     async def garbage() -> None:
         async with ws_connect(host.url, proxy=None) as ws:
-            await ws.send(b"RDLK" + struct.pack("<HHII", 1, 3, 9999, 0))  # truncated GenerateRequest
+            await ws.send(b"RDLK" + struct.pack("<HHII", PROTOCOL_VERSION, 3, 9999, 0))  # truncated GenerateRequest
             reply = wire.decode(await ws.recv(), max_message_bytes=1 << 20, max_json_bytes=1 << 16)
             assert isinstance(reply, Error) and reply.code == "bad_header"
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
+from relaydiff.link.events import PROTOCOL_VERSION
 from relaydiff.core.errors import RelaydiffError, RelayStateError
 from relaydiff.core.state import RelayState, latents_from_bytes
 from relaydiff.link import (
@@ -292,7 +293,7 @@ def test_nan_injected_into_the_raw_bytes_of_a_valid_state() -> None:
 def test_a_relay_state_over_the_blob_cap_is_refused_from_the_header() -> None:
     """The cap the link still enforces on the bytes it carries (decided from the header, before reading the blob)."""
     body = b'{"request_id":"r1"}'
-    data = wire.HEADER.pack(wire.MAGIC, 1, RelayHandoff.TYPE_CODE, len(body), RelayHandoff.MAX_BLOB + 1) + body
+    data = wire.HEADER.pack(wire.MAGIC, PROTOCOL_VERSION, RelayHandoff.TYPE_CODE, len(body), RelayHandoff.MAX_BLOB + 1) + body
     with pytest.raises(RemoteProtocolError, match=f"blob cap is {RelayHandoff.MAX_BLOB}") as info:
         wire.decode(data, max_message_bytes=1 << 30, max_json_bytes=1 << 16)
     assert info.value.code is ErrorCode.MESSAGE_TOO_LARGE

@@ -8,6 +8,7 @@ import socket
 import numpy as np
 import pytest
 
+from relaydiff.link.events import PROTOCOL_VERSION
 from relaydiff.core.relay import relay
 from relaydiff.host.ledger import Source
 from relaydiff.link.errors import PeerError
@@ -183,7 +184,7 @@ def test_a_semantically_bad_hand_off_makes_the_device_fall_back_and_tell_the_hos
     async def answer(link, request_id: str) -> None:  # type: ignore[no-untyped-def]
         await link.send(Progress(request_id, 2, 4))
         body = _json.dumps({"request_id": request_id}).encode()
-        await link.websocket.send(wire.HEADER.pack(wire.MAGIC, 1, RelayHandoff.TYPE_CODE, len(body), len(blob)) + body + blob)
+        await link.websocket.send(wire.HEADER.pack(wire.MAGIC, PROTOCOL_VERSION, RelayHandoff.TYPE_CODE, len(body), len(blob)) + body + blob)
 
     outcome, seen = _fake_host_run(make_client, link_config, answer)
     assert outcome.mode == DEVICE_ONLY and outcome.image.shape == (16, 16, 3)

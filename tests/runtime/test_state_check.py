@@ -47,6 +47,7 @@ def test_check_state_names_every_field_with_both_values(models) -> None:  # type
     host, _, bad = models
     state = start(host, SETTINGS.request("x", 2))
     odd = dataclasses.replace(state, scheduler_config={**state.scheduler_config, "beta_schedule": "linear"},
+                              noise_schedule={**state.noise_schedule, "beta_schedule": "linear"},
                               latents=torch.zeros(1, 3, *state.latents.shape[2:]))
     with pytest.raises(CompatibilityError) as refused:
         family.check_state(bad, odd)
