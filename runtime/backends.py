@@ -122,6 +122,11 @@ class TorchBackend:
         unet_config = (Path(model.ref.root) / model.ref.unet_subfolder / "config.json").read_bytes()
         self.bundle_sha256 = hashlib.sha256(self.bundle_id.encode() + b"\0" + unet_config).hexdigest()
 
+    @property
+    def scheduler_config(self) -> Mapping[str, Any]:
+        """The family's noise-schedule config (which samplers fit it)."""
+        return dict(self.model.scheduler_config)
+
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         from relaydiff.core.relay import encode_prompt
 
@@ -325,6 +330,11 @@ class BundleBackend:
         return run
 
     # ------------------------------------------------------------------------------------------ Backend
+
+    @property
+    def scheduler_config(self) -> Mapping[str, Any]:
+        """The bundle's noise-schedule config (which samplers fit it)."""
+        return dict(self.side.scheduler_config)
 
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         from relaydiff.core.relay import encode_texts

@@ -129,7 +129,12 @@ class DeviceRuntime:
     def steps_per_second(self, *, steps: int = 2) -> float:
         """The device model's denoising speed, measured once on a short trajectory and then remembered."""
         if self._steps_per_second is None:
-            request = RelayRequest("a speed probe", relay_step=0, steps=steps, guidance_scale=5.0)
+            from relaydiff.core.schedulers import fallback_sampler
+
+            # a sampler that fits the family's schedule (a flow family refuses ddim)
+            config = getattr(self.backend, "scheduler_config", None)
+            sampler = fallback_sampler(config) if config is not None else "ddim"
+            request = RelayRequest("a speed probe", relay_step=0, steps=steps, guidance_scale=5.0, sampler=sampler)
             # a backend that cannot encode prompts (a bundle without its family) still times its steps
             probe = getattr(self.backend, "probe_state", None)
             state = probe(request) if probe is not None else self.backend.begin(request)

@@ -439,13 +439,13 @@ def folder_sampler(ref: ModelRef) -> str | None:
 
 def default_sampler(ref: ModelRef) -> str:
     """The sampler a request uses when none is named: the folder's own scheduler where supported, else DDIM."""
-    from relaydiff.core.schedulers import SAMPLERS
+    from relaydiff.core.schedulers import SAMPLERS, fallback_sampler
 
     name = folder_sampler(ref)
     if name is not None and name in SAMPLERS:
         return name
     sched = read_json(ref.root / "scheduler" / "scheduler_config.json")
-    fallback = "flow_euler" if is_flow_config(sched) else "ddim"
+    fallback = fallback_sampler(sched)
     logger.info("the scheduler of '%s' (%s) cannot be relayed; sampling with %s", ref.root, sched.get("_class_name"), fallback)
     return fallback
 

@@ -154,6 +154,11 @@ def dynamic_shift_mu(config: Mapping[str, Any], image_seq_len: int) -> float | N
                                  config.get("base_shift", d["base_shift"]), config.get("max_shift", d["max_shift"])))
 
 
+def fallback_sampler(config: Mapping[str, Any]) -> str:
+    """The sampler to use when none is named and the folder's own is not relayable: ``flow_euler`` (SD3's own) on a rectified-flow family, else ``ddim``."""
+    return "flow_euler" if is_flow_config(config) else "ddim"
+
+
 def sampler_spec(name: str) -> SamplerSpec:
     """Return the spec of sampler ``name``; raises RelaydiffError listing the known names."""
     try:
