@@ -57,8 +57,9 @@ def add_request_args(p: argparse.ArgumentParser, *, prompt: bool = True) -> None
     if prompt:
         p.add_argument("--relay-step", type=int, default=None, help="hand-off step k in [0, N] (default: 30%% of N)")
     p.add_argument("--scheduler", default=None,
-                   help="sampler: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_sde, pndm, unipc (default: the model "
-                        "folder's own scheduler where supported, else ddim)")
+                   help="sampler: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_sde, pndm, unipc; on a rectified-flow (SD3-style) "
+                        "family flow_euler, flow_euler_sde, flow_dpmpp_2m (default: the model folder's own scheduler "
+                        "where supported, else ddim, or flow_euler on a flow family)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (<= 1: off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
 
