@@ -260,8 +260,143 @@ class UNetStepDistilled(Component):
 UNET_STEP_DISTILLED = UNetStepDistilled()
 
 
+def style_dims(model: LoadedModel) -> dict[str, int]:
+    """:func:`family_dims` for an SDXL- or SD3-style model, whose text embeddings are not one encoder's: L and D of the
+    per-token embeddings the network takes (SDXL: CLIP-L + OpenCLIP-G concatenated; SD3: CLIP joint with T5), P the
+    pooled width (SDXL's pooled text embeddings, SD3's pooled projections), T the time-id count (SDXL)."""
+    from relaydiff.core.relay import conditioning_widths, encode_conditioning, relay_side, image_size, RelayRequest
+
+    d = family_dims(model)
+    side = relay_side(model)
+    cond, _ = encode_conditioning(model, "", "", image_size(side, RelayRequest("", 0, 1, sampler="euler")))
+    widths = conditioning_widths(model)
+    d.update(L=int(cond.text_embeds.shape[1]), D=int(cond.text_embeds.shape[2]))
+    d["P"] = int(widths.get("pooled_projections", widths.get("pooled_text_embeds", 0)))
+    if "time_ids" in widths:
+        d["T"] = int(widths["time_ids"])
+    return d
+
+
+def example_conditioning(model: LoadedModel, prompt: str = EXAMPLE_PROMPT) -> dict[str, np.ndarray]:
+    """[uncond, cond] rows of every conditioning field an SDXL/SD3-style model takes (diffusers' own encode_prompt),
+    by the component input names: text_embeds, and pooled_text_embeds + time_ids (SDXL) or pooled_projections (SD3)."""
+    from relaydiff.core.relay import encode_conditioning, image_size, relay_side, RelayRequest
+
+    side = relay_side(model)
+    cond, uncond = encode_conditioning(model, prompt, "", image_size(side, RelayRequest(prompt, 0, 1, sampler="euler")))
+    out = {}
+    for name in ("text_embeds", "pooled_text_embeds", "time_ids", "pooled_projections"):
+        c, u = getattr(cond, name), getattr(uncond, name)
+        if c is not None:
+            out[name] = np.concatenate([u.numpy(), c.numpy()]).astype(np.float32)
+    return out
+
+
+def example_flow_latent(model: LoadedModel, sigma: float, seed: int = 0) -> np.ndarray:
+    """The clean example latent on a rectified-flow path at ``sigma``: (1 - sigma) x0 + sigma noise (seeded)."""
+    import torch
+
+    x0 = torch.from_numpy(example_clean_latent(model))
+    noise = torch.randn(x0.shape, generator=torch.Generator("cpu").manual_seed(seed))
+    return ((1.0 - sigma) * x0 + sigma * noise).numpy().astype(np.float32)
+
+
+@dataclass(frozen=True)
+class SDXLUNetStep(Component):
+    """``unet_step`` of an SDXL-style UNet: CFG inside, the added text-time conditioning as inputs.
+
+    Not registered: it is the form ``unet_step`` takes for an SDXL-style model (:func:`component_for`).
+    """
+
+    name: str = "unet_step"
+    description: str = ("device SDXL-style UNet, one denoising step with CFG inside: eps_u + g * (eps_c - eps_u); "
+                        "pooled text embeddings and time ids as added conditioning")
+    inputs: tuple[TensorSpec, ...] = (
+        TensorSpec("sample", "float32", (1, "C", "h", "w"), "the latent x_t, scaled for the timestep"),
+        TensorSpec("timestep", "float32", (1,), "the timestep t (float, so every runtime takes it)"),
+        TensorSpec("text_embeds", "float32", (2, "L", "D"), "text embeddings [uncond, cond] (CLIP-L + OpenCLIP-G)"),
+        TensorSpec("pooled_text_embeds", "float32", (2, "P"), "pooled text embeddings [uncond, cond] (OpenCLIP-G projection)"),
+        TensorSpec("time_ids", "float32", (2, "T"), "size/crop time ids [uncond, cond]: (H, W, top, left, H, W)"),
+        TensorSpec("guidance_scale", "float32", (1,), "classifier-free guidance scale g"),
+    )
+    outputs: tuple[TensorSpec, ...] = (
+        TensorSpec("noise_pred", "float32", (1, "C", "h", "w"), "guided noise prediction"),
+    )
+    tolerances: Mapping[str, Tolerance] = field(default_factory=lambda: dict(_UNET_TOLERANCES))
+    optimum: OptimumSource | None = None
+    example_timestep: int = 501
+    example_guidance: float = 5.0
+    example_seed: int = 0
+
+    def dims(self, model: LoadedModel) -> dict[str, int]:
+        return style_dims(model)
+
+    def module(self, model: LoadedModel) -> torch.nn.Module:
+        from relaydiff.export.modules import SDXLUNetStep as Wrapper
+
+        return Wrapper(model.unet).eval()
+
+    def example_inputs(self, model: LoadedModel) -> dict[str, np.ndarray]:
+        return {
+            "sample": example_noised_latent(model, self.example_timestep, self.example_seed),
+            "timestep": np.array([self.example_timestep], np.float32),
+            **example_conditioning(model),
+            "guidance_scale": np.array([self.example_guidance], np.float32),
+        }
+
+
+@dataclass(frozen=True)
+class SD3TransformerStep(Component):
+    """``transformer_step``: one step of an SD3-style MMDiT, CFG inside, the pooled projections as an input.
+
+    Not registered under its own name: it is the form the bundle's ``unet_step`` takes for an SD3-style model
+    (:func:`component_for`), so manifests, bundle backends and the conformance suite keep one step name.
+    """
+
+    name: str = "unet_step"
+    description: str = ("device SD3-style transformer (transformer_step), one flow step with CFG inside: "
+                        "v_u + g * (v_c - v_u); joint text embeddings and pooled projections")
+    inputs: tuple[TensorSpec, ...] = (
+        TensorSpec("sample", "float32", (1, "C", "h", "w"), "the latent x_t (a flow model sees it unscaled)"),
+        TensorSpec("timestep", "float32", (1,), "the flow-match timestep sigma x num_train_timesteps"),
+        TensorSpec("text_embeds", "float32", (2, "L", "D"), "joint text embeddings [uncond, cond] (CLIP-L/G padded, T5)"),
+        TensorSpec("pooled_projections", "float32", (2, "P"), "pooled projections [uncond, cond] (CLIP-L + CLIP-G)"),
+        TensorSpec("guidance_scale", "float32", (1,), "classifier-free guidance scale g"),
+    )
+    outputs: tuple[TensorSpec, ...] = (
+        TensorSpec("noise_pred", "float32", (1, "C", "h", "w"), "guided flow velocity"),
+    )
+    tolerances: Mapping[str, Tolerance] = field(default_factory=lambda: dict(_UNET_TOLERANCES))
+    optimum: OptimumSource | None = None
+    example_sigma: float = 0.5  # mid-trajectory, where a relay hands over
+    example_guidance: float = 5.0
+    example_seed: int = 0
+
+    def dims(self, model: LoadedModel) -> dict[str, int]:
+        return style_dims(model)
+
+    def module(self, model: LoadedModel) -> torch.nn.Module:
+        from relaydiff.export.modules import SD3TransformerStep as Wrapper
+
+        return Wrapper(model.unet).eval()
+
+    def example_inputs(self, model: LoadedModel) -> dict[str, np.ndarray]:
+        train = int(model.scheduler_config.get("num_train_timesteps", 1000))
+        return {
+            "sample": example_flow_latent(model, self.example_sigma, self.example_seed),
+            "timestep": np.array([self.example_sigma * train], np.float32),
+            **example_conditioning(model),
+            "guidance_scale": np.array([self.example_guidance], np.float32),
+        }
+
+
+SDXL_UNET_STEP = SDXLUNetStep()
+SD3_TRANSFORMER_STEP = SD3TransformerStep()
+
+
 def component_for(name: str, model: LoadedModel) -> Component:
-    """The component ``name`` in the form ``model`` needs: ``unet_step`` of a distilled student has no CFG batch.
+    """The component ``name`` in the form ``model`` needs: ``unet_step`` of a distilled student has no CFG batch; of an
+    SDXL-style model it takes the text-time added conditioning; of an SD3-style model it is the transformer step.
 
     Raises:
         UnknownNameError: ``name`` is not registered (lists the known ones).
@@ -269,6 +404,11 @@ def component_for(name: str, model: LoadedModel) -> Component:
     component = get_component(name)
     if name == "unet_step" and getattr(model, "student", None) is not None:
         return UNET_STEP_DISTILLED
+    style = getattr(model, "style", "sd")
+    if name == "unet_step" and style == "sd3":
+        return SD3_TRANSFORMER_STEP
+    if name == "unet_step" and style == "sdxl":
+        return SDXL_UNET_STEP
     return component
 
 

@@ -112,3 +112,43 @@ class UNetStepCached(torch.nn.Module):
         eps = self.split.cached(self.split.shallow_down(x, timestep, text_embeds), deep_features, text_embeds)
         eps_uncond, eps_cond = eps.chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+class SDXLUNetStep(torch.nn.Module):
+    """:class:`UNetStep` for an SDXL-style UNet (``addition_embed_type="text_time"``): the pooled text embeddings and
+    the six size/crop time ids of [uncond, cond] go in as the UNet's ``added_cond_kwargs``, CFG inside the graph."""
+
+    def __init__(self, unet: Any) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, text_embeds: torch.Tensor, pooled_text_embeds: torch.Tensor,
+        time_ids: torch.Tensor, guidance_scale: torch.Tensor,
+    ) -> torch.Tensor:
+        x = torch.cat([sample, sample])
+        added = {"text_embeds": pooled_text_embeds, "time_ids": time_ids}
+        eps = self.unet(x, timestep, encoder_hidden_states=text_embeds, added_cond_kwargs=added, return_dict=False)[0]
+        eps_uncond, eps_cond = eps.chunk(2)
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+class SD3TransformerStep(torch.nn.Module):
+    """One denoising step of an SD3-style ``SD3Transformer2DModel`` (MMDiT): the joint text embeddings and pooled
+    projections of [uncond, cond], the flow-match timestep (sigma x 1000) for both rows, the guided velocity out
+    (as :class:`relaydiff.core.denoiser.SD3TransformerDenoiser` and the relay loop compute it)."""
+
+    def __init__(self, transformer: Any) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, text_embeds: torch.Tensor, pooled_projections: torch.Tensor,
+        guidance_scale: torch.Tensor,
+    ) -> torch.Tensor:
+        x = torch.cat([sample, sample])
+        t = timestep.reshape(1).expand(2)
+        v = self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=text_embeds,
+                             pooled_projections=pooled_projections, return_dict=False)[0]
+        v_uncond, v_cond = v.chunk(2)
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
