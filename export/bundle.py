@@ -203,6 +203,10 @@ def _build(config: BundleConfig, progress: bool, say: Callable[[str], None], acc
     host_ref = family.resolve(config.family, role="host")
     dev_ref = family.resolve(config.family, config.device_variant, role="device")
     family.check_pair(host_ref, dev_ref)
+    style = family.pipeline_style(Path(dev_ref.root))
+    if style != "sd":  # the manifest, device loop, gates and tokenizer section describe one-encoder diffusion families
+        raise BundleError(f"bundle build exports SD 1.x/2.x-style families only; '{config.family}' is {style}-style "
+                          "(its unet_step and vae_decoder export with `relaydiff export`; docs/bundle.md)")
     host = family.load(host_ref)
     device = family.load(dev_ref, share_with=host)
     student = _student_section(device, config)

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 Inputs = dict[str, np.ndarray]
 
 
+ADDED = ("pooled_text_embeds", "time_ids", "pooled_projections")  # the added Conditioning fields, also the input names
+
+
 def unet_step_inputs(x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, guidance_scale: float) -> Inputs:
     """The ``unet_step`` component's inputs for one loop call, already scaled.
 
@@ -57,18 +60,29 @@ class ArtifactDenoiser:
     ``unet_step``: one conditional pass, no guidance input) as is.
     """
 
-    def __init__(self, run: Runner, latent_spec: LatentSpec, text_embed_dim: int, *, distilled: bool = False) -> None:
+    def __init__(self, run: Runner, latent_spec: LatentSpec, text_embed_dim: int, *, distilled: bool = False,
+                 added: tuple[str, ...] = ()) -> None:
         """
         Args:
             run: calls the artifact with inputs by declared name (an ArtifactSession, or anything alike).
             latent_spec: the latent space it was exported for.
             text_embed_dim: D of its (B, L, D) ``text_embeds`` input.
             distilled: the artifact is a student's ``unet_step`` (inputs sample, timestep, text_embeds (1, L, D)).
+            added: the added conditioning it takes as [uncond, cond] inputs of the same names: SDXL's
+                ("pooled_text_embeds", "time_ids"), SD3's ("pooled_projections"); () for SD 1.x/2.x.
+
+        Raises:
+            RelaydiffError: an unknown added-conditioning name, or added conditioning on a distilled artifact.
         """
+        unknown = [n for n in added if n not in ADDED]
+        if unknown or (added and distilled):
+            raise RelaydiffError(f"added conditioning {list(added)}: expected names among {list(ADDED)}"
+                                 + (" and no distilled artifact" if distilled else ""))
         self._run = run
         self._spec = latent_spec
         self._text_dim = int(text_embed_dim)
         self.distilled = distilled
+        self.added = tuple(added)
 
     @property
     def latent_spec(self) -> LatentSpec:
@@ -81,25 +95,27 @@ class ArtifactDenoiser:
     def __call__(self, latent: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         import torch
 
-        _only_text(conditioning)
+        _only_text(conditioning, self.added)
         if latent.shape[0] != 1 or conditioning.batch != 1:
             raise RelaydiffError(f"a unet_step artifact takes one latent per call; got a batch of {latent.shape[0]} "
                                  f"against {conditioning.batch} embeddings")
         emb = conditioning.text_embeds
         if self.distilled:
             return self._call(unet_step_inputs(latent, timestep, emb, 1.0))
-        return self._call(unet_step_inputs(torch.cat([latent, latent]), timestep, torch.cat([emb, emb]), 1.0))  # eps_c + 1 (eps_c - eps_c)
+        inputs = unet_step_inputs(torch.cat([latent, latent]), timestep, torch.cat([emb, emb]), 1.0)  # eps_c + 1 (eps_c - eps_c)
+        return self._call({**inputs, **_added_inputs(self.added, conditioning, conditioning)})
 
     def guided(self, latent: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, uncond: Conditioning,
                guidance_scale: float) -> torch.Tensor:
         import torch
 
-        _only_text(cond)
-        _only_text(uncond)
+        _only_text(cond, self.added)
+        _only_text(uncond, self.added)
         if self.distilled:
             raise RelaydiffError("a distilled unet_step has its guidance baked in: it takes one conditional pass, not a CFG pair")
-        return self._call(unet_step_inputs(torch.cat([latent, latent]), timestep,
-                                           torch.cat([uncond.text_embeds, cond.text_embeds]), guidance_scale))
+        inputs = unet_step_inputs(torch.cat([latent, latent]), timestep, torch.cat([uncond.text_embeds, cond.text_embeds]),
+                                  guidance_scale)
+        return self._call({**inputs, **_added_inputs(self.added, cond, uncond)})
 
     def _call(self, inputs: Inputs) -> torch.Tensor:
         import torch
@@ -107,10 +123,24 @@ class ArtifactDenoiser:
         return torch.from_numpy(np.ascontiguousarray(self._run(inputs)["noise_pred"]))
 
 
-def _only_text(conditioning: Conditioning) -> None:
-    extra = [n for n in ("pooled_text_embeds", "time_ids", "pooled_projections") if getattr(conditioning, n) is not None]
-    if extra:
-        raise RelaydiffError(f"the unet_step artifact takes text embeddings only; the conditioning also has {', '.join(extra)}")
+def _only_text(conditioning: Conditioning, added: tuple[str, ...] = ()) -> None:
+    """Refuse a conditioning whose added fields are not exactly the ones the artifact takes (``added``)."""
+    have = tuple(n for n in ADDED if getattr(conditioning, n) is not None)
+    if set(have) != set(added):
+        takes = f"text embeddings and {', '.join(added)}" if added else "text embeddings only"
+        raise RelaydiffError(f"the unet_step artifact takes {takes}; the conditioning has "
+                             f"{', '.join(have) if have else 'no added conditioning'}")
+
+
+def _added_inputs(added: tuple[str, ...], cond: Conditioning, uncond: Conditioning) -> Inputs:
+    """The [uncond, cond] rows of each added conditioning field, by input name."""
+    import torch
+
+    out: Inputs = {}
+    for name in added:
+        c, u = getattr(cond, name), getattr(uncond, name)
+        out[name] = torch.cat([u, c]).detach().float().numpy().copy()
+    return out
 
 
 class ArtifactCachedStep:

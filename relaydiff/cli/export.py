@@ -44,7 +44,8 @@ def register(sub: Any) -> None:
     p.add_argument("--variant", default=None, help="UNet variant (default: the family's device default)")
     p.add_argument("--exporter", required=True, choices=EXPORTERS, help="exporter")
     p.add_argument("--component", action="append", choices=COMPONENTS,
-                   help="component to export (repeatable; default: unet_step, vae_decoder, text_encoder)")
+                   help="component to export (repeatable; default: unet_step, vae_decoder, text_encoder; on an SDXL- or "
+                        "SD3-style family unet_step and vae_decoder: their text encoders are not exported yet)")
     p.add_argument("--option", action="append", type=_option, default=[],
                    help="exporter option KEY=VALUE (repeatable; default: the exporter's defaults)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -54,16 +55,18 @@ def register(sub: Any) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from relaydiff.core import family
-    from relaydiff.export import ValidationError, get_component, get_exporter
+    from relaydiff.export import ValidationError, get_exporter
     from relaydiff.export.base import RuntimeUnavailableError
+    from relaydiff.export.components import component_for
 
     try:
         exporter = get_exporter(args.exporter, **dict(args.option))
     except (TypeError, ValueError) as exc:  # an unknown option or a bad option value
         raise RelaydiffError(str(exc)) from None
     model = family.load(family.resolve(args.family, args.variant, role="device"))
-    for name in args.component or list(COMPONENTS):
-        artifact = exporter.export(get_component(name), model, args.out)
+    default = list(COMPONENTS) if model.style == "sd" else ["unet_step", "vae_decoder"]
+    for name in args.component or default:  # unet_step in the form the model needs (student, SDXL, SD3)
+        artifact = exporter.export(component_for(name, model), model, args.out)
         result(f"wrote {artifact.path} ({artifact.metadata['export_seconds']:.1f} s)")
         if args.no_validate:
             continue
