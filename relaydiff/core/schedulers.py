@@ -10,7 +10,6 @@ The step counter itself is not carried as a hidden value: the receiver calls the
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import threading
 from collections import OrderedDict
@@ -221,12 +220,19 @@ def step(scheduler: Any, model_output: torch.Tensor, timestep: Any, sample: torc
     return scheduler.step(model_output, timestep, sample).prev_sample
 
 
-@functools.lru_cache(maxsize=64)
-def _takes_generator(cls: type) -> bool:
+def _takes_generator(cls: Any) -> bool:
     """Whether ``cls.step`` takes a generator; asked once per class (``inspect.signature`` per step cost ~0.5 ms)."""
-    import inspect
+    known = _TAKES_GENERATOR.get(cls)
+    if known is None:
+        import inspect
 
-    return "generator" in inspect.signature(cls.step).parameters
+        known = "generator" in inspect.signature(cls.step).parameters
+        if len(_TAKES_GENERATOR) < 64:  # scheduler classes: a handful
+            _TAKES_GENERATOR[cls] = known
+    return known
+
+
+_TAKES_GENERATOR: dict[Any, bool] = {}
 
 
 _PROTOTYPES: OrderedDict[tuple[str, str, int, float | None], Any] = OrderedDict()  # fresh samplers by (name, config, N, mu)
