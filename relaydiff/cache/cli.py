@@ -40,6 +40,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", type=int, default=4, help="schedules per budget in an update (default 4)")
     p.add_argument("--baseline", choices=("loo", "moving"), default="loo",
                    help="REINFORCE baseline: leave-one-out within a budget group (default) or a moving average per (k, B)")
+    p.add_argument("--attribute-weight", type=float, default=None,
+                   help="weight of the scorer's attribute accuracy in the reward (PSNR counts 1 per 10 dB; default 0.1)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint of an earlier run")
@@ -49,7 +51,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", default=None, help="family folder (default: the embedded family)")
     p.add_argument("--prompts", type=int, default=60, help="evaluation prompts (default 60)")
-    p.add_argument("--seed", type=int, default=0, help="prompt seed; prompt i uses noise seed SEED + i")
+    p.add_argument("--split", choices=("val", "test"), default="test",
+                   help="prompts and noise seeds of the world's val split (selection) or test split (reported figures; default)")
+    p.add_argument("--seed", type=int, default=0, help="prompt-set index within the split")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--relay-steps", type=_ints, default=(8,), help="hand-off points k (default 8)")
@@ -98,7 +102,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else root / "cache_policy" / args.mechanism
     cfg = TrainConfig(out=out, family=root, mechanism=args.mechanism, cache_branch=args.cache_branch, minutes=args.minutes,
                       max_updates=args.max_updates, prompts=args.prompts, relay_steps=tuple(args.relay_steps),
-                      batch=args.batch, group=args.group, baseline=args.baseline, seed=args.seed)
+                      batch=args.batch, group=args.group, baseline=args.baseline, seed=args.seed,
+                      **({} if args.attribute_weight is None else {"attribute_weight": args.attribute_weight}))
     from relaydiff.cli.output import emit, message
 
     info = train(cfg, resume=not args.no_resume, log_fn=None if args.json else message)
@@ -116,7 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     root = _family(args.family)
-    cfg = CacheEvalConfig(prompts=args.prompts, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
+    cfg = CacheEvalConfig(prompts=args.prompts, seed=args.seed, split=args.split, steps=args.steps, guidance_scale=args.guidance,
                           relay_steps=tuple(args.relay_steps), fractions=tuple(args.fractions or DEFAULT_FRACTIONS),
                           budgets=tuple(args.budgets), mechanisms=tuple(args.mechanisms), schedules=tuple(args.schedules),
                           cache_branch=args.cache_branch, policy_dir=args.policy_dir, latency_prompts=args.latency_prompts,

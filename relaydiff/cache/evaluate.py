@@ -1,7 +1,8 @@
 """``relaydiff eval cache``: quality and cost of cached device halves per budget, schedule and mechanism.
 
-For each evaluation prompt (``eval_prompts(prompts, seed)``, noise seed ``seed + i``; disjoint from the
-training prompts of :mod:`relaydiff.cache.train`) and each hand-off k, the host's relay state is finished
+For each evaluation prompt (``eval_prompts(prompts, seed, split)`` of the world's val split, for selection,
+or its test split, for reported figures; noise seed ``eval_noise_seed(split, seed, i)``; the training prompts of
+:mod:`relaydiff.cache.train` come from the train split) and each hand-off k, the host's relay state is finished
 by the uncached device half (the reference) and by every (mechanism, schedule, budget). Each image is
 scored (prompt and attribute accuracy) and compared with the uncached image of the same seed (PSNR, capped
 at 60 dB so identical images count as 60, and SSIM). Confidence intervals are 95% percentile bootstraps over
@@ -40,7 +41,8 @@ class CacheEvalConfig:
     """What ``relaydiff eval cache`` runs."""
 
     prompts: int = 60  # evaluation prompts (split over 1/2/3 objects)
-    seed: int = 0  # prompt seed; prompt i uses noise seed seed + i
+    seed: int = 0  # prompt-set index within the split; prompt i uses noise seed eval_noise_seed(split, seed, i)
+    split: str = "test"  # "test" (reported figures) or "val" (selection, tuning)
     steps: int = 25  # N
     guidance_scale: float = 5.0
     relay_steps: tuple[int, ...] = (8,)  # hand-off points k
@@ -56,6 +58,8 @@ class CacheEvalConfig:
     grid_rows: int = 4  # prompts shown in grid.png
 
     def __post_init__(self) -> None:
+        if self.split not in ("val", "test"):
+            raise RelaydiffError(f"split must be 'val' or 'test', got {self.split!r}")
         if self.prompts < 1 or self.steps < 2:
             raise RelaydiffError(f"--prompts must be >= 1 and --steps >= 2, got {self.prompts} and {self.steps}")
         for k in self.relay_steps:
@@ -132,21 +136,22 @@ def run_cache_eval(host: Any, device: Any, cfg: CacheEvalConfig, *, progress: bo
 
     from relaydiff.core.caching.split import SplitUNet
     from relaydiff.core.relay import RelayRequest, decode, resume, snapshots
-    from relaydiff.evaluate import eval_prompts, psnr, ssim
+    from relaydiff.evaluate import eval_noise_seed, eval_prompts, psnr, ssim
     from relaydiff.scorer import score
 
     SplitUNet(device.unet, cfg.cache_branch)  # validates the branch before any work
     if device.student is not None:
         raise RelaydiffError("feature caching runs the undistilled device UNet; the device variant is a distilled student")
     policies = _policies(device, cfg)
-    prompts = eval_prompts(cfg.prompts, cfg.seed)
+    prompts = eval_prompts(cfg.prompts, cfg.seed, cfg.split)
     rows: list[dict[str, Any]] = []
     grid: list[list[np.ndarray]] = []
     latency_states: dict[int, list[Any]] = {k: [] for k in cfg.relay_steps}
     shown = {int(v) for v in np.linspace(0, len(prompts) - 1, min(cfg.grid_rows, len(prompts))).round()}
     ks = sorted(set(cfg.relay_steps))
     for i, prompt in enumerate(tqdm(prompts, desc="eval cache", disable=not progress)):
-        req = RelayRequest(prompt, relay_step=0, steps=cfg.steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed + i)
+        req = RelayRequest(prompt, relay_step=0, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                           seed=eval_noise_seed(cfg.split, cfg.seed, i))
         snaps = snapshots(host, req, [k for k in ks if k > 0]) if any(k > 0 for k in ks) else {}
         if 0 in ks:
             snaps[0] = snapshots(device, req, [0])[0]
@@ -156,7 +161,7 @@ def run_cache_eval(host: Any, device: Any, cfg: CacheEvalConfig, *, progress: bo
                 latency_states[k].append(state)
             ref = decode(device, resume(device, state).latents)[0]
             ref_score = score(ref, prompt)
-            base = {"prompt": prompt, "seed": cfg.seed + i, "k": k}
+            base = {"prompt": prompt, "seed": req.seed, "k": k}
             rows.append({**base, "mechanism": "none", "schedule": "uncached", "budget": cfg.steps - k, "fraction": 1.0,
                          "correct": bool(ref_score.correct), "attribute_accuracy": float(ref_score.attribute_accuracy),
                          "psnr": PSNR_CAP_DB, "ssim": 1.0, "schedule_mask": "1" * (cfg.steps - k)})

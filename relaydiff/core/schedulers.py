@@ -9,6 +9,10 @@ The step counter itself is not carried as a hidden value: the receiver calls the
 
 from __future__ import annotations
 
+import copy
+import json
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -216,20 +220,53 @@ def set_steps(scheduler: Any, steps: int, mu: float | None = None) -> None:
 def step(scheduler: Any, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor,
          generator: torch.Generator | None) -> torch.Tensor:
     """One sampler step; the generator goes only to samplers whose ``step`` takes one (PNDM's does not)."""
-    import inspect
-
-    if "generator" in inspect.signature(scheduler.step).parameters:
+    if _takes_generator(type(scheduler)):
         return scheduler.step(model_output, timestep, sample, generator=generator).prev_sample
     return scheduler.step(model_output, timestep, sample).prev_sample
 
 
-def restore_scheduler(name: str, config: dict[str, Any], steps: int, mu: float | None = None) -> Any:
-    """The sampler a relay state was made with: its class on the state's config, on a ``steps``-long grid."""
-    import diffusers
+def _takes_generator(cls: Any) -> bool:
+    """Whether ``cls.step`` takes a generator; asked once per class (``inspect.signature`` per step cost ~0.5 ms)."""
+    known = _TAKES_GENERATOR.get(cls)
+    if known is None:
+        import inspect
 
-    scheduler = getattr(diffusers, sampler_spec(name).class_name).from_config(config)
-    set_steps(scheduler, steps, mu)
-    return scheduler
+        known = "generator" in inspect.signature(cls.step).parameters
+        if len(_TAKES_GENERATOR) < 64:  # scheduler classes: a handful
+            _TAKES_GENERATOR[cls] = known
+    return known
+
+
+_TAKES_GENERATOR: dict[Any, bool] = {}
+
+
+_PROTOTYPES: OrderedDict[tuple[str, str, int, float | None], Any] = OrderedDict()  # fresh samplers by (name, config, N, mu)
+_PROTOTYPES_MAX = 32  # a state's config comes from the wire: a bounded number of distinct ones is kept
+_PROTOTYPES_LOCK = threading.Lock()
+
+
+def restore_scheduler(name: str, config: dict[str, Any], steps: int, mu: float | None = None) -> Any:
+    """The sampler a relay state was made with: its class on the state's config, on a ``steps``-long grid.
+
+    Each call returns a new, unstepped scheduler: a deep copy of one built once per (sampler, config, N, mu)
+    (``from_config`` + ``set_timesteps`` cost ~6 ms a device half; the copy ~0.5 ms). At most
+    ``_PROTOTYPES_MAX`` such prototypes are kept (least recently used dropped).
+    """
+    key = (name, json.dumps(config, sort_keys=True, default=repr), int(steps), None if mu is None else float(mu))
+    with _PROTOTYPES_LOCK:
+        proto = _PROTOTYPES.get(key)
+        if proto is not None:
+            _PROTOTYPES.move_to_end(key)
+    if proto is None:
+        import diffusers
+
+        proto = getattr(diffusers, sampler_spec(name).class_name).from_config(config)
+        set_steps(proto, steps, mu)  # raises on a bad grid before anything is kept
+        with _PROTOTYPES_LOCK:
+            _PROTOTYPES[key] = proto
+            while len(_PROTOTYPES) > _PROTOTYPES_MAX:
+                _PROTOTYPES.popitem(last=False)
+    return copy.deepcopy(proto)
 
 
 def init_noise_sigma(scheduler: Any) -> Any:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,11 +153,27 @@ def ddim_jump(x: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor | float, a_s
 
 
 def schedule_alphas(scheduler_config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(alphas_cumprod over the training timesteps, the alpha after the last step) of a DDIM config."""
-    from diffusers import DDIMScheduler
+    """(alphas_cumprod over the training timesteps, the alpha after the last step) of a DDIM config.
 
-    sched = DDIMScheduler.from_config(scheduler_config)
-    return sched.alphas_cumprod.float(), torch.as_tensor(sched.final_alpha_cumprod, dtype=torch.float32)
+    Computed once per config (``DDIMScheduler.from_config`` costs ~6 ms; a budgeted device half asks for it
+    when it builds its schedule); callers get their own copies.
+    """
+    key = json.dumps(scheduler_config, sort_keys=True, default=repr)
+    hit = _ALPHAS.get(key)
+    if hit is None:
+        from diffusers import DDIMScheduler
+
+        sched = DDIMScheduler.from_config(scheduler_config)
+        hit = (sched.alphas_cumprod.float(), torch.as_tensor(sched.final_alpha_cumprod, dtype=torch.float32))
+        with _ALPHAS_LOCK:
+            while len(_ALPHAS) >= 32:  # configs can come from the wire: keep a bounded number (oldest dropped)
+                _ALPHAS.pop(next(iter(_ALPHAS)))
+            _ALPHAS[key] = hit
+    return hit[0].clone(), hit[1].clone()
+
+
+_ALPHAS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+_ALPHAS_LOCK = threading.Lock()
 
 
 def jump_alphas(timesteps: torch.Tensor, indices: list[int], scheduler_config: dict[str, Any]) -> list[tuple[int, float, float]]:

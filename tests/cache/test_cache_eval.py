@@ -18,6 +18,11 @@ def test_eval_cache_report(tiny_pair, tiny_policy_dir: Path, tmp_path: Path) -> 
     report = run_cache_eval(host, device, cfg, progress=False)
     m = 4
     assert cfg.budgets_for(2) == [4, 2, 1]
+    from relaydiff.evaluate import eval_noise_seed
+    from relaydiff.world.splits import split_of
+
+    assert {split_of(r["prompt"]) for r in report["rows"]} == {"test"}  # the reported figures' split, its noise seeds
+    assert {r["seed"] for r in report["rows"]} == {eval_noise_seed("test", 0, i) for i in range(3)}
     cached = [r for r in report["rows"] if r["schedule"] != "uncached"]
     assert len(cached) == 3 * 2 * 3 * 3  # prompts x mechanisms x schedules x budgets
     assert all(r["schedule_mask"].count("1") == r["budget"] and r["schedule_mask"][0] == "1" for r in cached)
@@ -53,3 +58,15 @@ def test_eval_cache_cli_json_is_one_object(tiny_family: Path, tiny_policy_dir: P
     payload = json.loads(out)
     assert {s["budget"] for s in payload["summary"] if s["schedule"] != "uncached"} == {3, 1}
     assert (tmp_path / "o" / "quality.png").is_file()
+
+
+def test_eval_cache_split_is_checked() -> None:
+    from relaydiff.core.errors import RelaydiffError
+    from relaydiff.evaluate import eval_prompts
+    from relaydiff.world.splits import split_of
+
+    assert CacheEvalConfig().split == "test"
+    for split in ("val", "test"):
+        assert {split_of(p) for p in eval_prompts(6, CacheEvalConfig(split=split).seed, split)} == {split}
+    with pytest.raises(RelaydiffError, match="split must be 'val' or 'test', got 'train'"):
+        CacheEvalConfig(split="train")

@@ -39,3 +39,20 @@ def test_train_config_is_validated(tmp_path: Path) -> None:
         TrainConfig(out=tmp_path / "p", relay_steps=(23,))
     with pytest.raises(RelaydiffError, match="unknown cache mechanism"):
         TrainConfig(out=tmp_path / "p", mechanism="nope")
+
+
+def test_training_prompts_come_from_the_train_split(tiny_pair, tmp_path: Path) -> None:
+    """No val or test caption is trained on (the committed policies before 2026-12-02 were trained on test captions)."""
+    from relaydiff.cache.train import prepare_contexts
+    from relaydiff.world.splits import split_of
+
+    host, device = tiny_pair
+    cfg = TrainConfig(out=tmp_path / "p", prompts=3, relay_steps=(2,), steps=6)
+    contexts = prepare_contexts(host, device, cfg)
+    assert len(contexts) == 3 and {split_of(c.prompt) for c in contexts} == {"train"}
+    assert cfg.noise_seed >= 2**40  # the seeds training runs use (relaydiff.world.splits), not the val/test ones
+
+
+def test_attribute_weight_is_bounded(tmp_path: Path) -> None:
+    with pytest.raises(RelaydiffError, match=r"attribute weight -1.0 must lie in \[0, 10\]"):
+        TrainConfig(out=tmp_path / "p", attribute_weight=-1.0)

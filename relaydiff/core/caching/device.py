@@ -15,10 +15,12 @@ uniform schedule when the family has no policy. The first device step is always 
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -101,6 +103,11 @@ class DeviceCache:
     policy: SchedulePolicy | None = None  # the learned schedule; None: uniform
     policy_config: PolicyConfig | None = None  # the policy's saved config (family id, training)
     source: str = "uniform"  # where the schedule comes from, for logs and reports: "uniform" or the policy file
+    # schedules already computed, by (k, B, grid, scheduler config): fixed for a given policy, and computing one
+    # (the policy's features and MLP) cost ~15 ms, about three full UNet steps of a bundle, per device half
+    _schedules: dict[tuple[int, int, tuple[int, ...], str], torch.Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_mechanism(self.mechanism)
@@ -163,7 +170,19 @@ def device_schedule(cache: DeviceCache, timesteps: torch.Tensor, k: int, budget:
     check_budget(budget, m)
     if cache.policy is None:
         return uniform_mask(m, budget)
-    return learned_mask(cache.policy, timesteps, k, budget, scheduler_config)
+    key = (k, budget, tuple(int(t) for t in timesteps.tolist()), json.dumps(scheduler_config, sort_keys=True, default=repr))
+    with cache._lock:
+        mask = cache._schedules.get(key)
+    if mask is None:
+        mask = learned_mask(cache.policy, timesteps, k, budget, scheduler_config)
+        with cache._lock:
+            while len(cache._schedules) >= _MAX_SCHEDULES:  # grids and configs come from the wire: bounded, oldest dropped
+                cache._schedules.pop(next(iter(cache._schedules)))
+            cache._schedules[key] = mask
+    return mask.clone()
+
+
+_MAX_SCHEDULES = 1024  # per device cache; one per (k, B, grid, config) seen
 
 
 StepHook = Callable[[int, int, torch.Tensor], None]  # (step index, timestep, latents after the step)
