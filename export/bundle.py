@@ -61,6 +61,7 @@ from relaydiff.runtime.manifest import (
     DenylistSection,
     LoopStep,
     Manifest,
+    OptimumLayoutSection,
     RelaySection,
     RuntimeRequirement,
     SafetyCheckerSection,
@@ -79,6 +80,9 @@ ONNX_INT8_METHODS = {"unet_step": "static", "vae_decoder": "dynamic", "text_enco
 # int8 either way, so the size gain is the same; W8A16 runs as Q/DQ + float kernels on a CPU (slower), and
 # natively on phone NPUs that take 16-bit activations.
 ONNX_ACTIVATIONS = {"w8a16": "QInt16", "w8a8": "QUInt8"}
+
+
+LAYOUTS = ("relaydiff", "optimum")  # what bundle build --layout takes
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ class BundleConfig:
     cache_mechanism: str = "reuse"  # which committed policy (<family>/cache_policy/<mechanism>.json) goes in the bundle
     safety_checker: bool = True  # export the family's safety checker (fp32, every target) when it has one (runtime.safety)
     denylist: Path | None = None  # a prompt denylist file to ship as safety/denylist.txt (one word or phrase a line)
+    layout: str = "relaydiff"  # "optimum": also write optimum/, the layout optimum's ORTStableDiffusionPipeline loads
 
     def __post_init__(self) -> None:
         check_names("target", self.targets, TARGETS)
@@ -115,6 +120,7 @@ class BundleConfig:
         check_names("component", self.components, COMPONENTS + CACHE_COMPONENTS + (SAFETY_COMPONENT,))
         check_names("cache mechanism", (self.cache_mechanism,), ("reuse", "forecast"))
         check_names("ONNX INT8 scheme", (self.onnx_int8,), tuple(ONNX_ACTIVATIONS))
+        check_names("layout", (self.layout,), LAYOUTS)
         if not 0 <= self.relay_step < self.steps:
             raise RelaydiffError(f"relay step {self.relay_step!r} is outside [0, {self.steps}) (steps = {self.steps})")
         cp = self.calibration_prompts
@@ -318,6 +324,7 @@ def _build(config: BundleConfig, progress: bool, say: Callable[[str], None], acc
         cache=cache_section,
         safety_checker=_write_safety(device, dev_ref.root, out) if SAFETY_COMPONENT in config.components else None,
         denylist=_write_denylist(config.denylist, out) if config.denylist is not None else None,
+        optimum_layout=_write_optimum(device, dev_ref.root, scheduler, out, student) if config.layout == "optimum" else None,
     ).to_json()
     problems = schema_problems(manifest)
     if problems:
@@ -539,6 +546,21 @@ def _write_safety(device: Any, root: Path, out: Path) -> SafetyCheckerSection:
     checker = load_safety_checker(root)
     return SafetyCheckerSection(_entry(out, folder / PREPROCESSOR_CONFIG), int(checker.concept_embeds.shape[0]),
                                 int(checker.special_care_embeds.shape[0]), type(checker).__name__)
+
+
+def _write_optimum(device: Any, root: Path, scheduler: Any, out: Path, student: Any) -> OptimumLayoutSection:
+    """Write ``out/optimum/`` (relaydiff.export.optimum_layout) and describe its files.
+
+    Raises:
+        BundleError: the device variant is a distilled student (optimum's pipeline runs CFG over a teacher-style UNet).
+    """
+    from relaydiff.export.optimum_layout import FOLDER, write_layout
+
+    if student is not None:
+        raise BundleError("--layout optimum: the device variant is a distilled student (one conditional pass, its own jumps); "
+                          "optimum's ORTStableDiffusionPipeline runs a CFG UNet on a DDIM grid: build from a teacher variant")
+    config = {k: _plain(v) for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    return OptimumLayoutSection(FOLDER, tuple(_entry(out, f) for f in write_layout(device, Path(root), config, out)))
 
 
 def _write_denylist(path: Path, out: Path) -> DenylistSection:

@@ -504,6 +504,22 @@ class DenylistSection:
 
 
 @dataclass(frozen=True)
+class OptimumLayoutSection:
+    """``bundle build --layout optimum``: the folder optimum's ORTStableDiffusionPipeline loads, and its files."""
+
+    folder: str
+    files: tuple[FileEntry, ...]
+    loader: str = "optimum.onnxruntime.ORTStableDiffusionPipeline"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"folder": self.folder, "loader": self.loader, "files": [f.to_json() for f in self.files]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> OptimumLayoutSection:
+        return cls(data["folder"], tuple(FileEntry.from_json(f) for f in data["files"]), data["loader"])
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A bundle's ``manifest.json``."""
 
@@ -522,6 +538,7 @@ class Manifest:
     cache: CacheSection | None = None  # set when the bundle carries the cached-step graphs (optional: older bundles have none)
     safety_checker: SafetyCheckerSection | None = None  # None: the family has no safety checker (written as null)
     denylist: DenylistSection | None = None  # None: no prompt denylist in the bundle (written as null)
+    optimum_layout: OptimumLayoutSection | None = None  # set by bundle build --layout optimum
 
     def artifacts_for(self, target: str, precision: str) -> dict[str, ArtifactEntry]:
         """The artifacts of one target and precision, by component."""
@@ -541,6 +558,8 @@ class Manifest:
             out.append(self.safety_checker.preprocessor)
         if self.denylist is not None:
             out.append(self.denylist.file)
+        if self.optimum_layout is not None:
+            out += self.optimum_layout.files
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -558,6 +577,8 @@ class Manifest:
             data["created"] = self.created
         if self.cache is not None:
             data["cache"] = self.cache.to_json()
+        if self.optimum_layout is not None:
+            data["optimum_layout"] = self.optimum_layout.to_json()
         return data
 
     @classmethod
@@ -591,6 +612,7 @@ class Manifest:
             cache=CacheSection.from_json(data["cache"]) if "cache" in data else None,
             safety_checker=SafetyCheckerSection.from_json(data["safety_checker"]) if data.get("safety_checker") is not None else None,
             denylist=DenylistSection.from_json(data["denylist"]) if data.get("denylist") is not None else None,
+            optimum_layout=OptimumLayoutSection.from_json(data["optimum_layout"]) if "optimum_layout" in data else None,
         )
 
     @classmethod

@@ -75,6 +75,8 @@ def register(sub: Any) -> None:
     b.add_argument("--no-zip", action="store_true", help="do not write DIR/DIR.zip")
     b.add_argument("--denylist", default=None, metavar="FILE",
                    help="ship a prompt denylist (one word or phrase a line; the runtime refuses prompts that contain one)")
+    b.add_argument("--layout", default="relaydiff", choices=("relaydiff", "optimum"),
+                   help="optimum: also write DIR/optimum/, loadable by optimum's ORTStableDiffusionPipeline")
     b.add_argument("--no-safety-checker", action="store_true",
                    help="leave out the family's safety checker (exported by default when the family has one)")
     b.add_argument("--out", required=True, help="bundle folder (empty or absent)")
@@ -174,6 +176,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         cache=args.cache,
         cache_mechanism=args.cache_mechanism,
         safety_checker=not args.no_safety_checker,
+        layout=args.layout,
         denylist=Path(args.denylist) if args.denylist else None,
     )
     manifest = build(config, progress=not args.json, log=None if args.json else log.info, accuracy=_accuracy_check())
