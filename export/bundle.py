@@ -9,7 +9,10 @@ INT8 calibration covered, the parity measured at build time and its gates and st
 (:mod:`relaydiff.runtime.gates`); and for the whole bundle the family id and config hash, the scheduler
 config and timestep grid, the latent shape and VAE scaling, the tokenizer, the ``device_loop`` (the device
 half's sampler constants per timestep, CFG order and formula, inputs, decode: docs/device_loop.md), the
-runtime requirements per target, and tool versions.
+runtime requirements per target, and tool versions; ``safety_checker`` (the family's StableDiffusionSafetyChecker,
+exported fp32 per target, with ``feature_extractor/preprocessor_config.json``; null without one) and ``denylist``
+(``safety/denylist.txt``; null without): :mod:`relaydiff.runtime.safety`; with ``layout="optimum"`` also
+``optimum/``, loadable by optimum's ORTStableDiffusionPipeline (:mod:`relaydiff.export.optimum_layout`).
 
 Reading and verifying a bundle is the runtime's job (:mod:`relaydiff.runtime.bundle`, re-exported here).
 """

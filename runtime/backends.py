@@ -161,6 +161,10 @@ class BundleBackend:
     ``text_encoder`` artifact takes the family's torch text encoder from the family folder (``family_dir``,
     else the folder recorded in the bundle when its config hash still matches); without one it finishes
     relays only, and ``begin`` raises. An artifact the build marked ``failed`` is refused by name.
+
+    Safety (:mod:`relaydiff.runtime.safety`): ``safety_checker`` is the bundle's checker artifact for this target (its
+    precision, else fp32), None when the manifest has no safety checker; ``denylist`` the bundle's entries.
+    :class:`~relaydiff.runtime.device.DeviceRuntime` applies both.
     """
 
     TARGET = ""  # set by the registered subclasses
