@@ -114,3 +114,17 @@ def test_a_family_without_a_checker_says_so(bundle: Path) -> None:
     assert manifest["safety_checker"] is None and manifest["denylist"] is None
     out = DeviceRuntime(create_backend("onnx", bundle_dir=bundle)).generate(RelayRequest("a red circle", relay_step=0, steps=10))
     assert out.safety.to_json() == {"checked": False, "nsfw": False, "denied_prompt": False} and out.image.any()
+
+
+def test_the_client_refuses_a_denied_prompt_before_it_sends_anything(tiny_pair) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from relaydiff.runtime.backends import create_backend
+    from relaydiff.runtime.client import DeviceClient
+    from relaydiff.runtime.device import DeviceRuntime
+
+    runtime = DeviceRuntime(create_backend("torch", model=tiny_pair[1]), denylist=["Castle"])
+    client = DeviceClient(runtime, "ws://127.0.0.1:9/", auth_token="t")  # nothing listens: a request sent would fall back
+    with pytest.raises(PromptDeniedError, match="prompt refused: it contains 'castle'"):
+        asyncio.run(client.generate("a CASTLE at night"))
+    assert runtime.screen(np.ones((4, 4, 3), np.uint8))[1].to_json() == {"checked": False, "nsfw": False, "denied_prompt": False}
