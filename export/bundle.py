@@ -9,7 +9,10 @@ INT8 calibration covered, the parity measured at build time and its gates and st
 (:mod:`relaydiff.runtime.gates`); and for the whole bundle the family id and config hash, the scheduler
 config and timestep grid, the latent shape and VAE scaling, the tokenizer, the ``device_loop`` (the device
 half's sampler constants per timestep, CFG order and formula, inputs, decode: docs/device_loop.md), the
-runtime requirements per target, and tool versions.
+runtime requirements per target, and tool versions; ``safety_checker`` (the family's StableDiffusionSafetyChecker,
+exported fp32 per target, with ``feature_extractor/preprocessor_config.json``; null without one) and ``denylist``
+(``safety/denylist.txt``; null without): :mod:`relaydiff.runtime.safety`; with ``layout="optimum"`` also
+``optimum/``, loadable by optimum's ORTStableDiffusionPipeline (:mod:`relaydiff.export.optimum_layout`).
 
 Reading and verifying a bundle is the runtime's job (:mod:`relaydiff.runtime.bundle`, re-exported here).
 """
@@ -37,6 +40,7 @@ from relaydiff.runtime.bundle import (  # noqa: F401  (re-exported: the read sid
     MANIFEST_HASH,
     MAX_MANIFEST_BYTES,
     PRECISIONS,
+    SAFETY_COMPONENT,
     TARGETS,
     BundleError,
     VerifyReport,
@@ -57,10 +61,13 @@ from relaydiff.runtime.manifest import (
     FamilySection,
     FileEntry,
     LatentSection,
+    DenylistSection,
     LoopStep,
     Manifest,
+    OptimumLayoutSection,
     RelaySection,
     RuntimeRequirement,
+    SafetyCheckerSection,
     SchedulerSection,
     SkippedEntry,
     TensorEntry,
@@ -76,6 +83,9 @@ ONNX_INT8_METHODS = {"unet_step": "static", "vae_decoder": "dynamic", "text_enco
 # int8 either way, so the size gain is the same; W8A16 runs as Q/DQ + float kernels on a CPU (slower), and
 # natively on phone NPUs that take 16-bit activations.
 ONNX_ACTIVATIONS = {"w8a16": "QInt16", "w8a8": "QUInt8"}
+
+
+LAYOUTS = ("relaydiff", "optimum")  # what bundle build --layout takes
 
 
 @dataclass(frozen=True)
@@ -103,13 +113,17 @@ class BundleConfig:
     executorch_float: tuple[str, ...] | None = None  # ExecuTorch INT8: module paths kept float; None: DEFAULT_FLOAT_MODULES
     cache: bool = False  # also export unet_step_full/unet_step_cached (fp32) and the family's cache policy (docs/cache.md)
     cache_mechanism: str = "reuse"  # which committed policy (<family>/cache_policy/<mechanism>.json) goes in the bundle
+    safety_checker: bool = True  # export the family's safety checker (fp32, every target) when it has one (runtime.safety)
+    denylist: Path | None = None  # a prompt denylist file to ship as safety/denylist.txt (one word or phrase a line)
+    layout: str = "relaydiff"  # "optimum": also write optimum/, the layout optimum's ORTStableDiffusionPipeline loads
 
     def __post_init__(self) -> None:
         check_names("target", self.targets, TARGETS)
         check_names("precision", self.precisions, PRECISIONS)
-        check_names("component", self.components, COMPONENTS + CACHE_COMPONENTS)
+        check_names("component", self.components, COMPONENTS + CACHE_COMPONENTS + (SAFETY_COMPONENT,))
         check_names("cache mechanism", (self.cache_mechanism,), ("reuse", "forecast"))
         check_names("ONNX INT8 scheme", (self.onnx_int8,), tuple(ONNX_ACTIVATIONS))
+        check_names("layout", (self.layout,), LAYOUTS)
         if not 0 <= self.relay_step < self.steps:
             raise RelaydiffError(f"relay step {self.relay_step!r} is outside [0, {self.steps}) (steps = {self.steps})")
         cp = self.calibration_prompts
@@ -124,6 +138,10 @@ class BundleConfig:
             raise RelaydiffError(f"calibration guidance must be a finite number > 1 (unet_step computes CFG inside), got {g!r}")
         if isinstance(self.accuracy_prompts, bool) or not isinstance(self.accuracy_prompts, int) or self.accuracy_prompts < 1:
             raise RelaydiffError(f"accuracy prompts must be a positive integer, got {self.accuracy_prompts!r}")
+        if self.denylist is not None:
+            from relaydiff.runtime.safety import read_denylist
+
+            read_denylist(self.denylist)  # a bad file fails before any export
 
 
 def check_names(kind: str, got: Sequence[str], known: Sequence[str]) -> None:
@@ -224,6 +242,7 @@ def _build(config: BundleConfig, progress: bool, say: Callable[[str], None], acc
         from relaydiff.export.components import component_for
 
         _check_module_paths(component_for("unet_step", device).module(device), config.executorch_float)
+    config = _with_safety(config, dev_ref.root)
     loop_steps = _loop_steps(device, config)  # before any export: a family no device loop can describe fails first
     out.mkdir(parents=True, exist_ok=True)
 
@@ -238,7 +257,9 @@ def _build(config: BundleConfig, progress: bool, say: Callable[[str], None], acc
             f"CFG {cal_config.guidance_scale:g}")
         calibration = capture(host, device, cal_config, progress=progress)
 
-    jobs = [(t, p, c) for t in config.targets for p in config.precisions for c in config.components]
+    jobs = [(t, p, c) for t in config.targets for p in config.precisions for c in config.components if c != SAFETY_COMPONENT]
+    if SAFETY_COMPONENT in config.components:  # one fp32 checker per target: the flag's threshold at 0 is not for INT8 to move
+        jobs += [(t, "fp32", SAFETY_COMPONENT) for t in config.targets]
     made: dict[tuple[str, str, str], tuple[Any, str, dict[str, Any]]] = {}
     skipped: list[SkippedEntry] = list(student_skips)
     scratch = tempfile.mkdtemp(prefix="relaydiff-bundle-")
@@ -308,6 +329,9 @@ def _build(config: BundleConfig, progress: bool, say: Callable[[str], None], acc
             eps_transform=LCM_EPS if loop_steps and loop_steps[0].c_skip is not None else None),
         requirements=_requirements(config, versions),
         cache=cache_section,
+        safety_checker=_write_safety(device, dev_ref.root, out) if SAFETY_COMPONENT in config.components else None,
+        denylist=_write_denylist(config.denylist, out) if config.denylist is not None else None,
+        optimum_layout=_write_optimum(device, dev_ref.root, scheduler, out, student) if config.layout == "optimum" else None,
     ).to_json()
     problems = schema_problems(manifest)
     if problems:
@@ -500,6 +524,63 @@ def _requirements(config: BundleConfig, versions: Mapping[str, str]) -> tuple[Ru
     return tuple(out)
 
 
+def _with_safety(config: BundleConfig, root: Path) -> BundleConfig:
+    """``config`` with the safety checker among its components when the family has one (and ``config.safety_checker``).
+
+    Raises:
+        BundleError: the safety checker was asked for by name but the family has none.
+    """
+    from relaydiff.export.components import SAFETY_FOLDERS, has_safety_checker
+
+    has = has_safety_checker(root)
+    if SAFETY_COMPONENT in config.components and not has:
+        raise BundleError(f"component {SAFETY_COMPONENT!r}: the family has no safety checker (expected "
+                          f"{' and '.join(f + '/' for f in SAFETY_FOLDERS)} in '{Path(root).name}')")
+    if has and config.safety_checker and SAFETY_COMPONENT not in config.components:
+        return replace(config, components=(*config.components, SAFETY_COMPONENT))
+    if not config.safety_checker:
+        return replace(config, components=tuple(c for c in config.components if c != SAFETY_COMPONENT))
+    return config
+
+
+def _write_safety(device: Any, root: Path, out: Path) -> SafetyCheckerSection:
+    """Copy the feature extractor's preprocessing config into ``out/feature_extractor/`` and describe the checker."""
+    from relaydiff.export.components import PREPROCESSOR_CONFIG, load_safety_checker
+
+    folder = out / "feature_extractor"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(root) / "feature_extractor" / PREPROCESSOR_CONFIG, folder / PREPROCESSOR_CONFIG)
+    checker = load_safety_checker(root)
+    return SafetyCheckerSection(_entry(out, folder / PREPROCESSOR_CONFIG), int(checker.concept_embeds.shape[0]),
+                                int(checker.special_care_embeds.shape[0]), type(checker).__name__)
+
+
+def _write_optimum(device: Any, root: Path, scheduler: Any, out: Path, student: Any) -> OptimumLayoutSection:
+    """Write ``out/optimum/`` (relaydiff.export.optimum_layout) and describe its files.
+
+    Raises:
+        BundleError: the device variant is a distilled student (optimum's pipeline runs CFG over a teacher-style UNet).
+    """
+    from relaydiff.export.optimum_layout import FOLDER, write_layout
+
+    if student is not None:
+        raise BundleError("--layout optimum: the device variant is a distilled student (one conditional pass, its own jumps); "
+                          "optimum's ORTStableDiffusionPipeline runs a CFG UNet on a DDIM grid: build from a teacher variant")
+    config = {k: _plain(v) for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    return OptimumLayoutSection(FOLDER, tuple(_entry(out, f) for f in write_layout(device, Path(root), config, out)))
+
+
+def _write_denylist(path: Path, out: Path) -> DenylistSection:
+    """Copy the denylist file into the bundle (``runtime.safety.DENYLIST_FILE``) and describe it."""
+    from relaydiff.runtime.safety import DENYLIST_FILE, read_denylist
+
+    entries = read_denylist(path)
+    dst = out / DENYLIST_FILE
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, dst)
+    return DenylistSection(_entry(out, dst), len(entries))
+
+
 def _component(comp: str, device: Any, branch: int) -> Any:
     """The component ``comp`` in the form ``device`` needs; the cached-step pair split at ``branch``."""
     from relaydiff.export.components import component_for
@@ -547,14 +628,29 @@ def _make(
     branch: int = 0,
 ) -> tuple[Any, str] | str:
     """Export one artifact; return (artifact, method note), or the reason it is skipped."""
-    from relaydiff.export import get_exporter
-
     if comp in CACHE_COMPONENTS and precision != "fp32":
         return "the cached-step graphs are exported at fp32 only (INT8 calibration covers unet_step)"
+    if comp == SAFETY_COMPONENT and target != "onnx":  # ONNX is required; another target's converter may refuse the CLIP tower
+        from relaydiff.export.base import ExportError
+
+        try:
+            return _make_target(target, precision, comp, device, sub, config, calibration, fp32_onnx, branch)
+        except ExportError as exc:
+            return f"the safety checker did not convert for {target}: {str(exc)[:300]}"
+    return _make_target(target, precision, comp, device, sub, config, calibration, fp32_onnx, branch)
+
+
+def _make_target(
+    target: str, precision: str, comp: str, device: Any, sub: Path, config: BundleConfig, calibration: Any, fp32_onnx: dict[str, Any],
+    branch: int = 0,
+) -> tuple[Any, str]:
+    from relaydiff.export import get_exporter
+
     component = _component(comp, device, branch)
     if target == "onnx":
         if comp not in fp32_onnx:  # the fp32 model INT8 starts from; kept out of the bundle unless fp32 was asked for
-            where = sub.parent / "fp32" if "fp32" in config.precisions else Path(fp32_onnx["_scratch"]) / comp
+            keep = "fp32" in config.precisions or comp == SAFETY_COMPONENT  # the checker ships at fp32 whatever was asked
+            where = sub.parent / "fp32" if keep else Path(fp32_onnx["_scratch"]) / comp
             fp32_onnx[comp] = get_exporter("onnx").export(component, device, where)
         if precision == "fp32":
             return fp32_onnx[comp], "torch/optimum -> onnx (+ optimized, .ort)"
@@ -617,6 +713,8 @@ def _parity_fixtures(host: Any, device: Any, config: BundleConfig, out: Path,
         "vae_decoder": recorded.for_component("vae_decoder")[0],
         "text_encoder": recorded.for_component("text_encoder")[0],
     }
+    if SAFETY_COMPONENT in config.components:  # the drawn picture through the feature extractor's preprocessing
+        picks[SAFETY_COMPONENT] = _component(SAFETY_COMPONENT, device, branch).example_inputs(device)
     if any(c in CACHE_COMPONENTS for c in config.components):
         first, second = recorded.for_component("unet_step")[:2]
         deep = _component("unet_step_full", device, branch).reference(device, first)["deep_features"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -148,18 +149,23 @@ def example_text_embeds(model: LoadedModel, prompt: str = EXAMPLE_PROMPT, negati
     return np.concatenate([uncond.numpy(), cond.numpy()]).astype(np.float32)
 
 
-def example_clean_latent(model: LoadedModel) -> np.ndarray:
-    """A clean latent (1, C, h, w): a drawn picture (red disc, blue square) encoded by the family's VAE, scaled."""
-    import torch
-
-    d = family_dims(model)
-    H, W = d["H"], d["W"]
+def example_picture(H: int, W: int) -> np.ndarray:
+    """A drawn picture (3, H, W) in [0, 1]: a red disc and a blue square on light grey."""
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float32) / np.float32(max(H, W))
     img = np.full((3, H, W), 0.8, np.float32)  # light grey background in [0, 1]
     disc = (xx - 0.3) ** 2 + (yy - 0.5) ** 2 < 0.2**2
     square = (np.abs(xx - 0.75) < 0.1) & (np.abs(yy - 0.5) < 0.1)
     img[:, disc] = np.array([0.9, 0.1, 0.1], np.float32)[:, None]
     img[:, square] = np.array([0.1, 0.2, 0.9], np.float32)[:, None]
+    return img
+
+
+def example_clean_latent(model: LoadedModel) -> np.ndarray:
+    """A clean latent (1, C, h, w): a drawn picture (red disc, blue square) encoded by the family's VAE, scaled."""
+    import torch
+
+    d = family_dims(model)
+    img = example_picture(d["H"], d["W"])
     cfg = model.vae.config
     with torch.no_grad():
         z = model.vae.encode(torch.from_numpy(img * 2 - 1)[None]).latent_dist.mean
@@ -594,6 +600,83 @@ class TextEncoderComponent(Component):
 
     def example_inputs(self, model: LoadedModel) -> dict[str, np.ndarray]:
         return {"input_ids": example_token_ids(model, self.example_prompt)}
+
+
+SAFETY_FOLDERS = ("safety_checker", "feature_extractor")  # diffusers' StableDiffusionSafetyChecker layout in a pipeline folder
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def has_safety_checker(root: str | Path) -> bool:
+    """Whether a family (pipeline) folder has a safety checker: ``safety_checker/config.json`` and the feature extractor's config."""
+    r = Path(root)
+    return (r / "safety_checker" / "config.json").is_file() and (r / "feature_extractor" / PREPROCESSOR_CONFIG).is_file()
+
+
+def load_safety_checker(root: str | Path) -> Any:
+    """The family's ``StableDiffusionSafetyChecker`` (safetensors weights only: nothing pickled), loaded once per folder.
+
+    Raises:
+        UnknownNameError: the folder has no safety checker.
+    """
+    key = str(Path(root).resolve())
+    if key not in _CHECKERS:
+        if not has_safety_checker(root):
+            raise UnknownNameError(f"family '{root}' has no safety checker (expected {'/ and '.join(SAFETY_FOLDERS)}/ with "
+                                   f"config.json and {PREPROCESSOR_CONFIG})")
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+        checker = StableDiffusionSafetyChecker.from_pretrained(str(Path(root) / "safety_checker"), use_safetensors=True,
+                                                                local_files_only=True)
+        _CHECKERS[key] = checker.eval().requires_grad_(False)
+    return _CHECKERS[key]
+
+
+_CHECKERS: dict[str, Any] = {}
+
+
+def preprocessor_config(root: str | Path) -> dict[str, Any]:
+    import json
+
+    return dict(json.loads((Path(root) / "feature_extractor" / PREPROCESSOR_CONFIG).read_text()))
+
+
+@register_component
+@dataclass(frozen=True)
+class SafetyCheckerComponent(Component):
+    """The family's image safety checker (diffusers' StableDiffusionSafetyChecker): CLIP pixel values -> concept scores."""
+
+    name: str = "safety_checker"
+    description: str = ("safety checker (StableDiffusionSafetyChecker.forward_onnx as scores): clip_input -> concept and "
+                        "special-care scores; flagged when any concept score > 0")
+    inputs: tuple[TensorSpec, ...] = (
+        TensorSpec("clip_input", "float32", (1, 3, "Sh", "Sw"), "CLIP pixel values of the image (feature_extractor's preprocessing)"),
+    )
+    outputs: tuple[TensorSpec, ...] = (
+        TensorSpec("concept_scores", "float32", (1, "Nc"), "cosine distance - threshold (+0.01 when a special-care score > 0)"),
+        TensorSpec("special_scores", "float32", (1, "Ns"), "cosine distance - threshold of the special-care concepts"),
+    )
+    tolerances: Mapping[str, Tolerance] = field(default_factory=lambda: {"fp32": FP32, "fp16": Tolerance(max_abs=1e-2)})
+    optimum: OptimumSource | None = None  # the scores head is diffusers', not a model optimum exports
+
+    def dims(self, model: LoadedModel) -> dict[str, int]:
+        from relaydiff.runtime.safety import ClipPreprocess
+
+        checker = load_safety_checker(model.ref.root)
+        pre = ClipPreprocess.from_config(preprocessor_config(model.ref.root))
+        return {**family_dims(model), "Sh": pre.crop[0], "Sw": pre.crop[1], "Nc": int(checker.concept_embeds.shape[0]),
+                "Ns": int(checker.special_care_embeds.shape[0])}
+
+    def module(self, model: LoadedModel) -> torch.nn.Module:
+        from relaydiff.export.modules import SafetyScores
+
+        return SafetyScores(load_safety_checker(model.ref.root)).eval()
+
+    def example_inputs(self, model: LoadedModel) -> dict[str, np.ndarray]:
+        from relaydiff.runtime.safety import clip_input
+
+        d = family_dims(model)
+        image = (example_picture(d["H"], d["W"]).transpose(1, 2, 0) * 255).round().astype(np.uint8)
+        return {"clip_input": clip_input(image, preprocessor_config(model.ref.root))}
 
 
 def all_components() -> dict[str, Component]:

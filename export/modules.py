@@ -152,3 +152,26 @@ class SD3TransformerStep(torch.nn.Module):
                              pooled_projections=pooled_projections, return_dict=False)[0]
         v_uncond, v_cond = v.chunk(2)
         return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+class SafetyScores(torch.nn.Module):
+    """diffusers' ``StableDiffusionSafetyChecker.forward_onnx`` as scores: CLIP pixel values -> (concept, special-care) scores.
+
+    special = cos(image_embeds, special_care_embeds) - special_care_embeds_weights;
+    concept = cos(image_embeds, concept_embeds) - concept_embeds_weights + 0.01 * any(special > 0).
+    The image is flagged when any concept score is > 0 (relaydiff.runtime.safety.flagged); the scores, not the flag,
+    are the graph's outputs, so parity is measured on continuous values.
+    """
+
+    def __init__(self, checker: Any) -> None:
+        super().__init__()
+        self.checker = checker
+
+    def forward(self, clip_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.checker
+        pooled = c.vision_model(clip_input)[1]
+        embeds = torch.nn.functional.normalize(c.visual_projection(pooled))
+        special = embeds @ torch.nn.functional.normalize(c.special_care_embeds).t() - c.special_care_embeds_weights
+        adjustment = (special > 0).any(dim=1, keepdim=True).to(special.dtype) * 0.01
+        concept = embeds @ torch.nn.functional.normalize(c.concept_embeds).t() - c.concept_embeds_weights + adjustment
+        return concept, special

@@ -26,6 +26,7 @@ from relaydiff.core.state import RelayState
 
 if TYPE_CHECKING:
     from relaydiff.core.caching.device import DeviceCache
+    from relaydiff.runtime.safety import SafetyChecker
     from relaydiff.runtime.manifest import ArtifactEntry
 
 
@@ -165,6 +166,10 @@ class BundleBackend:
     ``text_encoder`` artifact takes the family's torch text encoder from the family folder (``family_dir``,
     else the folder recorded in the bundle when its config hash still matches); without one it finishes
     relays only, and ``begin`` raises. An artifact the build marked ``failed`` is refused by name.
+
+    Safety (:mod:`relaydiff.runtime.safety`): ``safety_checker`` is the bundle's checker artifact for this target (its
+    precision, else fp32), None when the manifest has no safety checker; ``denylist`` the bundle's entries.
+    :class:`~relaydiff.runtime.device.DeviceRuntime` applies both.
     """
 
     TARGET = ""  # set by the registered subclasses
@@ -245,6 +250,35 @@ class BundleBackend:
         self._text_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
         if family is not None or not needs_family:
             self._tokenizer, self._text_encoder = self._text_side(family, text_entry, threads)
+        self.safety_checker, self.denylist = self._safety(threads)
+
+    def _safety(self, threads: int) -> tuple[SafetyChecker | None, tuple[str, ...]]:
+        """The bundle's safety checker (its artifact at this precision, else the fp32 one of this target) and denylist.
+
+        Raises:
+            BundleError: the manifest has a safety_checker section but no runnable checker for this target, or the
+                preprocessing config is unusable.
+        """
+        import json
+
+        from relaydiff.runtime.bundle import SAFETY_COMPONENT, BundleError, open_session
+        from relaydiff.runtime.safety import ClipPreprocess, SafetyChecker, read_denylist
+
+        denylist = read_denylist(self.root / self.manifest.denylist.file.file) if self.manifest.denylist is not None else ()
+        section = self.manifest.safety_checker
+        if section is None:
+            return None, denylist
+        entry = (self.manifest.artifacts_for(self.TARGET, self.precision).get(SAFETY_COMPONENT)
+                 or self.manifest.artifacts_for(self.TARGET, "fp32").get(SAFETY_COMPONENT))
+        if entry is None:
+            raise BundleError(f"bundle '{self.root}' has a safety checker but no {self.TARGET} artifact of it (see the manifest's "
+                              "skipped list); use a target it converted for")
+        try:
+            config = json.loads((self.root / section.preprocessor.file).read_text())  # a verified, listed file
+            preprocess = ClipPreprocess.from_config(config if isinstance(config, dict) else {})
+        except (OSError, ValueError, RelaydiffError) as exc:
+            raise BundleError(f"{section.preprocessor.file}: unusable preprocessing config: {exc}") from None
+        return SafetyChecker(self._guarded(open_session(self.root, entry, threads=threads)), preprocess, entry.name), denylist
 
     def _device_cache(self, entries: Mapping[str, ArtifactEntry], threads: int) -> DeviceCache | None:
         """The cached-step pair and the bundle's policy, when the bundle has them (a budgeted state is refused otherwise).

@@ -46,6 +46,7 @@ TARGETS = ("onnx", "coreml", "executorch")
 PRECISIONS = ("fp32", "int8")
 COMPONENTS = ("unet_step", "vae_decoder", "text_encoder")
 CACHE_COMPONENTS = ("unet_step_full", "unet_step_cached")  # feature caching's pair (docs/cache.md), with the manifest's cache section
+SAFETY_COMPONENT = "safety_checker"  # the family's image safety checker (runtime.safety), with the manifest's safety_checker section
 FAMILY_CONFIGS = ("model_index.json", "family.json", "scheduler/scheduler_config.json", "vae/config.json",
                   "text_encoder/config.json", "tokenizer/tokenizer_config.json")
 

@@ -38,6 +38,7 @@ from relaydiff.link.events import (
 )
 from relaydiff.link.transport import Link, LinkClosed, connect
 from relaydiff.runtime.device import DeviceImage, DeviceRuntime, decode_png, encode_png
+from relaydiff.runtime.safety import UNCHECKED, SafetyReport
 from relaydiff.runtime.settings import GenerationSettings
 
 QualityFn = Callable[[np.ndarray, str], float]  # (image, prompt) -> quality in [0, 1], sent as Feedback.quality
@@ -63,6 +64,7 @@ class DeviceOutcome:
     latency_s: float  # from sending the request (or starting alone) to the image
     timings: dict[str, float] = field(default_factory=dict)
     fallback_reason: str | None = None  # why the device generated alone, when it did
+    safety: SafetyReport = UNCHECKED  # the device's safety checks on the image (runtime.safety), whoever made it
 
     def png(self) -> bytes:
         return encode_png(self.image)
@@ -125,7 +127,10 @@ class DeviceClient:
 
         Raises:
             PeerError: the host refused our Hello (e.g. a wrong token): a configuration error, not a fallback.
+            PromptDeniedError: a prompt matches the device's denylist (checked first: nothing is sent or generated).
         """
+        for prompt in prompts:
+            self.runtime.check_prompt(prompt)
         capabilities = await asyncio.to_thread(self.runtime.capabilities)
         try:
             link: Link | None = await asyncio.wait_for(
@@ -160,7 +165,7 @@ class DeviceClient:
         out = await asyncio.to_thread(self.runtime.generate, self.settings.request(prompt, 0))
         return DeviceOutcome(
             request_id, prompt, out.image, DEVICE_ONLY, 0, self.settings.steps, time.perf_counter() - t0,
-            out.timings, reason,
+            out.timings, reason, out.safety,
         )
 
     async def _relayed(self, link: Link, prompt: str) -> DeviceOutcome:
@@ -221,7 +226,7 @@ class DeviceClient:
         await self._report(link, request_id, prompt, done, latency)
         return DeviceOutcome(
             request_id, prompt, done.image, RELAY, done.start_step, done.start_step + done.steps, latency,
-            {"handoff_s": handoff_s, **done.timings},
+            {"handoff_s": handoff_s, **done.timings}, safety=done.safety,
         )
 
     async def _host_only(self, result: Result, prompt: str, t0: float, total: int | None) -> DeviceOutcome:
@@ -231,9 +236,11 @@ class DeviceClient:
         else:
             latents = latents_from_bytes(result.data, max_bytes=MAX_RESULT_BYTES)  # the one parse of the host's latent
             image = (await asyncio.to_thread(self.runtime.backend.decode, latents))[0]
+        image, safety = await asyncio.to_thread(self.runtime.screen, image)  # the host's image goes through the same check
         steps = total if total is not None else self.settings.steps
         return DeviceOutcome(
             result.request_id, prompt, image, HOST_ONLY, steps, steps, time.perf_counter() - t0, dict(result.timings),
+            safety=safety,
         )
 
     async def _report(self, link: Link, request_id: str, prompt: str, done: DeviceImage, latency: float) -> None:

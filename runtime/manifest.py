@@ -467,6 +467,59 @@ class CacheSection:
 
 
 @dataclass(frozen=True)
+class SafetyCheckerSection:
+    """The image safety checker the bundle carries (runtime.safety): its preprocessing file and how its scores are read."""
+
+    preprocessor: FileEntry  # feature_extractor/preprocessor_config.json (CLIPImageProcessor's sizes, mean and std)
+    concepts: int  # columns of concept_scores
+    special_concepts: int  # columns of special_scores
+    source_class: str = "StableDiffusionSafetyChecker"  # the diffusers class exported
+    component: str = "safety_checker"
+    rule: str = "nsfw = any(concept_scores > 0); a flagged image is replaced by a black image"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"component": self.component, "source_class": self.source_class, "preprocessor": self.preprocessor.to_json(),
+                "concepts": self.concepts, "special_concepts": self.special_concepts, "rule": self.rule}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SafetyCheckerSection:
+        return cls(FileEntry.from_json(data["preprocessor"]), data["concepts"], data["special_concepts"], data["source_class"],
+                   data["component"], data["rule"])
+
+
+@dataclass(frozen=True)
+class DenylistSection:
+    """The prompt denylist the bundle carries (runtime.safety): a text file, one word or phrase a line."""
+
+    file: FileEntry
+    entries: int
+    match: str = "case-insensitive, whole words"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file.to_json(), "entries": self.entries, "match": self.match}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> DenylistSection:
+        return cls(FileEntry.from_json(data["file"]), data["entries"], data["match"])
+
+
+@dataclass(frozen=True)
+class OptimumLayoutSection:
+    """``bundle build --layout optimum``: the folder optimum's ORTStableDiffusionPipeline loads, and its files."""
+
+    folder: str
+    files: tuple[FileEntry, ...]
+    loader: str = "optimum.onnxruntime.ORTStableDiffusionPipeline"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"folder": self.folder, "loader": self.loader, "files": [f.to_json() for f in self.files]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> OptimumLayoutSection:
+        return cls(data["folder"], tuple(FileEntry.from_json(f) for f in data["files"]), data["loader"])
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A bundle's ``manifest.json``."""
 
@@ -483,6 +536,9 @@ class Manifest:
     device_loop: DeviceLoop | None = None  # None: no unet_step in the bundle
     requirements: tuple[RuntimeRequirement, ...] = ()
     cache: CacheSection | None = None  # set when the bundle carries the cached-step graphs (optional: older bundles have none)
+    safety_checker: SafetyCheckerSection | None = None  # None: the family has no safety checker (written as null)
+    denylist: DenylistSection | None = None  # None: no prompt denylist in the bundle (written as null)
+    optimum_layout: OptimumLayoutSection | None = None  # set by bundle build --layout optimum
 
     def artifacts_for(self, target: str, precision: str) -> dict[str, ArtifactEntry]:
         """The artifacts of one target and precision, by component."""
@@ -498,6 +554,12 @@ class Manifest:
             out += [FileEntry(a.file, a.sha256, a.size), *a.extra_files]
         if self.cache is not None:
             out += self.cache.files()
+        if self.safety_checker is not None:
+            out.append(self.safety_checker.preprocessor)
+        if self.denylist is not None:
+            out.append(self.denylist.file)
+        if self.optimum_layout is not None:
+            out += self.optimum_layout.files
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -508,11 +570,15 @@ class Manifest:
             "skipped": [s.to_json() for s in self.skipped], "requirements": [r.to_json() for r in self.requirements],
             "tokenizer": None if self.tokenizer is None else self.tokenizer.to_json(),
             "device_loop": None if self.device_loop is None else self.device_loop.to_json(),
+            "safety_checker": None if self.safety_checker is None else self.safety_checker.to_json(),
+            "denylist": None if self.denylist is None else self.denylist.to_json(),
         }
         if self.created is not None:
             data["created"] = self.created
         if self.cache is not None:
             data["cache"] = self.cache.to_json()
+        if self.optimum_layout is not None:
+            data["optimum_layout"] = self.optimum_layout.to_json()
         return data
 
     @classmethod
@@ -544,6 +610,9 @@ class Manifest:
             device_loop=None if data["device_loop"] is None else DeviceLoop.from_json(data["device_loop"]),
             requirements=tuple(RuntimeRequirement.from_json(r) for r in data["requirements"]),
             cache=CacheSection.from_json(data["cache"]) if "cache" in data else None,
+            safety_checker=SafetyCheckerSection.from_json(data["safety_checker"]) if data.get("safety_checker") is not None else None,
+            denylist=DenylistSection.from_json(data["denylist"]) if data.get("denylist") is not None else None,
+            optimum_layout=OptimumLayoutSection.from_json(data["optimum_layout"]) if "optimum_layout" in data else None,
         )
 
     @classmethod

@@ -55,3 +55,11 @@ def _load_pair(tmp_path_factory: pytest.TempPathFactory, name: str):  # type: ig
     root = build_preset(name, tmp_path_factory.mktemp(name) / "family", seed=0)
     host = family.load(family.resolve(root, role="host"))
     return host, family.load(family.resolve(root, role="device"), share_with=host)
+
+
+@pytest.fixture(scope="session")
+def safe_family(tiny_family: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny family with a tiny random-weight safety checker that flags every image (tests/safety_fixtures.py)."""
+    from safety_fixtures import add_safety_checker
+
+    return add_safety_checker(tiny_family, tmp_path_factory.mktemp("safe") / "family", flag_everything=True)

@@ -84,6 +84,14 @@ def register(sub: Any) -> None:
     a.add_argument("--quick", action="store_true", help="small counts (a smoke run; the other count options are ignored)")
     a.add_argument("--json", action="store_true", help="print the report as one JSON object")
     a.set_defaults(func=cmd_attack)
+    o = bench_sub.add_parser("optimum", help="relaydiff's onnx device-only generation vs optimum's ORTStableDiffusionPipeline on "
+                                             "the same weights (a bundle built with --layout optimum)")
+    o.add_argument("--bundle", required=True, help="bundle folder built with `relaydiff bundle build --layout optimum`")
+    o.add_argument("--repeats", type=int, default=3, help="timed images per pipeline, alternating; the median is reported")
+    o.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's N)")
+    o.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads of both pipelines")
+    o.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    o.set_defaults(func=cmd_optimum)
 
 
 def cmd_device(args: argparse.Namespace) -> int:
@@ -104,6 +112,15 @@ def cmd_cache(args: argparse.Namespace) -> int:
                               budget_fraction=args.budget_fraction, relay=not args.no_relay, relay_repeats=args.relay_repeats)
     report = bench_cache(config)
     result(json.dumps(report, sort_keys=True) if args.json else format_table(report))
+    return 0
+
+
+def cmd_optimum(args: argparse.Namespace) -> int:
+    from relaydiff.export.bench_optimum import OptimumBenchConfig, bench_optimum, format_report
+
+    config = OptimumBenchConfig(bundle=Path(args.bundle), repeats=args.repeats, steps=args.steps, threads=args.threads)
+    report = bench_optimum(config)
+    result(json.dumps(report, sort_keys=True) if args.json else format_report(report))
     return 0
 
 

@@ -73,6 +73,12 @@ def register(sub: Any) -> None:
     b.add_argument("--cache-mechanism", default="reuse", choices=("reuse", "forecast"),
                    help="which committed policy goes in the bundle with --cache (default reuse)")
     b.add_argument("--no-zip", action="store_true", help="do not write DIR/DIR.zip")
+    b.add_argument("--denylist", default=None, metavar="FILE",
+                   help="ship a prompt denylist (one word or phrase a line; the runtime refuses prompts that contain one)")
+    b.add_argument("--layout", default="relaydiff", choices=("relaydiff", "optimum"),
+                   help="optimum: also write DIR/optimum/, loadable by optimum's ORTStableDiffusionPipeline")
+    b.add_argument("--no-safety-checker", action="store_true",
+                   help="leave out the family's safety checker (exported by default when the family has one)")
     b.add_argument("--out", required=True, help="bundle folder (empty or absent)")
     add_json(b, "print the manifest as one JSON document on stdout, no progress bars (library output goes to a log file)")
     b.set_defaults(func=cmd_build)
@@ -169,6 +175,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         zip=not args.no_zip,
         cache=args.cache,
         cache_mechanism=args.cache_mechanism,
+        safety_checker=not args.no_safety_checker,
+        layout=args.layout,
+        denylist=Path(args.denylist) if args.denylist else None,
     )
     manifest = build(config, progress=not args.json, log=None if args.json else log.info, accuracy=_accuracy_check())
     lines = [f"{a['target']:<10} {a['precision']:<5} {a['component']:<16} {a['size']:>10} B  {a['status']:<10}  {a['file']}"
@@ -178,6 +187,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     lines += [f"FAILED (kept by --allow-failing; the runtime refuses it): {a['target']}/{a['precision']}/{a['component']}" for a in failed]
     from relaydiff.export.bundle import archive_path
 
+    lines.append("safety checker: " + ("exported" if manifest.get("safety_checker") else "none (the family has none, or "
+                                                                                 "--no-safety-checker)")
+                 + (f"; denylist of {manifest['denylist']['entries']} entries" if manifest.get("denylist") else "; no denylist"))
     lines.append(f"wrote {config.out}/manifest.json" + ("" if args.no_zip else f" and {archive_path(config.out)}"))
     emit(args.json, manifest, lines)
     return 0

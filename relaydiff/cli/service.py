@@ -85,6 +85,8 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="log level on stderr (default warning)")
     p.add_argument("--quality", type=float, default=0.5, help="0 = fastest .. 1 = best quality (default 0.5)")
     p.add_argument("--deadline", type=float, default=60.0, help="seconds to wait for the host before generating alone")
+    p.add_argument("--denylist", default=None, metavar="FILE",
+                   help="prompt denylist (one word or phrase a line, case-insensitive whole words), added to the bundle's")
     p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to reach the host (default 5)")
     p.add_argument("--out", default="device.png", help="output PNG path (default device.png)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -356,7 +358,7 @@ def cmd_device(args: argparse.Namespace) -> int:
     if not args.connect_timeout > 0:
         raise RelaydiffError(f"--connect-timeout must be > 0 seconds, got {args.connect_timeout!r}")
     name, options = _backend_options(args)
-    runtime = DeviceRuntime(create_backend(name, **options))
+    runtime = DeviceRuntime(create_backend(name, **options), denylist=args.denylist)
     settings = _settings(args, _backend_sampler(runtime.backend))
     link = LinkConfig(open_timeout_s=args.connect_timeout, handshake_timeout_s=args.connect_timeout)
     client = DeviceClient(runtime, args.connect, auth_token=token, settings=settings, quality_preference=args.quality,
@@ -369,10 +371,14 @@ def cmd_device(args: argparse.Namespace) -> int:
     payload = {"image": str(out), "mode": outcome.mode, "relay_step": outcome.relay_step, "steps": outcome.steps,
                "latency_s": round(outcome.latency_s, 4), "timings": {k: round(v, 4) for k, v in outcome.timings.items()},
                "fallback_reason": outcome.fallback_reason, "request_id": outcome.request_id, "prompt": outcome.prompt,
-               "scheduler": settings.sampler}
+               "scheduler": settings.sampler, "safety": outcome.safety.to_json()}
     lines = [f"wrote {out}  ({outcome.mode}, k={outcome.relay_step}/{outcome.steps}, {outcome.latency_s:.3f} s)"]
     if outcome.fallback_reason:
         lines.append(f"generated on the device alone: {outcome.fallback_reason}")
+    if outcome.safety.nsfw:
+        lines.append("the safety checker flagged the image: a black image was written instead")
+    elif not outcome.safety.checked:
+        lines.append("safety: no safety checker ran (the backend has none)")
     _emit(args, payload, lines)
     return 0
 

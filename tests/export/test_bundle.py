@@ -148,6 +148,8 @@ def test_schema_rejects_bad_manifests() -> None:
         (["--targets", "tflite"], "unknown target 'tflite'; expected one of: onnx, coreml, executorch"),
         (["--precision", "fp8"], "unknown precision 'fp8'; expected one of: fp32, int8"),
         (["--components", "unet_step,vae"], "unknown component 'vae'"),
+        (["--denylist", "/nonexistent/deny.txt"], "denylist '/nonexistent/deny.txt' is not a file; expected a text file"),
+        (["--components", "unet_step,vae_decoder,safety_checker"], "component 'safety_checker': the family has no safety checker"),
         (["--targets", "executorch", "--precision", "int8", "--executorch-float", "unet.up_blocks.-1,unet.conv_outt"],
          r"--executorch-float: no module 'unet.conv_outt' in the device UNet step; expected paths like 'unet.up_blocks.-1'"),
     ],

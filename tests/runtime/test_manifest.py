@@ -48,6 +48,8 @@ def _manifest() -> dict[str, Any]:
         "device_loop": DeviceLoop("ddim", "epsilon", tuple(range(900, -1, -100)),
                                   (LoopStep(3, 600, 0.3, 0.6, 0.1, 0.9), LoopStep(6, 300, 0.6, 0.99, 0.2, 0.8)),
                                   (TensorEntry.from_json(tensor),), cfg=False, eps_transform=LCM_EPS).to_json(),
+        "safety_checker": None,  # the family has no safety checker (runtime.safety)
+        "denylist": None,
     }
 
 
@@ -67,6 +69,22 @@ def test_round_trip_and_typed_fields() -> None:
     assert art.status == "passed" and [g.passed for g in art.gates] == [True, None] and art.status_problem() is None
     assert m.device_loop is not None and not m.device_loop.cfg and m.device_loop.steps[1].c_out == 0.8
     assert m.tokenizer is not None and m.tokenizer.max_length == 7 and m.requirements[0].delegates == ("CPUExecutionProvider",)
+    assert m.safety_checker is None and m.denylist is None and m.optimum_layout is None
+
+
+def test_safety_sections_round_trip_and_list_their_files() -> None:
+    data = _manifest()
+    entry = {"file": "feature_extractor/preprocessor_config.json", "sha256": SHA, "size": 5}
+    data["safety_checker"] = {"component": "safety_checker", "source_class": "StableDiffusionSafetyChecker", "preprocessor": entry,
+                              "concepts": 17, "special_concepts": 3, "rule": "nsfw = any(concept_scores > 0)"}
+    data["denylist"] = {"file": {"file": "safety/denylist.txt", "sha256": SHA, "size": 9}, "entries": 2,
+                        "match": "case-insensitive, whole words"}
+    m = Manifest.from_json(copy.deepcopy(data))
+    assert m.to_json() == data
+    assert {"feature_extractor/preprocessor_config.json", "safety/denylist.txt"} <= {e.file for e in m.files()}
+    data["safety_checker"]["concepts"] = 0
+    with pytest.raises(BundleError, match="concepts"):
+        Manifest.from_json(data)
 
 
 def test_an_old_format_version_asks_for_a_rebuild() -> None:
