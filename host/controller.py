@@ -133,6 +133,8 @@ class HostStats:
     refused_results: int = 0  # device Results refused (an unreadable PNG, or one above the pixel cap)
     failed: int = 0  # requests that failed on the host (Error(request_failed) sent)
     ignored_results: int = 0  # Results that arrived when nobody waited (after a cancellation, or unsolicited)
+    busy_by_client: dict[str, int] = field(default_factory=dict)  # busy refusals per client identity
+    evicted_by_client: dict[str, int] = field(default_factory=dict)  # evictions per client identity (whose work went)
 
 
 @dataclass(frozen=True)
@@ -467,11 +469,11 @@ class HostServer:
         """Start serving ``request``, or answer Error(busy) when this link, its client or the host has too many in
         progress; a full client quota or queue first evicts queued work of whoever is most over its fair share."""
         cfg = self.config
-        client_cap = cfg.max_requests_per_client if cfg.max_requests_per_client is not None else cfg.max_queue
+        client_cap = cfg.max_requests_per_client
         why: str | None = None
         if len(session.jobs) >= cfg.max_requests_per_session:
             why = f"this link has {len(session.jobs)} requests in progress; the cap is {cfg.max_requests_per_session}"
-        elif self._client_jobs[session.client] >= client_cap:
+        elif client_cap is not None and self._client_jobs[session.client] >= client_cap:
             if not self._evict_for(session, across_clients=False):
                 why = f"this client has {self._client_jobs[session.client]} requests in progress; the cap is {client_cap}"
         elif self._in_flight >= cfg.max_queue:
@@ -488,6 +490,7 @@ class HostServer:
             task.add_done_callback(session.tasks.discard)
             return
         self.stats.busy += 1
+        self.stats.busy_by_client[session.client] = self.stats.busy_by_client.get(session.client, 0) + 1
         log.info("link %s: request %r refused busy: %s", session.id, request.request_id, why)
         await self._send(session, Error(ErrorCode.BUSY.value, f"retry_after_s={cfg.busy_retry_after_s:g}; {why}", request.request_id))
 
@@ -522,31 +525,32 @@ class HostServer:
         (the requester's included); when the requester's client is not under its share, or the client's own
         quota is full (``across_clients`` False), the links of that client share its work in progress the same way.
         """
-        victim: str | None = None  # a client name, or a link id of the requester's client
         if across_clients:
             clients = set(self._client_jobs) | {session.client}
             share = self.config.max_queue / len(clients)
             if self._client_jobs[session.client] + 1 <= share:
                 over = sorted(((n, c) for c, n in self._client_jobs.items() if c != session.client and n > share), reverse=True)
-                victim = next((c for _, c in over if self._newest_queued(lambda j, c=c: j.client == c) is not None), None)
-                if victim is not None:
-                    return self._evict(self._newest_queued(lambda j: j.client == victim), session)
+                for _, client in over:
+                    found = self._newest_queued(client=client)
+                    if found is not None:
+                        return self._evict(found, session)
         links = [x for x in self._links.values() if x.client == session.client and (x.jobs or x is session)]
         share = self._client_jobs[session.client] / max(len(links), 1)
         if len(session.jobs) + 1 > share:
             return False
         over_links = sorted(((len(x.jobs), x.id) for x in links if x is not session and len(x.jobs) > share), reverse=True)
         for _, link_id in over_links:
-            found = self._newest_queued(lambda j, link_id=link_id: j.link == link_id)
+            found = self._newest_queued(link=link_id)
             if found is not None:
                 return self._evict(found, session)
         return False
 
-    def _newest_queued(self, match: Callable[[_Job], bool]) -> int | None:
-        """Index in the host queue of the newest queued (not yet running) request whose job matches, or None."""
+    def _newest_queued(self, *, client: str | None = None, link: str | None = None) -> int | None:
+        """Index in the host queue of the newest queued (not yet running) request of ``client`` (or of the link
+        ``link``) that is not being cancelled, or None."""
         for i in range(len(self._pending) - 1, -1, -1):
             job = self._pending[i][1]
-            if match(job) and job.reason is None:
+            if job.reason is None and (job.client == client if link is None else job.link == link):
                 return i
         return None
 
@@ -559,6 +563,7 @@ class HostServer:
         job.cancel(why)
         self._release(job)  # now: the request being admitted takes its place at once
         self.stats.evicted += 1
+        self.stats.evicted_by_client[job.client] = self.stats.evicted_by_client.get(job.client, 0) + 1
         if not future.done():
             future.set_exception(_Evicted(why))
         return True
@@ -836,8 +841,8 @@ class HostServer:
         queues = []
         for client in sorted(by_client, key=lambda c: self._last_served.get(c, -1)):  # stable: arrival order breaks ties
             links = by_client[client]
-            order = sorted(links, key=lambda lk, c=client: self._last_served.get(f"{c}/{lk}", -1))
-            queues.append(_interleave([links[lk] for lk in order]))
+            served = {lk: self._last_served.get(f"{client}/{lk}", -1) for lk in links}
+            queues.append(_interleave([links[lk] for lk in sorted(links, key=served.__getitem__)]))
         return _interleave(queues)
 
     def _drop_cancelled(self) -> None:
