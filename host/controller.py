@@ -27,7 +27,8 @@ Per ``GenerateRequest`` (docs/protocol.md, sections 4 and 7):
 Host steps of concurrent requests are batched: requests that arrive while the worker is busy
 wait in a queue, and the next host run takes up to ``HostConfig.max_batch`` of them, in fair order
 (round-robin over clients, least recently served first; within a client round-robin over its links;
-first come first served within a link: one client's backlog never sits ahead of another's request), through one
+first come first served within a link: one client's backlog never sits ahead of another's request; a run
+headed by a client within its fair share takes no work of a client over it), through one
 UNet call per step (:func:`relaydiff.core.relay.start_batch`; each request still stops at its own k, and
 is handed over as soon as it does, while the batch goes on with the longer ones).
 Cancelled requests are dropped when a run is formed and, within a run (batched or not) or a fallback,
@@ -332,6 +333,7 @@ class HostServer:
         policy: Policy | None = None,
         config: HostConfig | None = None,
         ssl: SSLContext | None = None,
+        client_tokens: Mapping[str, str] | None = None,
     ) -> "HostServer":
         """Load the host variant and (for fallbacks) the device variant of a family folder.
 
@@ -348,7 +350,7 @@ class HostServer:
         family.check_pair(host_ref, device_ref)
         host = family.load(host_ref)
         device = family.load(device_ref, share_with=host)
-        return cls(host, device, auth_token=auth_token, policy=policy, config=config, ssl=ssl)
+        return cls(host, device, auth_token=auth_token, policy=policy, config=config, ssl=ssl, client_tokens=client_tokens)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -786,10 +788,8 @@ class HostServer:
                 self._drop_cancelled()
                 if not self._pending:
                     break
-                order = self._fair_order()
-                first = order[0][0]
-                group = [p for p in order if (p[0].steps, p[0].sampler) == (first.steps, first.sampler)]
-                group = group[: self.config.max_batch]
+                group = self._next_group()
+                first = group[0][0]
                 for p in group:
                     self._pending.remove(p)
                     tick = next(self._served)
@@ -831,6 +831,19 @@ class HostServer:
             self._pending.clear()
         finally:
             self._batching = False
+
+    def _next_group(self) -> list[tuple[Any, _Job, asyncio.Future[tuple[RelayState, float, int]]]]:
+        """The next host run: up to ``max_batch`` compatible queued requests in fair order. A run headed by a
+        client within its fair share takes no work of a client over its share (``max_queue`` / clients with work
+        in progress): a backlog never makes another client's request wait for a bigger batch."""
+        order = self._fair_order()
+        head = order[0]
+        group = [p for p in order if (p[0].steps, p[0].sampler) == (head[0].steps, head[0].sampler)]
+        share = self.config.max_queue / max(len(self._client_jobs), 1)
+        over = {c for c, n in self._client_jobs.items() if n > share}
+        if head[1].client not in over:
+            group = [p for p in group if p[1].client not in over]
+        return group[: self.config.max_batch]
 
     def _fair_order(self) -> list[tuple[Any, _Job, asyncio.Future[tuple[RelayState, float, int]]]]:
         """The host queue in the order host runs take it: round-robin over clients (least recently served

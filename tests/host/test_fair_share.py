@@ -234,3 +234,21 @@ def test_a_wrong_token_is_still_refused_with_client_tokens(make_fair_host, link_
                 await connect(host.url, auth_token="not-any-client-token", capabilities=CAPS, config=link_config)
 
     run(main())
+
+
+def test_a_run_for_a_client_within_its_share_takes_no_work_of_a_client_over_it(make_fair_host) -> None:  # type: ignore[no-untyped-def]
+    # before: the honest request shared its host run with up to max_batch - 1 requests of the client holding the queue
+    from relaydiff.host.controller import _Job
+
+    host = make_fair_host(max_queue=8, max_batch=8)
+    request = host.config.settings.request("a prompt", 2)
+    jobs = [_Job(f"x{i}", 1e18, "other", "s1") for i in range(6)] + [_Job("d1", 1e18, "default", "s2")]
+    host._pending = [(request, job, None) for job in jobs]
+    host._client_jobs.update({"other": 6, "default": 1})  # shares of 4: "other" is over its share
+    host._last_served["other"] = 3
+    assert [p[1].request_id for p in host._next_group()] == ["d1"]  # alone, not in a batch of 7
+    host._last_served["default"] = 4  # then the over-share client's run may take anyone (here: its own backlog)
+    assert [p[1].request_id for p in host._next_group()] == ["x0", "d1", "x1", "x2", "x3", "x4", "x5"]
+    host._client_jobs.update({"other": -3})  # 3 and 1: nobody over its share, one batch for all
+    host._last_served["default"] = 2
+    assert [p[1].request_id for p in host._next_group()] == ["d1", "x0", "x1", "x2", "x3", "x4", "x5"]
