@@ -8,7 +8,7 @@ Per ``GenerateRequest`` (docs/protocol.md, sections 4 and 7):
    and the request's client is under its fair share (``max_queue`` / clients with work in progress): then
    the newest *queued* request of the client most over its share is evicted (``Error(busy)``, exactly once;
    ledger source ``evicted``) to make room. Among the links of one client (a token shared by several
-   devices) the same rule applies per link. See docs/protocol.md, "Admission and fair share";
+   devices) the same rule applies per link. See docs/admission.md;
 1. record it in the :class:`~relaydiff.host.ledger.Ledger` (accepted; metadata and digests only);
 2. choose the relay step k with the :class:`~relaydiff.host.policy.Policy` (a
    :class:`~relaydiff.host.policy.ContextualPolicy`, such as the bandit, also gets the host's load as
@@ -93,7 +93,7 @@ class HostConfig:
     batch_window_s: float = 0.0  # extra wait for more requests before a host run (0: take what is queued)
     max_queue: int = 64  # requests in progress over all links; a request beyond it gets Error(busy)
     max_requests_per_session: int = 4  # requests in progress on one link; beyond it: Error(busy)
-    max_requests_per_client: int | None = None  # requests in progress over all links of one client; None: max_queue
+    max_requests_per_client: int | None = None  # requests in progress over all links of one client; None: no cap but max_queue
     busy_retry_after_s: float = 1.0  # the retry-after a busy reply suggests, seconds
     ledger_max_entries: int = 10_000  # completed requests the ledger remembers (metadata and digests only)
     ledger_max_age_s: float = 3600.0  # completed requests older than this are forgotten
