@@ -21,6 +21,10 @@ that the attackers' own buffers do not count as host memory. Phases:
    until the host has accepted ``accepted`` requests during this phase (then the child is told to stop);
 3. **after**: the host drains, and its RSS is read again.
 
+The attackers present a token of their own (host client ``attackers``; the honest device's is client
+``default``) unless ``attackers_share_token``: then all of them are one client to the host, which can
+then share work only per link (the report's ``identity`` says which, and what that means).
+
 Reported: the honest device's p50/p95 latency unloaded vs under attack (their ratios; target p95 within
 2x), whether it ever fell back to device-only (target: never), host RSS at start of the attack, peak and
 after (target: after within 50 MB of start), and two invariants checked over every request accepted in
@@ -50,7 +54,9 @@ from typing import Any, Callable
 
 from relaydiff.core.errors import RelaydiffError
 
-TOKEN = "bench-attack-token-0123456789"
+TOKEN = "bench-attack-token-0123456789"  # the honest device's (client "default")
+ATTACKER_TOKEN = "bench-attack-attackers-token-0123"  # the attackers' own (client ATTACKER_CLIENT), unless they share TOKEN
+ATTACKER_CLIENT = "attackers"
 MIB = 1024 * 1024
 log = logging.getLogger(__name__)
 
@@ -73,6 +79,8 @@ class AttackBenchConfig:
     guesses: int = 200  # Hellos with wrong tokens
     max_queue: int = 64  # the host's global queue cap (HostConfig.max_queue)
     max_per_device: int = 4  # the host's per-link quota (HostConfig.max_requests_per_session)
+    max_per_client: int | None = None  # the host's per-client quota (HostConfig.max_requests_per_client)
+    attackers_share_token: bool = False  # the attackers hold the honest device's token (one client) instead of their own
     ledger_max_entries: int = 200  # the ledger's bound on completed entries
     honest_deadline_s: float = 60.0  # the honest device's deadline per request
     timeout_s: float = 1800.0  # the whole run is abandoned past this
@@ -91,15 +99,18 @@ class AttackBenchConfig:
         for name in ("honest_deadline_s", "timeout_s"):
             if not getattr(self, name) > 0:
                 raise RelaydiffError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
+        if self.max_per_client is not None and (isinstance(self.max_per_client, bool) or not isinstance(self.max_per_client, int)
+                                                or self.max_per_client < 1):
+            raise RelaydiffError(f"max_per_client must be a positive integer, got {self.max_per_client!r}")
         if self.family is not None and not Path(self.family).is_dir():
             raise RelaydiffError(f"family folder {str(self.family)!r} does not exist")
 
     @classmethod
-    def quick(cls, family: Path | None = None) -> AttackBenchConfig:
+    def quick(cls, family: Path | None = None, *, attackers_share_token: bool = False) -> AttackBenchConfig:
         """Small counts (a test's run): every attack kind still runs, the lockout and both caps are reached."""
         return cls(family=family, steps=3, honest_requests=2, links=4, requests_per_link=6, accepted=40, oversize_results=2,
                    oversize_bytes=256 * 1024, pre_hello_frames=2, pre_hello_bytes=1 * MIB, guesses=7, max_queue=10,
-                   max_per_device=4, ledger_max_entries=15, timeout_s=600.0)
+                   max_per_device=4, ledger_max_entries=15, timeout_s=600.0, attackers_share_token=attackers_share_token)
 
 
 def rss_bytes() -> int:
@@ -185,10 +196,12 @@ async def _run(config: AttackBenchConfig, family_dir: Path, say: Callable[[str],
     device_model = family.load(family.resolve(family_dir, None, role="device"), share_with=host_model)
     host_config = HostConfig(
         settings=GenerationSettings(steps=config.steps), max_queue=config.max_queue,
-        max_requests_per_session=config.max_per_device, ledger_max_entries=config.ledger_max_entries,
+        max_requests_per_session=config.max_per_device, max_requests_per_client=config.max_per_client,
+        ledger_max_entries=config.ledger_max_entries,
         result_timeout_s=120.0, link=LinkConfig(recv_timeout_s=600.0, send_timeout_s=60.0),
     )
-    server = HostServer(host_model, device_model, auth_token=TOKEN, policy=FixedPolicy(config.fraction), config=host_config)
+    server = HostServer(host_model, device_model, auth_token=TOKEN, policy=FixedPolicy(config.fraction), config=host_config,
+                        client_tokens=None if config.attackers_share_token else {ATTACKER_CLIENT: ATTACKER_TOKEN})
     watch = _Watch(server)
     rss: dict[str, float] = {}
     async with server:
@@ -272,6 +285,7 @@ async def _run(config: AttackBenchConfig, family_dir: Path, say: Callable[[str],
             "modes": honest["modes"], "fell_back_to_device_only": honest["modes"].get("device-only", 0) > 0,
             "fallback_reasons": honest["fallback_reasons"][:5],
         },
+        "identity": _identity(config, stats),
         "host_rss_mib": mib,
         "rss_after_minus_start_mib": round((rss["after"] - rss["start"]) / MIB, 1),
         "attack": report["attack"],
@@ -291,6 +305,26 @@ async def _run(config: AttackBenchConfig, family_dir: Path, say: Callable[[str],
             "rss_back_within_50mb": rss["after"] - rss["start"] <= 50e6,
         },
     }
+
+
+def _identity(config: AttackBenchConfig, stats: dict[str, Any]) -> dict[str, Any]:
+    """Whether the attackers are a client of their own, and what the host can do about it either way."""
+    from relaydiff.host.controller import DEFAULT_CLIENT
+
+    shared = config.attackers_share_token
+    attacker = DEFAULT_CLIENT if shared else ATTACKER_CLIENT
+    busy, evicted = stats.get("busy_by_client", {}), stats.get("evicted_by_client", {})
+    if shared:
+        note = ("the attackers hold the honest device's token: to the host they are one client, so quotas and fair share "
+                "across clients cannot separate them; the host can still share that client's work per link (the honest "
+                "device's link, under its share, evicts queued work of the attacker's fullest link, and host runs go "
+                "round-robin over links), but an attacker opening more links than the queue cap holds takes every share; "
+                "only a token per device (client_tokens) or revoking the stolen token separates them")
+    else:
+        note = ("the attackers hold a token of their own (client %r): the per-client quota and fair share bound them "
+                "however many links they open, and the honest device's requests evict their queued work" % ATTACKER_CLIENT)
+    return {"attackers_share_honest_identity": shared, "honest_client": DEFAULT_CLIENT, "attacker_client": attacker,
+            "busy_by_client": busy, "evicted_by_client": evicted, "note": note}
 
 
 def bench_attack(config: AttackBenchConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -318,6 +352,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"p95 {s(h['unloaded']['p95_s'])} s -> {s(h['attack']['p95_s'])} s (x{s(h['p95_ratio'])}; target <= 2x: "
         f"{'met' if t['p95_within_2x'] else 'NOT met'}); modes under attack {h['modes']}; device-only fallback: "
         f"{'yes' if h['fell_back_to_device_only'] else 'never'}",
+        f"  identity: {'the attackers share the honest device token (one client)' if report['identity']['attackers_share_honest_identity'] else 'the attackers hold a token of their own'}; "
+        f"busy by client {report['identity']['busy_by_client']}, evicted by client {report['identity']['evicted_by_client']}",
         f"  host RSS: start {m['start']} MiB, peak {m['peak']} MiB, after {m['after']} MiB "
         f"(after - start {report['rss_after_minus_start_mib']} MiB; target <= 50 MB: {'met' if t['rss_back_within_50mb'] else 'NOT met'})",
         f"  attack: {a['amplification_waves']} amplification waves ({a['amplification_sent']} requests sent), "
@@ -364,6 +400,7 @@ async def _clients(cfg: AttackBenchConfig, url: str, runtime: Any) -> dict[str, 
     link_config = LinkConfig(recv_timeout_s=120.0, send_timeout_s=60.0, open_timeout_s=30.0, handshake_timeout_s=30.0)
     settings = GenerationSettings(steps=cfg.steps)
     caps = DeviceCapabilities(("torch",), "bench-attacker", "ab" * 32, 1.0)
+    attacker_token = TOKEN if cfg.attackers_share_token else ATTACKER_TOKEN
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -403,7 +440,7 @@ async def _clients(cfg: AttackBenchConfig, url: str, runtime: Any) -> dict[str, 
     async def amplification() -> None:
         wave = 0
         while not stop.is_set():
-            links = [x for x in await asyncio.gather(*(connect(url, auth_token=TOKEN, capabilities=caps, config=link_config)
+            links = [x for x in await asyncio.gather(*(connect(url, auth_token=attacker_token, capabilities=caps, config=link_config)
                                                         for _ in range(cfg.links)), return_exceptions=True)
                      if not isinstance(x, BaseException)]
             for i, link in enumerate(links):
@@ -418,7 +455,7 @@ async def _clients(cfg: AttackBenchConfig, url: str, runtime: Any) -> dict[str, 
 
     async def oversize() -> None:
         blob = b"\x89PNG\r\n\x1a\n" + os.urandom(cfg.oversize_bytes - 8)
-        link = await connect(url, auth_token=TOKEN, capabilities=caps, config=link_config)
+        link = await connect(url, auth_token=attacker_token, capabilities=caps, config=link_config)
         try:
             i = 0
             while not stop.is_set() and counts["oversize_sent"] < cfg.oversize_results:
@@ -460,7 +497,7 @@ async def _clients(cfg: AttackBenchConfig, url: str, runtime: Any) -> dict[str, 
         return buf.getvalue()
 
     async def reused_ids() -> None:
-        link = await connect(url, auth_token=TOKEN, capabilities=caps, config=link_config)
+        link = await connect(url, auth_token=attacker_token, capabilities=caps, config=link_config)
         png = tiny_png()
         try:
             n = 0

@@ -2,8 +2,13 @@
 
 Per ``GenerateRequest`` (docs/protocol.md, sections 4 and 7):
 
-0. admit it, or answer ``Error(busy)`` (with ``retry_after_s=`` in the message) when the host already has
-   ``HostConfig.max_queue`` requests in progress or this link ``max_requests_per_session``;
+0. admit it, or answer ``Error(busy)`` (with ``retry_after_s=`` in the message) when this link already has
+   ``HostConfig.max_requests_per_session`` requests in progress, or its client (the token its Hello carried:
+   see ``client_tokens``) ``max_requests_per_client``, or the host ``max_queue`` -- unless the queue is full
+   and the request's client is under its fair share (``max_queue`` / clients with work in progress): then
+   the newest *queued* request of the client most over its share is evicted (``Error(busy)``, exactly once;
+   ledger source ``evicted``) to make room. Among the links of one client (a token shared by several
+   devices) the same rule applies per link. See docs/admission.md;
 1. record it in the :class:`~relaydiff.host.ledger.Ledger` (accepted; metadata and digests only);
 2. choose the relay step k with the :class:`~relaydiff.host.policy.Policy` (a
    :class:`~relaydiff.host.policy.ContextualPolicy`, such as the bandit, also gets the host's load as
@@ -20,7 +25,10 @@ Per ``GenerateRequest`` (docs/protocol.md, sections 4 and 7):
    still connected gets ``Error(deadline_exceeded)``. A result arriving after that is ignored.
 
 Host steps of concurrent requests are batched: requests that arrive while the worker is busy
-wait in a queue, and the next host run takes up to ``HostConfig.max_batch`` of them through one
+wait in a queue, and the next host run takes up to ``HostConfig.max_batch`` of them, in fair order
+(round-robin over clients, least recently served first; within a client round-robin over its links;
+first come first served within a link: one client's backlog never sits ahead of another's request; a run
+headed by a client within its fair share takes no work of a client over it), through one
 UNet call per step (:func:`relaydiff.core.relay.start_batch`; each request still stops at its own k, and
 is handed over as soon as it does, while the batch goes on with the longer ones).
 Cancelled requests are dropped when a run is formed and, within a run (batched or not) or a fallback,
@@ -30,12 +38,14 @@ between two steps: a batch goes on without them.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
+import re
 import logging
 import math
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -62,6 +72,8 @@ PROBE_PADDING = 64 * 1024  # bytes of the second probe Ping: its extra delay ove
 PROBE_WAIT_S = 1.0  # longest wait for the link probe before a contextual policy chooses without it
 LOAD_WINDOW_S = 2.0  # NodeLoad.busy_fraction is measured over about this long
 LOAD_RUNS = 8  # NodeLoad.batch_fill and service_s average the last this many host runs
+DEFAULT_CLIENT = "default"  # the client identity of a link whose Hello carried the host's own auth_token
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -81,6 +93,7 @@ class HostConfig:
     batch_window_s: float = 0.0  # extra wait for more requests before a host run (0: take what is queued)
     max_queue: int = 64  # requests in progress over all links; a request beyond it gets Error(busy)
     max_requests_per_session: int = 4  # requests in progress on one link; beyond it: Error(busy)
+    max_requests_per_client: int | None = None  # requests in progress over all links of one client; None: no cap but max_queue
     busy_retry_after_s: float = 1.0  # the retry-after a busy reply suggests, seconds
     ledger_max_entries: int = 10_000  # completed requests the ledger remembers (metadata and digests only)
     ledger_max_age_s: float = 3600.0  # completed requests older than this are forgotten
@@ -100,6 +113,9 @@ class HostConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RelaydiffError(f"HostConfig.{name} must be a positive integer, got {value!r}")
+        cap = self.max_requests_per_client
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise RelaydiffError(f"HostConfig.max_requests_per_client must be a positive integer or None, got {cap!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise RelaydiffError(f"HostConfig.port must be in [0, 65535], got {self.port!r}")
 
@@ -109,7 +125,8 @@ class HostStats:
     """What the host did with the requests it was sent (counters, for operators and tests)."""
 
     accepted: int = 0  # requests admitted (each has one ledger entry)
-    busy: int = 0  # requests refused with Error(busy): the queue or the link's quota was full
+    busy: int = 0  # requests refused with Error(busy): the queue, the client's or the link's quota was full
+    evicted: int = 0  # queued requests given up for a client under its fair share (Error(busy) sent; not in busy)
     cancelled: int = 0  # accepted requests whose work was stopped (device left or aborted, deadline passed)
     deadline_exceeded: int = 0  # Error(deadline_exceeded) sent to a device still connected
     skipped_host_runs: int = 0  # queued host runs dropped before they started (their request was cancelled)
@@ -117,6 +134,8 @@ class HostStats:
     refused_results: int = 0  # device Results refused (an unreadable PNG, or one above the pixel cap)
     failed: int = 0  # requests that failed on the host (Error(request_failed) sent)
     ignored_results: int = 0  # Results that arrived when nobody waited (after a cancellation, or unsolicited)
+    busy_by_client: dict[str, int] = field(default_factory=dict)  # busy refusals per client identity
+    evicted_by_client: dict[str, int] = field(default_factory=dict)  # evictions per client identity (whose work went)
 
 
 @dataclass(frozen=True)
@@ -140,14 +159,21 @@ class _Cancelled(Exception):
         self.deadline = deadline
 
 
+class _Evicted(_Cancelled):
+    """A queued request is given up for a client under its fair share; its device is told ``busy``."""
+
+
 @dataclass
 class _Job:
     """One accepted request's cancellation state; the worker thread reads it between steps."""
 
     request_id: str
     deadline: float  # time.monotonic() by which the device wants its image
+    client: str = DEFAULT_CLIENT  # the client identity of its link (fair share, fair queueing)
+    link: str = ""  # its link's session id
     reason: str | None = None  # set once: why the work stops
     stopped_between_steps: bool = False
+    released: bool = False  # its place in the queue and quotas is given back (once)
 
     def cancel(self, reason: str) -> None:
         if self.reason is None:
@@ -175,6 +201,7 @@ class _Session:
 
     id: str
     link: Link
+    client: str = DEFAULT_CLIENT  # whose token the link's Hello carried (fair share is per client, then per link)
     jobs: dict[str, _Job] = field(default_factory=dict)  # requests in progress, by request id
     finished: OrderedDict[str, tuple[str, GenerateRequest, int]] = field(default_factory=OrderedDict)  # id -> (ledger key, request, k), for Feedback
     waiting: dict[str, asyncio.Future[Result]] = field(default_factory=dict)
@@ -208,6 +235,7 @@ class HostServer:
         policy: Policy | None = None,
         config: HostConfig | None = None,
         ssl: SSLContext | None = None,
+        client_tokens: Mapping[str, str] | None = None,
     ) -> None:
         """
         Args:
@@ -221,6 +249,10 @@ class HostServer:
                 :class:`PersistentPolicy` is saved by this server in a worker thread.
             config: see :class:`HostConfig`.
             ssl: a server-side SSLContext to serve ``wss://``; None serves ``ws://``.
+            client_tokens: client name -> token: further tokens a device's Hello may carry; the name is
+                that link's client identity (quotas and fair share are per client). A link with
+                ``auth_token`` is client ``"default"``. Devices sharing one token are one client: the host
+                cannot tell them apart beyond their links.
         """
         self.host_model = host_model
         self.fallback_model = fallback_model
@@ -235,7 +267,12 @@ class HostServer:
         self.ledger = Ledger(max_entries=self.config.ledger_max_entries, max_age_s=self.config.ledger_max_age_s)
         self.stats = HostStats()
         self._auth_token = auth_token
+        self._client_tokens = _check_client_tokens(client_tokens or {}, auth_token)
         self._ssl = ssl
+        self._client_jobs: Counter[str] = Counter()  # requests in progress per client
+        self._links: dict[str, _Session] = {}  # open links, by session id
+        self._served = itertools.count()  # fair queueing: a tick per request put in a host run
+        self._last_served: dict[str, int] = {}  # client or "client/link" -> tick it was last served
         self._sessions = itertools.count(1)
         self._reuses = itertools.count(2)  # suffix of the ledger key of a request id a link uses again
         self._server: LinkServer | None = None
@@ -296,6 +333,7 @@ class HostServer:
         policy: Policy | None = None,
         config: HostConfig | None = None,
         ssl: SSLContext | None = None,
+        client_tokens: Mapping[str, str] | None = None,
     ) -> "HostServer":
         """Load the host variant and (for fallbacks) the device variant of a family folder.
 
@@ -312,7 +350,7 @@ class HostServer:
         family.check_pair(host_ref, device_ref)
         host = family.load(host_ref)
         device = family.load(device_ref, share_with=host)
-        return cls(host, device, auth_token=auth_token, policy=policy, config=config, ssl=ssl)
+        return cls(host, device, auth_token=auth_token, policy=policy, config=config, ssl=ssl, client_tokens=client_tokens)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -334,7 +372,7 @@ class HostServer:
         self.start_workers()
         self._server = await serve(
             self._serve_link, self.config.listen_host, self.config.port, auth_token=self._auth_token,
-            config=self.config.link, ssl=self._ssl,
+            config=self.config.link, ssl=self._ssl, peer_tokens=tuple(t.decode("utf-8") for _, t in self._client_tokens),
         )
         log.info("host listening on %s (policy %s)", self._server.url, type(self.policy).__name__)
         return self._server.url
@@ -362,8 +400,9 @@ class HostServer:
     # -- one link ----------------------------------------------------------------------------
 
     async def _serve_link(self, link: Link) -> None:
-        session = _Session(f"s{next(self._sessions)}", link)
-        log.info("link %s open from %s", session.id, _peer(link))
+        session = _Session(f"s{next(self._sessions)}", link, self._client_of(link))
+        self._links[session.id] = session
+        log.info("link %s open from %s (client %s)", session.id, _peer(link), session.client)
         try:
             await self._link_loop(session)
         except Exception as exc:  # a bug here must not leave the link half-alive: tell the device and close
@@ -378,6 +417,8 @@ class HostServer:
                 self._abort(session, request_id, "the link closed")
             while session.tasks:  # every request this device started ends (cancelled work ends at its next step)
                 await asyncio.gather(*list(session.tasks), return_exceptions=True)
+            self._links.pop(session.id, None)
+            self._last_served.pop(f"{session.client}/{session.id}", None)
             log.info("link %s closed", session.id)
 
     async def _link_loop(self, session: _Session) -> None:
@@ -427,24 +468,107 @@ class HostServer:
                 return
 
     async def _admit(self, session: _Session, request: GenerateRequest, capabilities: Any) -> None:
-        """Start serving ``request``, or answer Error(busy) when the host or this link has too many in progress."""
+        """Start serving ``request``, or answer Error(busy) when this link, its client or the host has too many in
+        progress; a full client quota or queue first evicts queued work of whoever is most over its fair share."""
         cfg = self.config
-        if self._in_flight >= cfg.max_queue:
-            why = f"the host has {self._in_flight} requests in progress; the cap is {cfg.max_queue}"
-        elif len(session.jobs) >= cfg.max_requests_per_session:
+        client_cap = cfg.max_requests_per_client
+        why: str | None = None
+        if len(session.jobs) >= cfg.max_requests_per_session:
             why = f"this link has {len(session.jobs)} requests in progress; the cap is {cfg.max_requests_per_session}"
-        else:
-            job = _Job(request.request_id, time.monotonic() + request.deadline_s)
+        elif client_cap is not None and self._client_jobs[session.client] >= client_cap:
+            if not self._evict_for(session, across_clients=False):
+                why = f"this client has {self._client_jobs[session.client]} requests in progress; the cap is {client_cap}"
+        elif self._in_flight >= cfg.max_queue:
+            if not self._evict_for(session, across_clients=True):
+                why = f"the host has {self._in_flight} requests in progress; the cap is {cfg.max_queue}"
+        if why is None:
+            job = _Job(request.request_id, time.monotonic() + request.deadline_s, session.client, session.id)
             session.jobs[request.request_id] = job
             self._in_flight += 1
+            self._client_jobs[session.client] += 1
             self.stats.accepted += 1
             task = asyncio.create_task(self._serve_request(session, request, capabilities, job))
             session.tasks.add(task)
             task.add_done_callback(session.tasks.discard)
             return
         self.stats.busy += 1
+        self.stats.busy_by_client[session.client] = self.stats.busy_by_client.get(session.client, 0) + 1
         log.info("link %s: request %r refused busy: %s", session.id, request.request_id, why)
         await self._send(session, Error(ErrorCode.BUSY.value, f"retry_after_s={cfg.busy_retry_after_s:g}; {why}", request.request_id))
+
+    def _client_of(self, link: Link) -> str:
+        """The client identity of a link: the name of the token its Hello carried (DEFAULT_CLIENT: auth_token)."""
+        hello = link.peer_hello
+        token = hello.auth_token.encode("utf-8") if isinstance(hello, Hello) else b""
+        found = DEFAULT_CLIENT
+        for name, candidate in self._client_tokens:  # every token compared, in constant time each
+            if hmac.compare_digest(token, candidate):
+                found = name
+        return found
+
+    def _release(self, job: _Job) -> None:
+        """Give a request's place in the queue and in its client's and link's quotas back (once)."""
+        if job.released:
+            return
+        job.released = True
+        self._in_flight -= 1
+        self._client_jobs[job.client] -= 1
+        if self._client_jobs[job.client] <= 0:
+            del self._client_jobs[job.client]
+        session = self._links.get(job.link)
+        if session is not None and session.jobs.get(job.request_id) is job:
+            del session.jobs[job.request_id]
+
+    def _evict_for(self, session: _Session, *, across_clients: bool) -> bool:
+        """Make room for a request of ``session`` by evicting the newest queued request of whoever is most over
+        its fair share, if the requester is under its own; True when one was evicted (its device gets busy).
+
+        ``across_clients``: the host queue is full: shares are ``max_queue`` / clients with work in progress
+        (the requester's included); when the requester's client is not under its share, or the client's own
+        quota is full (``across_clients`` False), the links of that client share its work in progress the same way.
+        """
+        if across_clients:
+            clients = set(self._client_jobs) | {session.client}
+            share = self.config.max_queue / len(clients)
+            if self._client_jobs[session.client] + 1 <= share:
+                over = sorted(((n, c) for c, n in self._client_jobs.items() if c != session.client and n > share), reverse=True)
+                for _, client in over:
+                    found = self._newest_queued(client=client)
+                    if found is not None:
+                        return self._evict(found, session)
+        links = [x for x in self._links.values() if x.client == session.client and (x.jobs or x is session)]
+        share = self._client_jobs[session.client] / max(len(links), 1)
+        if len(session.jobs) + 1 > share:
+            return False
+        over_links = sorted(((len(x.jobs), x.id) for x in links if x is not session and len(x.jobs) > share), reverse=True)
+        for _, link_id in over_links:
+            found = self._newest_queued(link=link_id)
+            if found is not None:
+                return self._evict(found, session)
+        return False
+
+    def _newest_queued(self, *, client: str | None = None, link: str | None = None) -> int | None:
+        """Index in the host queue of the newest queued (not yet running) request of ``client`` (or of the link
+        ``link``) that is not being cancelled, or None."""
+        for i in range(len(self._pending) - 1, -1, -1):
+            job = self._pending[i][1]
+            if job.reason is None and (job.client == client if link is None else job.link == link):
+                return i
+        return None
+
+    def _evict(self, index: int | None, session: _Session) -> bool:
+        if index is None:
+            return False
+        _, job, future = self._pending.pop(index)
+        why = (f"evicted from the full host queue for client {session.client!r} (link {session.id}), under its fair "
+               f"share, while client {job.client!r} (link {job.link}) is over its share")
+        job.cancel(why)
+        self._release(job)  # now: the request being admitted takes its place at once
+        self.stats.evicted += 1
+        self.stats.evicted_by_client[job.client] = self.stats.evicted_by_client.get(job.client, 0) + 1
+        if not future.done():
+            future.set_exception(_Evicted(why))
+        return True
 
     @staticmethod
     def _probe_pong(session: _Session, pong: Pong) -> None:
@@ -584,6 +708,13 @@ class HostServer:
                 self._finished(session, key, request, k)
                 return
             await self._accept_result(session, key, request, k, result, timings)
+        except _Evicted as stop:  # answered busy, like a refusal, but after it was accepted: recorded once
+            if entry is not None:
+                self.ledger.complete(key, Source.EVICTED, error=str(stop))
+            log.info("link %s: request %r evicted: %s", session.id, request.request_id, stop)
+            if session.link.connection.request_state(request.request_id) is not RequestState.DONE:
+                retry = f"retry_after_s={self.config.busy_retry_after_s:g}; {stop}"[:1000]
+                await self._send(session, Error(ErrorCode.BUSY.value, retry, request.request_id))
         except _Cancelled as stop:
             self.stats.cancelled += 1
             self.stats.stopped_between_steps += job.stopped_between_steps
@@ -602,8 +733,7 @@ class HostServer:
                 message = f"request failed: {type(exc).__name__}: {exc}"[:1000]
                 await self._send(session, Error(ErrorCode.REQUEST_FAILED.value, message, request.request_id))
         finally:
-            self._in_flight -= 1
-            session.jobs.pop(request.request_id, None)
+            self._release(job)
 
     def _finished(self, session: _Session, key: str, request: GenerateRequest, k: int) -> None:
         """Remember a finished request for its Feedback (as many as the link core remembers DONE ids)."""
@@ -658,11 +788,13 @@ class HostServer:
                 self._drop_cancelled()
                 if not self._pending:
                     break
-                first = self._pending[0][0]
-                group = [p for p in self._pending if (p[0].steps, p[0].sampler) == (first.steps, first.sampler)]
-                group = group[: self.config.max_batch]
+                group = self._next_group()
+                first = group[0][0]
                 for p in group:
                     self._pending.remove(p)
+                    tick = next(self._served)
+                    self._last_served[p[1].client] = tick
+                    self._last_served[f"{p[1].client}/{p[1].link}"] = tick
                 self.batch_sizes.append(len(group))
                 del self.batch_sizes[:-10_000]
                 t_run = time.perf_counter()
@@ -700,6 +832,32 @@ class HostServer:
         finally:
             self._batching = False
 
+    def _next_group(self) -> list[tuple[Any, _Job, asyncio.Future[tuple[RelayState, float, int]]]]:
+        """The next host run: up to ``max_batch`` compatible queued requests in fair order. A run headed by a
+        client within its fair share takes no work of a client over its share (``max_queue`` / clients with work
+        in progress): a backlog never makes another client's request wait for a bigger batch."""
+        order = self._fair_order()
+        head = order[0]
+        group = [p for p in order if (p[0].steps, p[0].sampler) == (head[0].steps, head[0].sampler)]
+        share = self.config.max_queue / max(len(self._client_jobs), 1)
+        over = {c for c, n in self._client_jobs.items() if n > share}
+        if head[1].client not in over:
+            group = [p for p in group if p[1].client not in over]
+        return group[: self.config.max_batch]
+
+    def _fair_order(self) -> list[tuple[Any, _Job, asyncio.Future[tuple[RelayState, float, int]]]]:
+        """The host queue in the order host runs take it: round-robin over clients (least recently served
+        first), within a client round-robin over its links (likewise), first come first served within a link."""
+        by_client: dict[str, dict[str, list[Any]]] = {}
+        for p in self._pending:
+            by_client.setdefault(p[1].client, {}).setdefault(p[1].link, []).append(p)
+        queues = []
+        for client in sorted(by_client, key=lambda c: self._last_served.get(c, -1)):  # stable: arrival order breaks ties
+            links = by_client[client]
+            served = {lk: self._last_served.get(f"{client}/{lk}", -1) for lk in links}
+            queues.append(_interleave([links[lk] for lk in sorted(links, key=served.__getitem__)]))
+        return _interleave(queues)
+
     def _drop_cancelled(self) -> None:
         """Drop queued host runs whose request was cancelled (device left or aborted, deadline passed)."""
         keep = []
@@ -734,6 +892,32 @@ class HostServer:
             session.waiting.pop(request.request_id, None)
             raise _Cancelled(f"no result for request {request.request_id!r} within {wait:.3g} s of the hand-off",
                              deadline=True) from None
+
+
+def _interleave(queues: list[list[T]]) -> list[T]:
+    """Round-robin: the first item of each queue, then the second of each, and so on."""
+    out: list[T] = []
+    for i in range(max((len(q) for q in queues), default=0)):
+        out.extend(q[i] for q in queues if i < len(q))
+    return out
+
+
+def _check_client_tokens(client_tokens: Mapping[str, str], auth_token: str) -> tuple[tuple[str, bytes], ...]:
+    """(name, token bytes) of each client token; names are ids, tokens non-empty, distinct, and not auth_token."""
+    if not isinstance(client_tokens, Mapping):
+        raise TypeError(f"client_tokens must map client names to tokens, got {type(client_tokens).__name__}")
+    seen = {auth_token}
+    out = []
+    for name, token in client_tokens.items():
+        if not isinstance(name, str) or not _CLIENT_NAME.fullmatch(name) or name == DEFAULT_CLIENT:
+            raise RelaydiffError(f"client name {name!r} must be 1-64 of A-Z a-z 0-9 . _ - and not {DEFAULT_CLIENT!r}")
+        if not isinstance(token, str) or not token or len(token.encode("utf-8")) > 256:
+            raise RelaydiffError(f"the token of client {name!r} must be a non-empty string of at most 256 bytes")
+        if token in seen:  # the token itself is never quoted
+            raise RelaydiffError(f"the token of client {name!r} is also another client's (or the host's own) token")
+        seen.add(token)
+        out.append((name, token.encode("utf-8")))
+    return tuple(out)
 
 
 def _peer(link: Link) -> str:

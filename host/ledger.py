@@ -3,7 +3,8 @@
 A request is *accepted* when the host takes its ``GenerateRequest`` and *completed* once, by
 whoever finishes it first: the device (its ``Result``), the host (it ran every step, or it
 finished a hand-off the device could not use), a cancellation (the device left, aborted the
-request, or its deadline passed) or a failure. A second completion is refused and counted in
+request, or its deadline passed), an eviction (queued work given up, under a full queue, for a client
+under its fair share) or a failure. A second completion is refused and counted in
 :attr:`Ledger.refused_count`, which is how tests check the exactly-once guarantee.
 
 The ledger keeps metadata and digests only, never the images or latents themselves: the kind,
@@ -38,6 +39,7 @@ class Source(str, Enum):
     HOST = "host"  # the policy chose k = N: the host ran every step
     HOST_FALLBACK = "host-fallback"  # the device could not use the hand-off; the host finished
     CANCELLED = "cancelled"  # the device left or aborted, or the deadline passed: the work was stopped
+    EVICTED = "evicted"  # queued work given up for a client under its fair share; the device got Error(busy)
     FAILED = "failed"  # the request failed (an error was recorded instead of an image)
 
 

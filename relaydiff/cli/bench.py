@@ -80,6 +80,10 @@ def register(sub: Any) -> None:
     a.add_argument("--honest-requests", type=int, default=20, help="the honest device's requests unloaded (and at least as many under attack)")
     a.add_argument("--max-queue", type=int, default=64, help="the host's global queue cap")
     a.add_argument("--max-per-device", type=int, default=4, help="the host's per-link quota")
+    a.add_argument("--max-per-client", type=int, default=None,
+                   help="the host's quota per client over all its links (default: none beyond the queue cap and fair share)")
+    a.add_argument("--attackers-share-token", action="store_true",
+                   help="the attackers present the honest device's token (one client) instead of their own")
     a.add_argument("--ledger-max-entries", type=int, default=200, help="the ledger's bound on completed entries")
     a.add_argument("--quick", action="store_true", help="small counts (a smoke run; the other count options are ignored)")
     a.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -155,12 +159,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     family = Path(args.family) if args.family else None
     if args.quick:
-        config = AttackBenchConfig.quick(family)
+        config = AttackBenchConfig.quick(family, attackers_share_token=args.attackers_share_token)
     else:
         config = AttackBenchConfig(family=family, steps=args.steps, accepted=args.accepted, links=args.links,
                                    requests_per_link=args.requests_per_link, honest_requests=args.honest_requests,
                                    max_queue=args.max_queue, max_per_device=args.max_per_device,
-                                   ledger_max_entries=args.ledger_max_entries)
+                                   max_per_client=args.max_per_client, ledger_max_entries=args.ledger_max_entries,
+                                   attackers_share_token=args.attackers_share_token)
     report = bench_attack(config, log=None if args.json else (lambda m: log.info("attack bench: %s", m)))
     result(json.dumps(report, sort_keys=True) if args.json else format_report(report))
     return 0 if report["ok"] else 1

@@ -56,6 +56,12 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--max-queue", type=int, default=64, help="requests in progress over all devices before busy (default 64)")
     p.add_argument("--max-per-device", type=int, default=4, help="requests in progress on one link before busy (default 4)")
+    p.add_argument("--max-per-client", type=int, default=None,
+                   help="requests in progress over all links of one client (its token) before busy (default: no cap "
+                        "beyond --max-queue and the clients' fair shares)")
+    p.add_argument("--client-tokens", metavar="FILE",
+                   help="file of 'NAME TOKEN' lines: one token per client (quotas and fair share are per client; "
+                        "devices sharing a token are one client). The --token-file token is client 'default'")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="log level on stderr (default info)")
     p.add_argument("--policy", choices=POLICIES,
                    help="split policy: fixed (--fraction), rule (k from each request's quality preference) or bandit "
@@ -127,6 +133,40 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise RelaydiffError(f"--listen must be HOST:PORT with a port in [0, 65535], got {text!r}")
     return host, int(port)
+
+
+def _client_tokens(path_arg: str | None) -> dict[str, str]:
+    """``--client-tokens FILE``: client name -> token, one ``NAME TOKEN`` a line (blank lines and ``#`` comments
+    skipped); each token at least MIN_TOKEN_CHARS long. Tokens are never quoted in errors.
+
+    Raises:
+        RelaydiffError: an unreadable file, a malformed line, a short token, or a name given twice.
+    """
+    if path_arg is None:
+        return {}
+    path = Path(path_arg)
+    try:
+        if path.stat().st_size > 1 << 20:
+            raise RelaydiffError(f"--client-tokens {str(path)!r} is {path.stat().st_size} bytes; at most 1 MiB is read")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RelaydiffError(f"--client-tokens {str(path)!r} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    tokens: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise RelaydiffError(f"--client-tokens {str(path)!r} line {number}: expected 'NAME TOKEN' ({len(parts)} fields)")
+        name, token = parts
+        if name in tokens:
+            raise RelaydiffError(f"--client-tokens {str(path)!r} line {number}: client {name!r} is named twice")
+        if len(token) < MIN_TOKEN_CHARS:
+            raise RelaydiffError(f"--client-tokens {str(path)!r} line {number}: the token of {name!r} is {len(token)} "
+                                 f"characters; at least {MIN_TOKEN_CHARS} are required")
+        tokens[name] = token
+    return tokens
 
 
 def _token(args: argparse.Namespace, *, required: bool) -> str | None:
@@ -275,8 +315,10 @@ def cmd_host(args: argparse.Namespace) -> int:
         raise RelaydiffError(f"--duration must be > 0 seconds, got {args.duration!r}")
     config = HostConfig(
         settings=_settings(args, sampler), listen_host=listen_host, port=port, result_timeout_s=args.result_timeout,
-        workers=args.workers, max_queue=args.max_queue, max_requests_per_session=args.max_per_device, link=LinkConfig(),
+        workers=args.workers, max_queue=args.max_queue, max_requests_per_session=args.max_per_device,
+        max_requests_per_client=args.max_per_client, link=LinkConfig(),
     )
+    args.client_token_map = _client_tokens(args.client_tokens)
     tls = _server_tls(args)
     policy = _policy(args)
     with _logging(args):
@@ -292,7 +334,7 @@ def _serve_host(args: argparse.Namespace, root: Path, config: Any, token: str, g
             "serving ws:// on %s without TLS: the link token travels in cleartext (use --tls-cert/--tls-key)", listen_host)
     server = HostServer.from_family(
         root, auth_token=token, host_variant=args.host_variant, device_variant=args.device_variant,
-        policy=policy, config=config, ssl=tls,
+        policy=policy, config=config, ssl=tls, client_tokens=args.client_token_map,
     )
 
     async def run() -> float:

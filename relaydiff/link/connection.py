@@ -121,15 +121,26 @@ def _kind(event: Event) -> str:
     return type(event).__name__
 
 
+def _token_matches(token: bytes, accepted: tuple[bytes, ...]) -> bool:
+    """Whether ``token`` is one of ``accepted``; every one is compared (constant time each), none skipped."""
+    found = False
+    for candidate in accepted:
+        found |= hmac.compare_digest(token, candidate)
+    return found
+
+
 class Connection:
     """One side of a link, as a state machine that turns events into bytes and bytes into events."""
 
-    def __init__(self, role: Role | str, *, auth_token: str, config: LinkConfig | None = None) -> None:
+    def __init__(self, role: Role | str, *, auth_token: str, config: LinkConfig | None = None,
+                 peer_tokens: tuple[str, ...] = ()) -> None:
         """
         Args:
             role: this side's role, ``"host"`` or ``"device"``.
             auth_token: the shared secret: sent in our Hello, and required in the peer's Hello.
             config: caps (and, for the transport, timeouts); defaults to ``LinkConfig()``.
+            peer_tokens: further tokens a peer's Hello may carry instead of ``auth_token`` (a host with one
+                token per client; which one matched is the peer's client identity, read off ``peer_hello``).
 
         Raises:
             TypeError / ValueError: a bad role, token or config.
@@ -143,7 +154,10 @@ class Connection:
         self.config = config if config is not None else LinkConfig()
         if not isinstance(self.config, LinkConfig):
             raise TypeError(f"config must be a LinkConfig, got {type(self.config).__name__}")
+        if isinstance(peer_tokens, str) or not all(isinstance(t, str) and t for t in peer_tokens):
+            raise ValueError("peer_tokens must be a tuple of non-empty strings")
         self._auth_token = auth_token
+        self._accepted_tokens = tuple(t.encode("utf-8") for t in (auth_token, *peer_tokens))
         self._state = State.IDLE
         self._pending: deque[bytes] = deque()
         self._requests: dict[str, RequestState] = {}  # open requests
@@ -291,9 +305,7 @@ class Connection:
                 f"peer {name} protocol version is {event.protocol_version}; expected {PROTOCOL_VERSION}",
             )
         # the token itself is never quoted: it is a secret, and a near-miss would leak most of it
-        if isinstance(event, Hello) and not hmac.compare_digest(
-            event.auth_token.encode("utf-8"), self._auth_token.encode("utf-8")
-        ):
+        if isinstance(event, Hello) and not _token_matches(event.auth_token.encode("utf-8"), self._accepted_tokens):
             raise err(ErrorCode.AUTH_FAILED, "peer Hello auth token does not match this side's token")
         if event.role is self.role:
             raise err(

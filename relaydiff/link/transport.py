@@ -235,6 +235,7 @@ async def serve(
     role: Role | str = Role.HOST,
     config: LinkConfig | None = None,
     ssl: SSLContext | None = None,
+    peer_tokens: tuple[str, ...] = (),
 ) -> LinkServer:
     """Serve links: each connecting peer must complete the Hello handshake, then ``handler(link)`` runs.
 
@@ -248,14 +249,16 @@ async def serve(
         role: this side's role (the host, usually).
         config: caps and timeouts; ``LinkConfig()`` by default.
         ssl: a server-side SSLContext for wss://; None serves plain ws://.
+        peer_tokens: further tokens a peer's Hello may carry instead of ``auth_token`` (one per client; the
+            handler tells which from ``link.peer_hello.auth_token``).
     """
     config = config if config is not None else LinkConfig()
-    Connection(role, auth_token=auth_token, config=config)  # check the arguments now, not per peer
+    Connection(role, auth_token=auth_token, config=config, peer_tokens=peer_tokens)  # check the arguments now, not per peer
 
     limiter = LoginLimiter(config.max_failed_logins, config.failed_login_window_s)
 
     async def on_socket(websocket: ServerConnection) -> None:
-        link = Link(websocket, Connection(role, auth_token=auth_token, config=config))
+        link = Link(websocket, Connection(role, auth_token=auth_token, config=config, peer_tokens=peer_tokens))
         address = _address(websocket)
         locked = limiter.locked_for(address)
         if locked > 0:  # too many failed logins from there: refused before reading anything

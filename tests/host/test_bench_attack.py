@@ -35,6 +35,22 @@ def test_bench_attack_quick_keeps_exactly_once_and_the_ledger_bound(tiny_family:
     assert h["p95_ratio"] == pytest.approx(h["attack"]["p95_s"] / h["unloaded"]["p95_s"], rel=1e-2)
     assert set(report["host_rss_mib"]) == {"start", "peak", "after"} and report["host_rss_mib"]["peak"] >= report["host_rss_mib"]["start"]
     assert "exactly one result each: yes" in format_report(report)
+    # the attackers hold a token of their own: the host sees two clients, and every busy refusal it counts per client
+    ident = report["identity"]
+    assert ident["attackers_share_honest_identity"] is False and ident["attacker_client"] == "attackers" != ident["honest_client"]
+    assert sum(ident["busy_by_client"].values()) == report["host_stats"]["busy"] and ident["busy_by_client"]["attackers"] > 0
+    assert sum(ident["evicted_by_client"].values()) == report["host_stats"]["evicted"]
+    assert "a token of their own" in format_report(report)
+
+
+def test_bench_attack_identity_says_what_a_shared_token_means() -> None:
+    from relaydiff.host.attack import _identity
+
+    shared = _identity(AttackBenchConfig(attackers_share_token=True), {"busy_by_client": {"default": 3}})
+    assert shared["attackers_share_honest_identity"] is True and shared["attacker_client"] == shared["honest_client"] == "default"
+    assert "cannot" in shared["note"] and "per link" in shared["note"]
+    own = _identity(AttackBenchConfig(), {})
+    assert own["attackers_share_honest_identity"] is False and own["busy_by_client"] == {} and own["attacker_client"] == "attackers"
 
 
 @pytest.mark.parametrize(("argv", "match"), [

@@ -216,3 +216,25 @@ def test_token_sources_and_rules(tiny_family, service_main, tmp_path: Path, caps
     assert "cannot be loaded" in capsys.readouterr().out
     assert service_main(host + ["--max-queue", "0"]) == 2
     assert "HostConfig.max_queue must be a positive integer, got 0" in capsys.readouterr().out
+
+
+def test_host_command_client_tokens_are_checked(tiny_family, service_main, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    base = ["host", "--family", str(tiny_family), "--listen", "127.0.0.1:0", "--token", CLI_TOKEN]
+    secret = "a-client-token-0123456789"
+    cases = [
+        ("alice\n", "line 1: expected 'NAME TOKEN' (1 fields)"),
+        (f"# comment\n\nalice {secret}\nalice {secret}x\n", "line 4: client 'alice' is named twice"),
+        ("alice short\n", "line 1: the token of 'alice' is 5 characters; at least 16 are required"),
+        (f"default {secret}\n", "client name 'default' must be"),
+        (f"alice {CLI_TOKEN}\n", "also another client's (or the host's own) token"),
+    ]
+    for i, (text, message) in enumerate(cases):
+        path = tmp_path / f"clients{i}.txt"
+        path.write_text(text)
+        assert service_main(base + ["--client-tokens", str(path)]) == 2
+        out = capsys.readouterr().out
+        assert message in out and secret not in out and len(out.strip().splitlines()) == 1
+    assert service_main(base + ["--client-tokens", str(tmp_path / "missing.txt")]) == 2
+    assert "cannot be read" in capsys.readouterr().out
+    assert service_main(base + ["--max-per-client", "0"]) == 2
+    assert "max_requests_per_client must be a positive integer or None, got 0" in capsys.readouterr().out
