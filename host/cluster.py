@@ -311,11 +311,14 @@ class RouteTable:
         self.turn = 0  # next round-robin position
         self.held: Counter[str] = Counter()  # replica id -> requests assigned to it and not yet completed
         self.assigned: dict[str, str] = {}  # request key -> replica id it is counted on
+        self.sent: Counter[str] = Counter()  # replica id -> requests it accepted (Serve reported them routed), not yet done
+        self._sent_to: dict[str, str] = {}  # request key -> replica that accepted it
         self._waiting: dict[str, Any] = {}  # key -> a "cancelled()" callable, for assignments not yet sent
 
     def loads(self, replicas: list[str], stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        """Each replica's last report with ``ongoing`` = requests this router has assigned it and not seen end."""
-        return {rid: {**(stats.get(rid) or {}), "ongoing": self.held[rid]} for rid in replicas}
+        """Each replica's last report with ``ongoing`` = requests this router has assigned it and not seen end, and
+        ``sent`` = those of them the replica has accepted."""
+        return {rid: {**(stats.get(rid) or {}), "ongoing": self.held[rid], "sent": self.sent[rid]} for rid in replicas}
 
     def choose(self, key: str | None, replicas: list[str], stats: dict[str, dict[str, Any]], routing: str,
                cancelled: Any = None) -> list[str]:
@@ -349,6 +352,9 @@ class RouteTable:
     def routed(self, key: str, replica: str) -> None:
         """Serve sent request ``key`` to ``replica`` (and it accepted): move its count there if it went elsewhere."""
         self._waiting.pop(key, None)
+        if key not in self._sent_to:
+            self._sent_to[key] = replica
+            self.sent[replica] += 1
         if self.assigned.get(key) != replica:
             self._release(key)
             self.assigned[key] = replica
@@ -358,11 +364,18 @@ class RouteTable:
         """Request ``key`` ended on ``replica`` (or was refused by it): no longer counted."""
         if self.assigned.get(key) == replica:
             self._release(key)
+        if self._sent_to.get(key) == replica:
+            del self._sent_to[key]
+            if self.sent[replica] > 0:
+                self.sent[replica] -= 1
 
     def replica_gone(self, replica: str) -> None:
         for key in [k for k, r in self.assigned.items() if r == replica]:
             self._release(key)
+        for key in [k for k, r in self._sent_to.items() if r == replica]:
+            del self._sent_to[key]
         self.held.pop(replica, None)
+        self.sent.pop(replica, None)
 
     def _release(self, key: str | None) -> None:
         if key is None:
@@ -598,6 +611,13 @@ def deploy(cluster: ClusterConfig, spec: ReplicaSpec, *, replicas: int | None = 
     handle = serve.run(app, name=cluster.app_name, route_prefix=None)
     NODE_LOADS.pop(cluster.app_name, None)
     return handle
+
+
+def app_exists(cluster: ClusterConfig) -> bool:
+    """Whether the Serve application ``cluster.app_name`` is already deployed (by another command or process)."""
+    from ray import serve
+
+    return cluster.app_name in serve.status().applications
 
 
 def undeploy(cluster: ClusterConfig) -> None:
