@@ -287,6 +287,7 @@ def test_a_replica_killed_mid_stream_loses_no_request(replicas: Any, make_client
 @pytest.mark.parametrize(("argv", "needle"), [
     (["cluster", "up", "--config", "missing.yaml"], "cannot be read"),
     (["cluster", "up", "--replicas", "0"], "--replicas must be a positive integer"),
+    (["cluster", "up", "--address", " "], "--address must name a Ray cluster"),
     (["bench", "cluster", "--replicas", "1,x"], "--replicas must be comma-separated"),
     (["bench", "cluster", "--slow-replicas", "1"], "slow_replicas must be at least 2"),
 ])
