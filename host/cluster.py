@@ -546,8 +546,8 @@ def ray_init(address: str | None, num_cpus: int | None = None) -> bool:
 
 
 def code_version(spec: ReplicaSpec) -> str:
-    """The Serve code version of replicas running ``spec``: a digest of the spec, relaydiff's and Ray's versions and
-    the source of the modules the replicas run. Deploying again with the same version updates the application in
+    """The Serve code version of replicas running ``spec``: a digest of the spec, Ray's version and the source of
+    the modules the replicas run. Deploying again with the same version updates the application in
     place (replica count, routing, user_config) instead of restarting every replica; anything else restarts them."""
     import hashlib
     import inspect
@@ -555,12 +555,11 @@ def code_version(spec: ReplicaSpec) -> str:
 
     import ray
 
-    import relaydiff
     from relaydiff.host import controller
 
     global _SOURCE_DIGEST
     if _SOURCE_DIGEST is None:  # once per process: the code this process runs, not a later edit of the files
-        src = hashlib.sha256(f"{relaydiff.__version__} {ray.__version__}".encode())
+        src = hashlib.sha256(f"ray {ray.__version__}".encode())
         for module in (controller, sys.modules[__name__]):
             src.update(inspect.getsource(module).encode())
         _SOURCE_DIGEST = src.hexdigest()
