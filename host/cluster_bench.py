@@ -1,10 +1,12 @@
 """``relaydiff bench cluster``: the Ray Serve cluster's requests/s and latency by replica count and by routing.
 
-One local Ray instance, one Serve application redeployed between phases (Serve restarts the replicas each time):
+One local Ray instance, one Serve application updated in place between phases (same code version: the replica
+count only grows, the replicas already running stay and keep their ranks):
 
-1. least-loaded routing with 1, 2, 4 ... replicas (``replica_counts``);
-2. ``slow_replicas`` replicas with one (rank 0) slowed ``slowdown`` x (its worker thread is held that
-   much longer per run, without using CPU): least-loaded, then round-robin, in the same run.
+1. least-loaded routing with 1, 2, 4 ... replicas (``replica_counts``, in ascending order);
+2. right after the phase with ``slow_replicas`` replicas (on those same replicas): one of them (rank 0) slowed
+   ``slowdown`` x (its worker thread is held that much longer per run, without using CPU), least-loaded, then
+   round-robin (strict: request i goes to replica i mod N), in the same run.
 
 Each phase: a fresh link ingress (:class:`~relaydiff.host.cluster.ClusterHost`), one warm-up request per replica,
 then ``devices`` concurrent in-process devices each sending ``requests_per_device`` requests. Throughput =
@@ -138,27 +140,39 @@ def bench_cluster(config: ClusterBenchConfig, log: Callable[[str], None] | None 
     phases: list[dict[str, Any]] = []
     deploy_s: list[float] = []
     try:
-        plan: list[tuple[int, str, tuple[int, float] | None]] = [(n, "least_loaded", None) for n in config.replica_counts]
-        plan += [(config.slow_replicas, "least_loaded", "slow"), (config.slow_replicas, "round_robin", "slow")]  # type: ignore[list-item]
-        for replicas, routing, slow in plan:
+        for replicas, routing, slow in _plan(config):
             cluster = ClusterConfig(min_replicas=replicas, max_replicas=replicas, routing=routing,
                                     replica_num_cpus=config.replica_num_cpus, max_batch=config.max_batch, stats_period_s=0.25)
             t = time.perf_counter()
-            slow_arg = (0, config.slowdown) if slow is not None else None  # Serve ranks replicas 0..N-1: slow rank 0
+            slow_arg = (0, config.slowdown) if slow else None  # Serve ranks replicas 0..N-1: slow rank 0
             handle = deploy(cluster, spec, slow=slow_arg)
             deploy_s.append(round(time.perf_counter() - t, 2))
             say(f"{replicas} replica(s), {routing}" + (f", rank {slow_arg[0]} slowed {config.slowdown:g}x" if slow_arg else ""))
             phase = asyncio.run(_phase(handle, cluster, runtime, config, replicas))
             phase["slowed"] = slow_arg is not None
             seen = phase.pop("slowed_seen")
-            if phase["slowed"] and seen != 1:
-                raise RelaydiffError(f"{seen} replicas reported a slowdown, expected exactly 1 (rank 0)")
+            if seen != (1 if phase["slowed"] else 0):
+                raise RelaydiffError(f"{seen} replicas reported a slowdown, expected {1 if phase['slowed'] else 0}")
             phases.append(phase)
     finally:
         _shutdown()
     return {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()},
             "ray_init_s": round(ray_s, 2), "deploy_s": deploy_s, "phases": phases, "ratios": _ratios(phases),
             "cpu_count": _cpus()}
+
+
+def _plan(config: ClusterBenchConfig) -> list[tuple[int, str, bool]]:
+    """(replicas, routing, slowed) of each phase, in order: replica counts ascending, the slowed pair right after the
+    phase with their replica count (or where it fits), so that the application only ever scales up in place
+    (same code version: the replicas already running stay, with their ranks) and the slowed phases reuse them."""
+    plan: list[tuple[int, str, bool]] = []
+    slowed = [(config.slow_replicas, "least_loaded", True), (config.slow_replicas, "round_robin", True)]
+    for n in sorted(set(config.replica_counts) | {config.slow_replicas}):
+        if n in config.replica_counts:
+            plan.append((n, "least_loaded", False))
+        if n == config.slow_replicas:
+            plan += slowed
+    return plan
 
 
 def _ratios(phases: list[dict[str, Any]]) -> dict[str, float]:

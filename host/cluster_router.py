@@ -2,21 +2,26 @@
 
 Serve builds one router per deployment handle, in the process holding the handle (the ingress), and hands
 it each replica's ``record_routing_stats`` result (:class:`~relaydiff.host.controller.NodeLoad` plus its pid
-and rank) as ``RunningReplica.routing_stats``. The router adds its own count of the requests it has sent each
-replica and not yet seen finish (fresher than the stats, which come every ``stats_period_s``) and publishes
-both in ``relaydiff.host.cluster.NODE_LOADS`` for the ingress's policy conditions.
+and rank) as ``RunningReplica.routing_stats``. The decisions themselves are made by a
+:class:`~relaydiff.host.cluster.RouteTable`: each request is assigned (and counted on its replica) when Serve
+first asks about it, not when Serve later reports it routed (that comes after the replica's accept round trip,
+so counting there let a whole burst of requests be decided on the same stale counts). The router publishes
+each replica's load with its own in-flight count in ``relaydiff.host.cluster.NODE_LOADS`` for the ingress's
+policy conditions.
+
+The routing mode is the deployment's ``routing`` kwarg, unless a call's payload names one (``"routing"``: the
+ingress's own ClusterConfig.routing, so that two ingresses can compare modes on the same replicas).
 
 Kept apart from :mod:`relaydiff.host.cluster` because it imports Ray at module level (Serve needs the class).
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from relaydiff.host.cluster import ROUTINGS, default_service, expected_wait
+from relaydiff.host.cluster import ROUTINGS, RouteTable
 
 
 class LoadAwareRouter(RequestRouter):
@@ -26,46 +31,44 @@ class LoadAwareRouter(RequestRouter):
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
         self.routing = routing
-        self._turn = 0
-        self._held: Counter[str] = Counter()  # replica id -> requests sent and not yet finished
-        self._requests: dict[str, str] = {}  # internal request id -> replica id
+        self.table = RouteTable()
+        self._stats: dict[str, dict[str, Any]] = {}  # replica id -> its last routing stats
 
-    def _loads(self, replicas: list[RunningReplica]) -> dict[str, dict[str, Any]]:
-        loads = {}
-        for r in replicas:
-            rid = r.replica_id.unique_id
-            loads[rid] = {**(r.routing_stats or {}), "ongoing": self._held[rid]}
-        _node_loads()[self.app_name] = loads
-        return loads
+    def _publish(self) -> None:
+        _node_loads()[self.app_name] = self.table.loads(sorted(self._stats), self._stats)
+
+    def _routing_of(self, pending_request: PendingRequest | None) -> str:
+        args = getattr(pending_request, "args", None) or ()
+        payload = args[0] if args and isinstance(args[0], dict) else {}
+        routing = payload.get("routing", self.routing)
+        return routing if routing in ROUTINGS else self.routing
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        replicas = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
-        if not replicas:
-            return []
-        loads = self._loads(replicas)
-        if self.routing == "round_robin":
-            i = self._turn % len(replicas)  # the turn moves on when a request is routed (Serve may ask several times per request)
-            order = replicas[i:] + replicas[:i]
-        else:
-            default = default_service(list(loads.values()))
-            order = sorted(replicas, key=lambda r: expected_wait(loads[r.replica_id.unique_id], default))
-        return [[r] for r in order]  # one rank each: Serve tries them in this order (the next when one is full)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        ids = sorted(by_id)
+        stats = {rid: dict(r.routing_stats or {}) for rid, r in by_id.items()}
+        key = pending_request.metadata.internal_request_id if pending_request is not None else None
+        future = pending_request.future if pending_request is not None else None
+        order = self.table.choose(key, ids, stats, self._routing_of(pending_request),
+                                  cancelled=future.cancelled if future is not None else None)
+        self._stats = stats
+        self._publish()
+        return [[by_id[rid]] for rid in order]  # one rank each: Serve tries them in this order (the next when one is full)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        self._held[replica_id.unique_id] += 1
-        self._turn += 1
-        self._requests[pending_request.metadata.internal_request_id] = replica_id.unique_id
+        self.table.routed(pending_request.metadata.internal_request_id, replica_id.unique_id)
+        self._publish()
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        rid = self._requests.pop(internal_request_id, replica_id.unique_id)
-        if self._held[rid] > 0:
-            self._held[rid] -= 1
+        self.table.completed(internal_request_id, replica_id.unique_id)
+        self._publish()
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
-        self._held.pop(replica_id.unique_id, None)
-        _node_loads().get(self.app_name, {}).pop(replica_id.unique_id, None)
+        self.table.replica_gone(replica_id.unique_id)
+        self._stats.pop(replica_id.unique_id, None)
+        self._publish()
 
 
 def _node_loads() -> dict[str, dict[str, dict[str, Any]]]:

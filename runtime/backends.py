@@ -177,6 +177,7 @@ class BundleBackend:
 
     def __init__(
         self, *, bundle_dir: str | Path, precision: str = "fp32", family_dir: str | Path | None = None, threads: int = 1,
+        trusted_key: str | Path | None = None,
     ) -> None:
         """
         Args:
@@ -184,6 +185,7 @@ class BundleBackend:
             precision: which artifacts to run, "fp32" or "int8".
             family_dir: the bundle's family folder, for the tokenizer (and the text encoder when the bundle has none).
             threads: intra-op threads of onnxruntime (ExecuTorch uses its own pool).
+            trusted_key: an Ed25519 public key PEM: the bundle must be signed by it (``manifest.sig``), else refused.
 
         Raises:
             BundleError: the folder is not a bundle, does not verify (the message names each bad file), lacks an
@@ -200,7 +202,7 @@ class BundleBackend:
         root = Path(bundle_dir).resolve()
         if not root.is_dir():
             raise BundleError(f"bundle folder '{root}' does not exist")
-        report = verify(root, parity=False)  # before anything is loaded: a tampered file is never run
+        report = verify(root, parity=False, trusted_key=trusted_key)  # before anything is loaded: a tampered file is never run
         if not report.ok or report.manifest is None:
             raise BundleError(f"bundle '{root}' does not verify", report.problems)
         manifest = report.manifest

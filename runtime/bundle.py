@@ -214,13 +214,19 @@ class VerifyReport:
                 "failed_artifacts": self.failed_artifacts}
 
 
-def verify(folder: str | Path, *, parity: bool = True) -> VerifyReport:
-    """Check a bundle folder: manifest hash and schema, every listed file's size and sha256, no unlisted files, parity.
+def verify(folder: str | Path, *, parity: bool = True, trusted_key: str | Path | None = None) -> VerifyReport:
+    """Check a bundle folder: manifest hash and schema, every listed file's size and sha256, no unlisted files, parity;
+    with ``trusted_key`` (an Ed25519 public key PEM) also that ``manifest.sig`` is that key's signature over
+    ``manifest.sha256`` (:mod:`relaydiff.runtime.signing`): an unsigned, re-signed or tampered bundle then fails.
 
     Raises:
-        BundleError: the manifest cannot be read at all (every other finding goes into the report).
+        BundleError: the manifest cannot be read at all, or ``trusted_key`` is not an Ed25519 public key PEM (every
+            other finding goes into the report).
     """
+    from relaydiff.runtime.signing import SIGNATURE, load_public_key, signature_problem
+
     root = Path(folder).resolve()
+    key = load_public_key(trusted_key) if trusted_key is not None else None
     report = VerifyReport(root)
     raw = read_manifest(root)
     text = (root / MANIFEST).read_bytes()
@@ -229,6 +235,10 @@ def verify(folder: str | Path, *, parity: bool = True) -> VerifyReport:
         report.problems.append(f"{MANIFEST_HASH}: missing")
     elif hash_file.read_text().split()[:1] != [hashlib.sha256(text).hexdigest()]:
         report.problems.append(f"{MANIFEST}: content does not match {MANIFEST_HASH} (the manifest was modified)")
+    if key is not None:
+        wrong = signature_problem(root, key)
+        if wrong is not None:
+            report.problems.append(wrong)
     old = version_problem(raw)
     if old is not None:
         raise BundleError(f"'{root / MANIFEST}': {old}")
@@ -237,7 +247,7 @@ def verify(folder: str | Path, *, parity: bool = True) -> VerifyReport:
     if schema_errs:
         return report
     manifest = report.manifest = Manifest._from_valid(raw)
-    listed: set[Path] = {root / MANIFEST, root / MANIFEST_HASH}
+    listed: set[Path] = {root / MANIFEST, root / MANIFEST_HASH, root / SIGNATURE}
     for e in manifest.files():
         path = _inside(root, e.file)
         if path is None:

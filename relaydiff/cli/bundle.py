@@ -86,8 +86,20 @@ def register(sub: Any) -> None:
     v = actions.add_parser("verify", help="recheck a bundle's hashes, schema and (where the runtime exists) parity")
     v.add_argument("dir", help="bundle folder")
     v.add_argument("--no-parity", action="store_true", help="hashes and schema only")
+    v.add_argument("--trusted-key", help="Ed25519 public key PEM: the bundle must carry its signature (manifest.sig)")
     add_json(v, "print the report as one JSON document")
     v.set_defaults(func=cmd_verify)
+
+    k = actions.add_parser("keygen", help="make an Ed25519 key pair to sign bundles with (bundle-signing.{key,pub}.pem)")
+    k.add_argument("--out", required=True, help="folder to write the two PEM files into (never overwritten)")
+    add_json(k, "print the key paths as one JSON object")
+    k.set_defaults(func=cmd_keygen)
+
+    s = actions.add_parser("sign", help="sign a bundle that verifies: an Ed25519 signature of manifest.sha256 in manifest.sig")
+    s.add_argument("dir", help="bundle folder")
+    s.add_argument("--key", required=True, help="private key PEM (relaydiff bundle keygen)")
+    add_json(s, "print the signature's path as one JSON object")
+    s.set_defaults(func=cmd_sign)
 
 
 def _relay_grid(family_dir: Path, variant: str | None, relay_step: int | None, steps: int | None) -> tuple[int, int]:
@@ -200,7 +212,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from relaydiff.runtime.gates import Gate
 
-    report = verify(Path(args.dir), parity=not args.no_parity)
+    report = verify(Path(args.dir), parity=not args.no_parity, trusted_key=args.trusted_key)
     lines = []
     for row in report.parity:
         status = "not run: " + row["reason"] if not row.get("run") else ("ok" if row["passed"] else "FAILED")
@@ -218,3 +230,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
                  + ("" if report.gates_ok else f"; {len(report.failed_artifacts)} artifacts failed their gates"))
     emit(args.json, report.to_json(), lines)
     return 0 if good else 1
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from relaydiff.runtime.signing import keygen
+
+    private, public = keygen(args.out)
+    emit(args.json, {"private_key": str(private), "public_key": str(public)},
+         [f"private key {private} (keep it secret)", f"public key {public} (give it to devices: --trusted-key)"])
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from relaydiff.runtime.signing import sign
+
+    sig = sign(Path(args.dir), args.key)
+    emit(args.json, {"signature": str(sig)}, [f"signed: {sig}"])
+    return 0

@@ -29,6 +29,8 @@ def register(sub: Any) -> None:
     u.add_argument("--replicas", type=int, help="replicas to start with (default: the config's min_replicas, else 1)")
     u.add_argument("--config", help="cluster config, .json or .yaml: replica bounds, routing, CPUs per replica (docs/cluster.md)")
     u.add_argument("--routing", choices=("least_loaded", "round_robin"), help="override the config's routing")
+    u.add_argument("--address", help="Ray cluster to join, e.g. auto (a `ray start --head` on this machine) or HOST:PORT; "
+                   "overrides the config's ray_address (default: start a local Ray instance)")
     u.add_argument("--family", help="family folder with host and device variants (default: the embedded family)")
     u.add_argument("--host-variant", help="family variant to use as host (default: the family's default_host)")
     u.add_argument("--device-variant", help="variant the replicas finish with when a device does not (default_device)")
@@ -55,18 +57,36 @@ def cluster_config(args: argparse.Namespace) -> Any:
     """The ClusterConfig of --config, --replicas and --routing (validated; bad values name themselves)."""
     from relaydiff.host.cluster import ClusterConfig
 
-    overrides = {"routing": args.routing} if args.routing else {}
+    overrides: dict[str, Any] = {"routing": args.routing} if args.routing else {}
+    if args.address is not None:
+        if not args.address.strip():
+            raise RelaydiffError(f"--address must name a Ray cluster (auto or HOST:PORT), got {args.address!r}")
+        overrides["ray_address"] = args.address
     config = ClusterConfig.from_file(args.config, **overrides) if args.config else ClusterConfig(**overrides)
     return config.with_replicas(args.replicas)
+
+
+def replica_spec(args: argparse.Namespace, cluster: Any) -> tuple[Any, Any]:
+    """(GenerationSettings, ReplicaSpec) of the flags: what every replica loads and runs. The same flags give the
+    same spec, hence the same code version: ``cluster up`` again on a running application reuses its replicas."""
+    from relaydiff.cli.service import HOST_NEEDS, _settings
+    from relaydiff.core import family
+    from relaydiff.host.cluster import ReplicaSpec
+
+    root = family.require_family(args.family, needed=HOST_NEEDS) if args.family else family.default_family_dir()
+    settings = _settings(args, family.default_sampler(family.resolve(root, args.host_variant, role="host")))
+    spec = ReplicaSpec(family_dir=str(root), host_variant=args.host_variant, device_variant=args.device_variant,
+                       settings=settings.to_dict(), workers=cluster.replica_workers, max_batch=cluster.max_batch,
+                       torch_threads=cluster.replica_torch_threads)
+    return settings, spec
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     import dataclasses
     import math
 
-    from relaydiff.cli.service import HOST_NEEDS, _logging, _policy, _server_tls, _settings, _token, parse_listen
-    from relaydiff.core import family
-    from relaydiff.host.cluster import ClusterHost, ReplicaSpec, deploy, ray_init, undeploy
+    from relaydiff.cli.service import _logging, _policy, _server_tls, _token, parse_listen
+    from relaydiff.host.cluster import ClusterHost, app_exists, deploy, ray_init
     from relaydiff.host.controller import HostConfig
     from relaydiff.link.config import LinkConfig
 
@@ -79,22 +99,23 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise RelaydiffError(f"--duration must be > 0 seconds, got {args.duration!r}")
     if args.ray_cpus is not None and args.ray_cpus < 1:
         raise RelaydiffError(f"--ray-cpus must be a positive integer, got {args.ray_cpus!r}")
-    root = family.require_family(args.family, needed=HOST_NEEDS) if args.family else family.default_family_dir()
-    settings = _settings(args, family.default_sampler(family.resolve(root, args.host_variant, role="host")))
+    settings, spec = replica_spec(args, cluster)
     config = HostConfig(settings=settings, listen_host=listen_host, port=port, result_timeout_s=args.result_timeout,
                         max_queue=args.max_queue, max_requests_per_session=args.max_per_device, link=LinkConfig())
     tls = _server_tls(args)
     policy = _policy(args)
     replicas = cluster.initial_replicas(args.replicas)
     cpus = args.ray_cpus or max(2, math.ceil(cluster.max_replicas * cluster.replica_num_cpus))
-    spec = ReplicaSpec(family_dir=str(root), host_variant=args.host_variant, device_variant=args.device_variant,
-                       settings=settings.to_dict(), workers=cluster.replica_workers, max_batch=cluster.max_batch,
-                       torch_threads=cluster.replica_torch_threads)
     with _logging(args):
         t_ray = time.monotonic()
         message(f"starting Ray ({cluster.ray_address or f'local, {cpus} CPUs'}) and {replicas} replica(s)...")
-        ray_init(cluster.ray_address, cpus)
-        handle = deploy(cluster, spec, replicas=replicas)
+        started = ray_init(cluster.ray_address, cpus)
+        keep = not started and app_exists(cluster)  # someone else's application: updated in place, left running at exit
+        try:
+            handle = deploy(cluster, spec, replicas=replicas)
+        except BaseException:
+            _stop(cluster, started, keep)
+            raise
         startup_s = time.monotonic() - t_ray
         server = ClusterHost(handle, cluster, auth_token=token, policy=policy, config=config, ssl=tls)
 
@@ -119,10 +140,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         try:
             seconds = asyncio.run(run())
         finally:
-            if cluster.ray_address is None:
-                _shutdown_local()
-            else:
-                undeploy(cluster)
+            _stop(cluster, started, keep)
     entries = server.ledger.entries()
     by_source: dict[str, int] = {}
     for e in entries:
@@ -137,11 +155,19 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shutdown_local() -> None:
-    """Stop Serve and the local Ray instance this command started."""
+def _stop(cluster: Any, started: bool, keep: bool) -> None:
+    """Stop Serve and the local Ray instance this command started; in a Ray cluster it joined (or one this process
+    was already connected to), delete its application if it created it (``keep``: the application was there
+    before, e.g. another ingress's) and leave the rest running."""
     import ray
     from ray import serve
 
+    from relaydiff.host.cluster import undeploy
+
+    if not started:
+        if not keep:
+            undeploy(cluster)
+        return
     try:
         serve.shutdown()
     finally:

@@ -85,6 +85,7 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--backend", help="device runtime backend: torch, onnx, executorch (default torch; onnx with --bundle)")
     p.add_argument("--bundle", help="bundle folder (relaydiff bundle build) to run with --backend onnx or executorch")
     p.add_argument("--precision", default="fp32", help="bundle artifacts to run: fp32 or int8 (default fp32)")
+    p.add_argument("--trusted-key", help="Ed25519 public key PEM (relaydiff bundle keygen): run --bundle only if it signed it")
     p.add_argument("--token-file", help=f"file holding the link token (default ${TOKEN_ENV})")
     p.add_argument("--token", help="the link token itself (visible in the process list: prefer --token-file)")
     p.add_argument("--ca", help="PEM CA bundle to verify a wss:// host with (e.g. its self-signed certificate)")
@@ -378,12 +379,14 @@ def _backend_options(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             raise RelaydiffError(f"--bundle {args.bundle!r} needs --backend onnx or executorch, not torch")
         if args.precision != "fp32":
             raise RelaydiffError(f"--precision {args.precision!r} applies to a bundle (--bundle); the torch backend runs fp32")
+        if args.trusted_key:
+            raise RelaydiffError(f"--trusted-key {args.trusted_key!r} applies to a bundle (--bundle); the torch backend runs a family folder")
         return name, {"family_dir": args.family, "variant": args.device_variant}
     if not args.bundle:
         raise RelaydiffError(f"--backend {name!r} runs a bundle: pass --bundle DIR")
     if args.device_variant:
         raise RelaydiffError("--device-variant applies to --backend torch; a bundle holds one device variant")
-    return name, {"bundle_dir": args.bundle, "precision": args.precision, "family_dir": args.family}
+    return name, {"bundle_dir": args.bundle, "precision": args.precision, "family_dir": args.family, "trusted_key": args.trusted_key}
 
 
 def cmd_device(args: argparse.Namespace) -> int:
