@@ -45,12 +45,15 @@ class BenchConfig:
     family: Path | None = None  # family folder of the torch reference; default: the one recorded in the artifacts' metadata
     relay: bool = True  # also time the device half of a relay (steps [k, N) + decode) per target and precision
     memory: bool = True  # peak RSS of each runtime loading and calling one artifact, in a fresh process per file
+    components: tuple[str, ...] | None = None  # only these components' artifacts (and torch references); None: all of them
 
     def __post_init__(self) -> None:
         for name, low in (("repeats", 1), ("warmup", 0), ("threads", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise RelaydiffError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.components is not None and not self.components:
+            raise RelaydiffError("components must name at least one component, got none")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -140,6 +143,11 @@ def bench_device(config: BenchConfig, *, log: Callable[[str], None] | None = Non
     if not root.is_dir():
         raise BundleError(f"bundle folder '{root}' does not exist")
     manifest = Manifest.read(root)
+    if config.components is not None:
+        have = sorted({a.component for a in manifest.artifacts})
+        missing = [c for c in config.components if c not in have]
+        if missing:
+            raise BundleError(f"the bundle has no {missing[0]!r} artifact; it has: {', '.join(have)}")
     threads_before = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
@@ -170,9 +178,12 @@ def _bench(root: Path, manifest: Manifest, config: BenchConfig, say: Callable[[s
     fixtures: dict[str, dict[str, np.ndarray]] = {}
     torch_rows: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
+    rss_jobs: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (row, child spec): measured after all the timing
     sessions: dict[tuple[str, str, str], ArtifactSession] = {}
     for art in manifest.artifacts:
         comp = art.component
+        if config.components is not None and comp not in config.components:
+            continue
         if comp not in fixtures:
             fixtures[comp] = load_fixture(root, manifest, comp)[0]
         if device is not None and comp not in torch_rows:
@@ -181,8 +192,8 @@ def _bench(root: Path, manifest: Manifest, config: BenchConfig, say: Callable[[s
             torch_rows[comp] = {"component": comp, "load_seconds": round(torch_load_s + ref["build_seconds"], 6),
                                 "call_seconds": round(ref["call_seconds"], 6)}
             if config.memory and folder is not None:
-                torch_rows[comp].update(measure_rss({"mode": "torch", "bundle": str(root), "family": str(folder), "component": comp,
-                                                     "threads": config.threads}))
+                rss_jobs.append((torch_rows[comp], {"mode": "torch", "bundle": str(root), "family": str(folder), "component": comp,
+                                                    "threads": config.threads}))
         reason = runtime_unavailable(art.target)
         for file in runnable_files(art):
             row: dict[str, Any] = {"target": art.target, "precision": art.precision, "component": comp, "file": file,
@@ -197,9 +208,8 @@ def _bench(root: Path, manifest: Manifest, config: BenchConfig, say: Callable[[s
             row.update({"load_seconds": round(session.load_seconds, 6), "call_seconds": round(call_s, 6)})
             row.update(_delegation(root, art))
             if config.memory:
-                say(f"{file}: peak RSS")
-                row.update(measure_rss({"mode": "artifact", "bundle": str(root), "artifact": art.file, "file": file,
-                                        "threads": config.threads}))
+                rss_jobs.append((row, {"mode": "artifact", "bundle": str(root), "artifact": art.file, "file": file,
+                                       "threads": config.threads}))
             if comp in torch_rows:
                 row["torch_call_seconds"] = torch_rows[comp]["call_seconds"]
                 row["ratio_vs_torch"] = round(call_s / max(torch_rows[comp]["call_seconds"], 1e-12), 4)
@@ -224,6 +234,11 @@ def _bench(root: Path, manifest: Manifest, config: BenchConfig, say: Callable[[s
                                "ratio_vs_torch": round(s / max(torch_s, 1e-12), 4)})
     elif config.relay:
         notes.append("no relay timing: it needs the family (host half and torch reference)")
+    if rss_jobs:
+        # the fresh processes run after every timed call (none of them competes with a timing), a few at a time:
+        # each one's peak RSS is its own, whatever runs beside it
+        say(f"peak RSS: {len(rss_jobs)} fresh processes")
+        _measure_all_rss(rss_jobs)
     _int8_vs_fp32(rows)
     if config.memory:
         notes.append("peak RSS: the rise of a fresh process's peak resident memory while it loads the file and runs 3 calls, "
@@ -233,6 +248,7 @@ def _bench(root: Path, manifest: Manifest, config: BenchConfig, say: Callable[[s
     return {
         "bundle": str(root), "family": str(folder) if folder else None, "family_id": manifest.family.id,
         "threads": config.threads, "repeats": config.repeats, "warmup": config.warmup,
+        "components": list(config.components) if config.components is not None else None,
         "artifacts": rows, "torch": list(torch_rows.values()), "relay": relay_rows, "notes": notes,
     }
 
@@ -263,6 +279,19 @@ def _int8_vs_fp32(rows: list[dict[str, Any]]) -> None:
         r["fp32_size_over_int8"] = round(ref["size"] / max(r["size"], 1), 3)
         if "call_seconds" in r and "call_seconds" in ref:
             r["call_vs_fp32"] = round(r["call_seconds"] / max(ref["call_seconds"], 1e-12), 4)
+
+
+def _measure_all_rss(jobs: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+    """Run :func:`measure_rss` for every (row, spec) and update each row with its result, up to one process per CPU
+    (at most 4) at a time."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(1, min(4, cpus, len(jobs)))) as pool:
+        results = list(pool.map(lambda job: measure_rss(job[1]), jobs))
+    for (row, _spec), got in zip(jobs, results, strict=True):
+        row.update(got)
 
 
 def measure_rss(spec: Mapping[str, Any], timeout_s: float = 900.0) -> dict[str, Any]:

@@ -11,8 +11,9 @@ Two measurements, each side by side with its baseline in the same run (these mac
    interleaved with the hand-offs. Overhead = median(hand-off round trip) - median(ping RTT).
 2. **Host throughput** with ``devices`` concurrent devices on a family (the embedded one by default):
    host-only (k = N) against relay at k = ``fraction`` x N, with and without host-step batching,
-   one after the other in one run. The host runs in this process pinned to CPU 0; the devices run in a
-   child process pinned to the other CPUs (standing in for phones, which bring their own compute);
+   one after the other in one run. The host runs in this process pinned to CPU 0; the devices run in one
+   child process pinned to the other CPUs (standing in for phones, which bring their own compute), started
+   once for the four runs and warmed up (one untimed generation) before the first, so every run meets a warm device;
    on a 1-CPU machine both share it and the report says so. Throughput = requests / wall seconds from
    the first request sent to the last result, as seen by the devices; every request is checked to be
    answered exactly once in the host's ledger. The host's capacity (requests per second of host-busy
@@ -23,6 +24,7 @@ Two measurements, each side by side with its baseline in the same run (these mac
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import statistics
@@ -172,7 +174,6 @@ async def _serve_runs(config: LinkBenchConfig, family_dir: Path, log: Callable[[
 
     from relaydiff.core import family
     from relaydiff.host.controller import HostConfig, HostServer
-    from relaydiff.host.ledger import Source
     from relaydiff.host.policy import FixedPolicy
     from relaydiff.link import LinkConfig
     from relaydiff.runtime.settings import GenerationSettings
@@ -186,52 +187,100 @@ async def _serve_runs(config: LinkBenchConfig, family_dir: Path, log: Callable[[
             ("relay", config.fraction, config.max_batch)]
     link_config = LinkConfig(recv_timeout_s=600.0, send_timeout_s=60.0)
     out = []
-    for mode, fraction, max_batch in runs:
-        host_config = HostConfig(settings=settings, link=link_config, max_batch=max_batch, result_timeout_s=600.0)
-        server = HostServer(host_model, device_model, auth_token=TOKEN, policy=FixedPolicy(fraction), config=host_config)
-        async with server:
-            log(f"{mode} (max_batch {max_batch}): {config.devices} devices x {config.requests_per_device} requests")
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "relaydiff.host.bench", "--devices-worker", json.dumps({
-                    "url": server.url, "family": str(family_dir), "devices": config.devices,
-                    "requests": config.requests_per_device, "steps": config.steps,
-                }),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            )
-            stdout, stderr = await proc.communicate()
-            if proc.returncode != 0:
-                tail = stderr.decode(errors="replace").strip().splitlines()[-3:]
-                raise RelaydiffError(f"the bench devices failed (exit {proc.returncode}): {' | '.join(tail)}")
-            devices = json.loads(stdout.decode().strip().splitlines()[-1])
-        entries = server.ledger.entries()
-        n = config.devices * config.requests_per_device
-        sources: dict[str, int] = {}
-        for e in entries:
-            sources[e.source.value if e.source is not None else "none"] = sources.get(
-                e.source.value if e.source is not None else "none", 0) + 1
-        answered_once = len(entries) == n == len({e.key for e in entries}) and not server.ledger.pending()
-        host_s = [e.timings.get("host_s", 0.0) for e in entries]
-        out.append({
-            "mode": mode,
-            "relay_step": round(fraction * config.steps),
-            "max_batch": max_batch,
-            "requests": n,
-            "wall_s": round(devices["wall_s"], 3),
-            "requests_per_s": round(n / devices["wall_s"], 3),
-            "mean_latency_s": round(devices["mean_latency_s"], 3),
-            "mean_batch": round(sum(server.batch_sizes) / max(1, len(server.batch_sizes)), 2),
-            "mean_host_run_s": round(sum(host_s) / max(1, len(host_s)), 4),
-            "host_busy_s": round(server.host_busy_s, 3),
-            "host_capacity_requests_per_s": round(n / server.host_busy_s, 3) if server.host_busy_s > 0 else None,
-            "sources": sources,
-            "modes_seen_by_devices": devices["modes"],
-            "answered_exactly_once": answered_once and all(e.source not in (Source.FAILED,) for e in entries),
-        })
+    # one devices process for all the runs (it imports torch and loads the family once, then warms its runtime up, so
+    # every run meets a warm device); each run sends it the host's URL on stdin and reads its result line back
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relaydiff.host.bench", "--devices-worker", json.dumps({
+            "family": str(family_dir), "devices": config.devices, "requests": config.requests_per_device, "steps": config.steps,
+        }),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    err_tail: collections.deque[str] = collections.deque(maxlen=3)
+    drain = asyncio.create_task(_drain(worker.stderr, err_tail))  # read as it comes: a full stderr pipe would block the worker
+    try:
+        for mode, fraction, max_batch in runs:
+            host_config = HostConfig(settings=settings, link=link_config, max_batch=max_batch, result_timeout_s=600.0)
+            server = HostServer(host_model, device_model, auth_token=TOKEN, policy=FixedPolicy(fraction), config=host_config)
+            async with server:
+                log(f"{mode} (max_batch {max_batch}): {config.devices} devices x {config.requests_per_device} requests")
+                devices = await _worker_run(worker, server.url, err_tail, drain)
+            out.append(_run_row(server, devices, config, mode, fraction, max_batch))
+    finally:
+        if worker.returncode is None:
+            assert worker.stdin is not None
+            worker.stdin.close()  # end of the runs: the worker exits on EOF
+            try:
+                await asyncio.wait_for(worker.wait(), timeout=60.0)
+            except asyncio.TimeoutError:
+                worker.kill()
+                await worker.wait()
+        await drain
     return out
 
 
-def _devices_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Child process: ``devices`` DeviceClients on one torch device runtime, each sending ``requests`` requests."""
+async def _drain(stream: Any, tail: collections.deque[str]) -> None:
+    while line := await stream.readline():
+        tail.append(line.decode(errors="replace").rstrip())
+
+
+RESULT = "relaydiff-bench-devices "  # the prefix of the worker's result lines (library output may share its stdout)
+
+
+async def _worker_run(worker: Any, url: str, err_tail: collections.deque[str], drain: asyncio.Task[None]) -> dict[str, Any]:
+    """One run of the devices worker against the host at ``url``: its result (wall seconds, mean latency, modes seen)."""
+    assert worker.stdin is not None and worker.stdout is not None
+    try:
+        worker.stdin.write((json.dumps({"url": url}) + "\n").encode())
+        await worker.stdin.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # it has exited: read why below
+    while True:
+        line = (await worker.stdout.readline()).decode()
+        if not line:
+            code = await worker.wait()
+            await drain
+            raise RelaydiffError(f"the bench devices failed (exit {code}): {' | '.join(line for line in err_tail if line)}")
+        if line.startswith(RESULT):
+            result: dict[str, Any] = json.loads(line[len(RESULT):])
+            return result
+
+
+def _run_row(server: Any, devices: dict[str, Any], config: LinkBenchConfig, mode: str, fraction: float, max_batch: int) -> dict[str, Any]:
+    from relaydiff.host.ledger import Source
+
+    entries = server.ledger.entries()
+    n = config.devices * config.requests_per_device
+    sources: dict[str, int] = {}
+    for e in entries:
+        sources[e.source.value if e.source is not None else "none"] = sources.get(
+            e.source.value if e.source is not None else "none", 0) + 1
+    answered_once = len(entries) == n == len({e.key for e in entries}) and not server.ledger.pending()
+    host_s = [e.timings.get("host_s", 0.0) for e in entries]
+    return {
+        "mode": mode,
+        "relay_step": round(fraction * config.steps),
+        "max_batch": max_batch,
+        "requests": n,
+        "wall_s": round(devices["wall_s"], 3),
+        "requests_per_s": round(n / devices["wall_s"], 3),
+        "mean_latency_s": round(devices["mean_latency_s"], 3),
+        "mean_batch": round(sum(server.batch_sizes) / max(1, len(server.batch_sizes)), 2),
+        "mean_host_run_s": round(sum(host_s) / max(1, len(host_s)), 4),
+        "host_busy_s": round(server.host_busy_s, 3),
+        "host_capacity_requests_per_s": round(n / server.host_busy_s, 3) if server.host_busy_s > 0 else None,
+        "sources": sources,
+        "modes_seen_by_devices": devices["modes"],
+        "answered_exactly_once": answered_once and all(e.source not in (Source.FAILED,) for e in entries),
+    }
+
+
+def _devices_worker(spec: dict[str, Any], urls: Any, emit: Callable[[dict[str, Any]], None]) -> None:
+    """Child process: ``devices`` DeviceClients on one torch device runtime, each sending ``requests`` requests, once per
+    host URL read from ``urls`` (one JSON line ``{"url": ...}`` per run, until EOF); ``emit`` gets each run's result.
+
+    The runtime is loaded once and warmed up (one untimed device-only generation) before the first run, so every run,
+    the first one too, meets a warm device.
+    """
     import torch
 
     from relaydiff.link import LinkConfig
@@ -246,22 +295,28 @@ def _devices_worker(spec: dict[str, Any]) -> dict[str, Any]:
     settings = GenerationSettings(steps=spec["steps"])
     link_config = LinkConfig(recv_timeout_s=600.0, send_timeout_s=60.0, open_timeout_s=30.0)
     prompts = sample_prompts(7, spec["devices"] * spec["requests"])
+    runtime.generate(settings.request(prompts[0], 0))  # warm-up, untimed (first-call allocations)
 
-    async def one_device(i: int) -> list[Any]:
-        client = DeviceClient(runtime, spec["url"], auth_token=TOKEN, settings=settings, deadline_s=600.0,
-                              link_config=link_config)
-        return [await client.generate(prompts[i * spec["requests"] + j]) for j in range(spec["requests"])]
+    def one_run(url: str) -> dict[str, Any]:
+        async def one_device(i: int) -> list[Any]:
+            client = DeviceClient(runtime, url, auth_token=TOKEN, settings=settings, deadline_s=600.0,
+                                  link_config=link_config)
+            return [await client.generate(prompts[i * spec["requests"] + j]) for j in range(spec["requests"])]
 
-    async def main() -> list[Any]:
-        return await asyncio.gather(*(one_device(i) for i in range(spec["devices"])))
+        async def main() -> list[Any]:
+            return await asyncio.gather(*(one_device(i) for i in range(spec["devices"])))
 
-    t0 = time.perf_counter()
-    outcomes = [o for per in asyncio.run(main()) for o in per]
-    wall = time.perf_counter() - t0
-    modes: dict[str, int] = {}
-    for o in outcomes:
-        modes[o.mode] = modes.get(o.mode, 0) + 1
-    return {"wall_s": wall, "mean_latency_s": sum(o.latency_s for o in outcomes) / len(outcomes), "modes": modes}
+        t0 = time.perf_counter()
+        outcomes = [o for per in asyncio.run(main()) for o in per]
+        wall = time.perf_counter() - t0
+        modes: dict[str, int] = {}
+        for o in outcomes:
+            modes[o.mode] = modes.get(o.mode, 0) + 1
+        return {"wall_s": wall, "mean_latency_s": sum(o.latency_s for o in outcomes) / len(outcomes), "modes": modes}
+
+    for line in urls:
+        if line.strip():
+            emit(one_run(str(json.loads(line)["url"])))
 
 
 # ----------------------------------------------------------------------------- the command
@@ -342,6 +397,6 @@ if __name__ == "__main__":  # the devices' child process of the throughput runs
         cpus = os.environ.get("RELAYDIFF_BENCH_DEVICE_CPUS")
         if cpus:
             _pin({int(c) for c in cpus.split(",")})
-        print(json.dumps(_devices_worker(json.loads(sys.argv[2]))))
+        _devices_worker(json.loads(sys.argv[2]), sys.stdin, lambda r: print(RESULT + json.dumps(r), flush=True))
     else:
         raise SystemExit("usage: relaydiff bench link (this module's entry point is the bench's device process)")

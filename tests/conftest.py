@@ -63,3 +63,25 @@ def safe_family(tiny_family: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from safety_fixtures import add_safety_checker
 
     return add_safety_checker(tiny_family, tmp_path_factory.mktemp("safe") / "family", flag_everything=True)
+
+
+@pytest.fixture(scope="session")
+def onnx_bundle(tiny_family: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny ONNX bundle per session, shared by tests/runtime (``bundle``, ``cache_bundle``) and `bench device`:
+    fp32 and int8; unet_step, vae_decoder, text_encoder, and with ``cache=True`` the cached-step pair
+    (unet_step_full, unet_step_cached; fp32 only, the int8 pair is recorded skipped); N = 10, k = 3; 2 calibration
+    prompts, 1 held-out parity relay; no zip. Built with one torch thread (tiny models on shared cores)."""
+    import torch
+
+    from relaydiff.export.bundle import BundleConfig, build
+
+    out = tmp_path_factory.mktemp("onnx-bundle") / "bundle"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build(BundleConfig(family=tiny_family, out=out, targets=("onnx",), precisions=("fp32", "int8"),
+                           components=("unet_step", "vae_decoder", "text_encoder"), cache=True, calibration_prompts=2,
+                           eval_prompts=1, zip=False, relay_step=3, steps=10), progress=False)
+    finally:
+        torch.set_num_threads(before)
+    return out

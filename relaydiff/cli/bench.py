@@ -30,6 +30,7 @@ def register(sub: Any) -> None:
     d.add_argument("--family", help="family folder of the torch reference (default: the one recorded in the bundle)")
     d.add_argument("--no-relay", action="store_true", help="skip the device-half relay timing")
     d.add_argument("--no-memory", action="store_true", help="skip the peak-RSS runs (one fresh process per file)")
+    d.add_argument("--components", help="comma-separated components to measure (default: every component of the bundle)")
     d.add_argument("--json", action="store_true", help="print the report as one JSON object")
     d.set_defaults(func=cmd_device)
 
@@ -103,7 +104,8 @@ def cmd_device(args: argparse.Namespace) -> int:
 
     config = BenchConfig(bundle=Path(args.bundle), repeats=args.repeats, warmup=args.warmup, threads=args.threads,
                          family=Path(args.family) if args.family else None, relay=not args.no_relay,
-                         memory=not args.no_memory)
+                         memory=not args.no_memory,
+                         components=tuple(c.strip() for c in args.components.split(",") if c.strip()) if args.components is not None else None)
     report = bench_device(config, log=None if args.json else (lambda m: log.info("timing %s", m)))
     result(json.dumps(report, sort_keys=True) if args.json else format_table(report))
     return 0

@@ -24,13 +24,13 @@ def one_torch_thread() -> Any:
 
 
 @pytest.fixture(scope="module")
-def bench_bundle(tiny_family: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from relaydiff.export.bundle import BundleConfig, build
+def bench_bundle(onnx_bundle: Path) -> Path:
+    """The session's tiny ONNX bundle (tests/conftest.py): fp32 and int8, N = 10, k = 3; the benches below measure its
+    unet_step and vae_decoder (``--components``), the relay device half's two artifacts."""
+    return onnx_bundle
 
-    out = tmp_path_factory.mktemp("bench") / "bundle"
-    build(BundleConfig(family=tiny_family, out=out, targets=("onnx",), precisions=("fp32", "int8"), components=("unet_step", "vae_decoder"),
-                       relay_step=3, steps=10, calibration_prompts=2, eval_prompts=1, zip=False), progress=False)
-    return out
+
+COMPONENTS = ["--components", "unet_step,vae_decoder"]
 
 
 def _copy_with(bundle: Path, tmp_path: Path, edit: Any) -> Path:
@@ -43,8 +43,9 @@ def _copy_with(bundle: Path, tmp_path: Path, edit: Any) -> Path:
 
 
 def test_json_report(bench_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "device", "--bundle", str(bench_bundle), "--json", "--repeats", "3", "--warmup", "1"]) == 0
+    assert main(["bench", "device", "--bundle", str(bench_bundle), "--json", "--repeats", "3", "--warmup", "1", *COMPONENTS]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["components"] == ["unet_step", "vae_decoder"]  # the bundle's text encoder and cached-step pair are left out
     files = {r["file"] for r in report["artifacts"]}
     assert files == {f"onnx/{p}/{c}{s}" for p, c in (("fp32", "unet_step"), ("fp32", "vae_decoder"),
                                                      ("int8", "unet_step.int8-static"), ("int8", "vae_decoder.int8-dynamic"))
@@ -70,7 +71,7 @@ def test_json_report(bench_bundle: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_table(bench_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "device", "--bundle", str(bench_bundle), "--repeats", "1", "--warmup", "0", "--no-memory"]) == 0
+    assert main(["bench", "device", "--bundle", str(bench_bundle), "--repeats", "1", "--warmup", "0", "--no-memory", *COMPONENTS]) == 0
     out = capsys.readouterr().out
     assert "call ms" in out and "torch ms" in out and "onnx/int8/unet_step.int8-static.ort" in out
     assert "device half of a relay (steps [3, 10) + decode)" in out and "onnx/int8" in out
@@ -79,11 +80,12 @@ def test_table(bench_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.skipif(sys.platform == "darwin", reason="CoreML runs on macOS")
 def test_coreml_is_reported_skipped(bench_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     def add_coreml(m: dict[str, Any]) -> None:
-        fake = dict(m["artifacts"][0], target="coreml", file=m["artifacts"][0]["file"], extra_files=[])
+        first = next(a for a in m["artifacts"] if a["component"] == "unet_step")
+        fake = dict(first, target="coreml", file=first["file"], extra_files=[])
         m["artifacts"].append(fake)
 
     folder = _copy_with(bench_bundle, tmp_path, add_coreml)
-    assert main(["bench", "device", "--bundle", str(folder), "--json", "--repeats", "1", "--no-relay", "--no-memory"]) == 0
+    assert main(["bench", "device", "--bundle", str(folder), "--json", "--repeats", "1", "--no-relay", "--no-memory", *COMPONENTS]) == 0
     rows = json.loads(capsys.readouterr().out)["artifacts"]
     coreml = [r for r in rows if r["target"] == "coreml"]
     assert len(coreml) == 1 and coreml[0]["status"] == "skipped: runtime needs macOS" and "call_seconds" not in coreml[0]
@@ -91,7 +93,7 @@ def test_coreml_is_reported_skipped(bench_bundle: Path, tmp_path: Path, capsys: 
 
 def test_without_the_family_there_is_no_torch_column(bench_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = _copy_with(bench_bundle, tmp_path, lambda m: m["family"].update(config_hash="0" * 64))
-    assert main(["bench", "device", "--bundle", str(folder), "--json", "--repeats", "1", "--no-memory"]) == 0
+    assert main(["bench", "device", "--bundle", str(folder), "--json", "--repeats", "1", "--no-memory", *COMPONENTS]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["family"] is None and report["torch"] == [] and report["relay"] == []
     assert all("ratio_vs_torch" not in r and r["call_seconds"] > 0 for r in report["artifacts"])
@@ -103,3 +105,9 @@ def test_a_family_that_is_not_the_bundles_is_refused(bench_bundle: Path, tmp_pat
     assert main(["bench", "device", "--bundle", str(bench_bundle), "--family", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
     assert "has config hash" in err and "the bundle was built from" in err and "Traceback" not in err
+
+
+def test_a_component_the_bundle_lacks_is_named(bench_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "device", "--bundle", str(bench_bundle), "--components", "unet_step,vae"]) == 2
+    err = capsys.readouterr().err
+    assert "the bundle has no 'vae' artifact; it has: text_encoder, unet_step" in err and "Traceback" not in err

@@ -36,6 +36,11 @@ def test_bad_numbers_quote_the_value(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert f"got {value}" in err
 
 
+def test_an_empty_component_list_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error(["bench", "device", "--bundle", str(tmp_path), "--components", " , "], capsys)
+    assert "components must name at least one component, got none" in err
+
+
 def test_bench_needs_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["bench"])

@@ -1,5 +1,6 @@
-"""One tiny ONNX bundle per test session for the runtime tests (fp32 and int8; unet_step, vae_decoder, text_encoder;
-N = 10, k = 3), built from the tiny family the host fixtures use, so a host and the bundle share a family id."""
+"""One tiny ONNX bundle per test session for the runtime tests (fp32 and int8; unet_step, vae_decoder, text_encoder,
+and the cached-step pair at fp32; N = 10, k = 3), built from the tiny family the host fixtures use, so a host and the
+bundle share a family id. It is tests/conftest.py's ``onnx_bundle``, which `bench device` tests share."""
 
 from __future__ import annotations
 
@@ -20,12 +21,11 @@ def build_bundle(family: Path, out: Path, targets: tuple[str, ...], precisions: 
 
 
 @pytest.fixture(scope="session")
-def bundle(tiny_family: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bundle(onnx_bundle: Path) -> Path:
     import torch
 
-    torch.set_num_threads(1)
-    return build_bundle(tiny_family, tmp_path_factory.mktemp("bundle") / "bundle", ("onnx",), ("fp32", "int8"),
-                        ("unet_step", "vae_decoder", "text_encoder"))
+    torch.set_num_threads(1)  # the runtime tests run the tiny models on one thread from here on, as before the bundle was shared
+    return onnx_bundle
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from relaydiff.core.relay import RelayRequest, start
 from relaydiff.runtime.backends import create_backend
@@ -18,14 +17,9 @@ RELAY = {"relay_step": 3, "steps": 10}
 
 
 @pytest.fixture(scope="module")
-def cache_bundle(tiny_family: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from relaydiff.export.bundle import BundleConfig, build
-
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("cache-bundle") / "bundle"
-    build(BundleConfig(family=tiny_family, out=out, targets=("onnx",), precisions=("fp32",), components=("unet_step", "vae_decoder"),
-                       cache=True, calibration_prompts=2, eval_prompts=1, zip=False, **RELAY), progress=False)
-    return out
+def cache_bundle(bundle: Path) -> Path:
+    """The session's tiny ONNX bundle (runtime_bundles), built with --cache: the cached-step pair at fp32."""
+    return bundle
 
 
 def test_the_bundle_lists_both_graphs_and_its_cache_section(cache_bundle: Path) -> None:
