@@ -55,6 +55,7 @@ from typing import Any, TypeVar
 from relaydiff.core.errors import RelaydiffError
 from relaydiff.core.family import LoadedModel
 from relaydiff.core.state import RelayState, latents_from_bytes, latents_to_bytes
+from relaydiff.core.strength import StrengthPredictors
 from relaydiff.host.ledger import Ledger, Source
 from relaydiff.host.policy import BudgetPolicy, Conditions, ContextualPolicy, FixedPolicy, PersistentPolicy, Policy
 from relaydiff.link.config import LinkConfig
@@ -236,6 +237,7 @@ class HostServer:
         config: HostConfig | None = None,
         ssl: SSLContext | None = None,
         client_tokens: Mapping[str, str] | None = None,
+        refine_predictors: StrengthPredictors | None = None,
     ) -> None:
         """
         Args:
@@ -253,8 +255,12 @@ class HostServer:
                 that link's client identity (quotas and fair share are per client). A link with
                 ``auth_token`` is client ``"default"``. Devices sharing one token are one client: the host
                 cannot tell them apart beyond their links.
+            refine_predictors: the strength predictors (``relaydiff preview train``) that choose the refine
+                strength of a ``RefineHandoff`` sent without one; its disagreement probe runs
+                ``fallback_model`` (the device variant). None: such a hand-off is refused.
         """
         self.host_model = host_model
+        self.refine_predictors = refine_predictors
         self.fallback_model = fallback_model
         self.policy: Policy = policy if policy is not None else FixedPolicy()
         if not isinstance(self.policy, Policy):
@@ -334,8 +340,12 @@ class HostServer:
         config: HostConfig | None = None,
         ssl: SSLContext | None = None,
         client_tokens: Mapping[str, str] | None = None,
+        refine_predictors: StrengthPredictors | str | Path | None = "default",
     ) -> "HostServer":
         """Load the host variant and (for fallbacks) the device variant of a family folder.
+
+        ``refine_predictors``: "default" loads the family's own ``preview/predictors.json`` when it has one
+        (:func:`relaydiff.core.strength.default_predictors_path`), a path loads that file, None runs none.
 
         Raises:
             FamilyNotFoundError / CompatibilityError / RelaydiffError: missing folder or variant, a plain pipeline
@@ -350,7 +360,11 @@ class HostServer:
         family.check_pair(host_ref, device_ref)
         host = family.load(host_ref)
         device = family.load(device_ref, share_with=host)
-        return cls(host, device, auth_token=auth_token, policy=policy, config=config, ssl=ssl, client_tokens=client_tokens)
+        from relaydiff.core.strength import load_predictors
+
+        predictors = load_predictors(root, refine_predictors)
+        return cls(host, device, auth_token=auth_token, policy=policy, config=config, ssl=ssl, client_tokens=client_tokens,
+                   refine_predictors=predictors)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -657,10 +671,11 @@ class HostServer:
         except RelaydiffError as exc:
             latent, why = None, f"refine latent refused: {exc}"
         else:
-            why = _refine_mismatch(self.host_model, handoff, latent)
+            why = _refine_mismatch(self.host_model, handoff, latent, self.refine_predictors is not None)
         if why is None:
             try:
-                png, strength, evals, seconds = await self._work(_refine_png, self.host_model, handoff, latent)
+                png, strength, evals, seconds = await self._work(_refine_png, self.host_model, handoff, latent,
+                                                                 self.refine_predictors, self.fallback_model)
             except RelaydiffError as exc:
                 why = str(exc)
             else:
@@ -965,7 +980,7 @@ def _device_steps(model: LoadedModel, state: RelayState, job: _Job) -> tuple[Any
     return latents, time.perf_counter() - t0
 
 
-def _refine_mismatch(model: LoadedModel, handoff: RefineHandoff, latent: Any) -> str | None:
+def _refine_mismatch(model: LoadedModel, handoff: RefineHandoff, latent: Any, predicts: bool = False) -> str | None:
     """Why ``model`` cannot refine ``handoff`` (family, latent spec, sampler, strength), or None."""
     from relaydiff.core.denoiser import latent_spec_of
     from relaydiff.core.schedulers import SAMPLERS
@@ -979,13 +994,18 @@ def _refine_mismatch(model: LoadedModel, handoff: RefineHandoff, latent: Any) ->
         return f"refine latent has shape {shape}; this host's latent spec is {want}"
     if handoff.sampler not in SAMPLERS:
         return f"refine sampler is {handoff.sampler!r}; expected one of {sorted(SAMPLERS)}"
-    if handoff.strength is None:
-        return "this host has no strength predictor; send a strength in (0, 1]"
+    if handoff.strength is None and not predicts:
+        return "refine strength is absent and this host has no strength predictor; send a strength in (0, 1]"
     return None
 
 
-def _refine_png(model: LoadedModel, handoff: RefineHandoff, latent: Any) -> tuple[bytes, float, int, float]:
-    """Refine the hand-off's latent with the host model (relaydiff.core.refine); (PNG, strength, UNet evals, seconds)."""
+def _refine_png(model: LoadedModel, handoff: RefineHandoff, latent: Any, predictors: StrengthPredictors | None = None,
+                probe_model: LoadedModel | None = None) -> tuple[bytes, float, int, float]:
+    """Refine the hand-off's latent with the host model (relaydiff.core.refine); (PNG, strength, UNet evals, seconds).
+
+    A hand-off without a strength gets the predictors' (their probe: one host and one ``probe_model`` UNet
+    call on the preview; the host-UNet call is counted in the evals, as :class:`relaydiff.preview.session.LocalRefiner` does).
+    """
     import io
 
     from PIL import Image
@@ -994,11 +1014,19 @@ def _refine_png(model: LoadedModel, handoff: RefineHandoff, latent: Any) -> tupl
     from relaydiff.core.relay import decode, encode_prompt, relay_side
 
     t0 = time.perf_counter()
-    assert handoff.strength is not None
+    strength, probe = handoff.strength, 0
+    if strength is None:
+        from relaydiff.core.strength import refine_features
+
+        if predictors is None or probe_model is None:
+            raise RelaydiffError("refine strength is absent and this host has no strength predictor; send a strength in (0, 1]")
+        features = refine_features(model, probe_model, latent.float(), handoff.prompt, steps=handoff.steps, seed=handoff.seed)
+        strength, probe = predictors.refine_strength(features), 1
+        log.info("refine %s: predicted strength %.3f from %s", handoff.request_id, strength, features)
     cond, uncond = encode_prompt(model, handoff.prompt)
     cfg = handoff.guidance_scale > 1.0
-    out = refine(relay_side(model), latent.float(), (cond, uncond if cfg else None), strength=handoff.strength,
+    out = refine(relay_side(model), latent.float(), (cond, uncond if cfg else None), strength=strength,
                  steps=handoff.steps, sampler=handoff.sampler, guidance_scale=handoff.guidance_scale, seed=handoff.seed)
     buf = io.BytesIO()
     Image.fromarray(decode(model, out.latents)[0]).save(buf, format="PNG")
-    return buf.getvalue(), handoff.strength, out.plan.calls * (2 if cfg else 1), time.perf_counter() - t0
+    return buf.getvalue(), strength, out.plan.calls * (2 if cfg else 1) + probe, time.perf_counter() - t0

@@ -8,13 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from relaydiff.cli.common import add_json, add_pair_args
+from relaydiff.cli.service import add_client_link_args, client_link
 from relaydiff.cli.output import emit, message
 from relaydiff.core.errors import RelaydiffError
 
 
-def _strength_or_auto(text: str) -> float | None:
+DEFAULT_REUSE = 0.6  # fixed strengths when there is no predictor
+DEFAULT_REFINE = 0.5
+
+
+def _strength_or_auto(text: str) -> float | str:
     if text == "auto":
-        return None
+        return "auto"
     try:
         return float(text)
     except ValueError:
@@ -36,12 +41,20 @@ def register(sub: Any) -> None:
                                                     "or '-' to read rounds from the terminal until an empty line")
     e.add_argument("--out", required=True, help="output folder: round_<i>.png, final.png, contact_sheet.png, session.json")
     _config_args(e)
-    e.add_argument("--reuse-strength", type=_strength_or_auto, default=0.6,
-                   help="device reuse strength of an edited round in (0, 1], or 'auto' (needs --predictors)")
-    e.add_argument("--refine-strength", type=_strength_or_auto, default=0.5,
-                   help="host refine strength in (0, 1], or 'auto' (needs --predictors)")
-    e.add_argument("--predictors", default=None, help="strength predictors JSON from `relaydiff preview train` (default: none)")
+    e.add_argument("--reuse-strength", type=_strength_or_auto, default=None,
+                   help="device reuse strength of an edited round in (0, 1], or 'auto' (the predictors'; default: "
+                        f"'auto' when there are predictors, else {DEFAULT_REUSE})")
+    e.add_argument("--refine-strength", type=_strength_or_auto, default=None,
+                   help="host refine strength in (0, 1], or 'auto' (the predictors'; over --host-url the host's own; "
+                        f"default: 'auto' when there are predictors or a --host-url, else {DEFAULT_REFINE})")
+    e.add_argument("--predictors", default="default",
+                   help="strength predictors JSON from `relaydiff preview train`, or 'none' (default: the family's "
+                        "preview/predictors.json when it has one)")
     e.add_argument("--no-host", action="store_true", help="do not ask the host: the last preview is the result")
+    e.add_argument("--host-url", default=None,
+                   help="refine on a running `relaydiff host` at this ws:// or wss:// URL (default: the host model "
+                        "in this process); an unreachable host leaves the preview as the result, said so")
+    add_client_link_args(e)
     add_json(e)
     e.set_defaults(func=cmd_edit)
 
@@ -87,34 +100,78 @@ def _read_rounds(source: str) -> list[str]:
     return rounds
 
 
+def _predictors(choice: str | None, root: Path) -> Any:
+    """--predictors: 'default' (the family's file, if any), 'none', or a path."""
+    from relaydiff.core.strength import load_predictors
+
+    return load_predictors(root, None if choice in (None, "none") else choice)
+
+
+def _edit_strengths(args: argparse.Namespace, predictors: Any) -> tuple[float | None, float | None]:
+    """(reuse, refine) strengths of ``relaydiff edit``: None where a predictor (local, or the host's) decides.
+
+    'auto' needs predictors (or, for the refine strength, a --host-url: the host's); no flag means 'auto'
+    when that is possible and the fixed default otherwise.
+    """
+    reuse, refine = args.reuse_strength, args.refine_strength
+    if reuse == "auto" and predictors is None:
+        raise RelaydiffError("--reuse-strength auto needs strength predictors: --predictors FILE (from `relaydiff preview train`)")
+    if refine == "auto" and predictors is None and args.host_url is None:
+        raise RelaydiffError("--refine-strength auto needs strength predictors (--predictors FILE) or a --host-url whose host has them")
+    if reuse is None:
+        reuse = "auto" if predictors is not None else DEFAULT_REUSE
+    if refine is None:
+        refine = "auto" if predictors is not None or args.host_url is not None else DEFAULT_REFINE
+    return (None if reuse == "auto" else reuse), (None if refine == "auto" else refine)
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
     from relaydiff.cli.relay import load_pair, resolve_pair
-    from relaydiff.preview.session import EditSession, LocalRefiner, write_session
+    from relaydiff.preview.session import EditSession, LinkRefiner, LocalRefiner, Refiner, write_session
 
     rounds = _read_rounds(args.prompts)
-    config = _config(args, reuse_strength=args.reuse_strength, refine_strength=args.refine_strength)
-    predictors = None
-    if args.predictors:
-        from relaydiff.preview.predictor import StrengthPredictors
-
-        predictors = StrengthPredictors.load(Path(args.predictors))
-    elif args.reuse_strength is None or args.refine_strength is None:
-        raise RelaydiffError("a strength of 'auto' needs --predictors FILE (from `relaydiff preview train`)")
+    if args.no_host and args.host_url:
+        raise RelaydiffError(f"--no-host and --host-url {args.host_url!r} contradict each other; pass one")
+    link = client_link(args, args.host_url) if args.host_url else None
     host_ref, device_ref = resolve_pair(args)
-    host, device = load_pair(host_ref, device_ref)
-    refiner = None if args.no_host else LocalRefiner(host, predictors, device=device)
-    session = EditSession(device, config, refiner=refiner, predictors=predictors)
+    predictors = _predictors(args.predictors, device_ref.root)
+    reuse, refine_s = _edit_strengths(args, predictors)
+    config = _config(args, reuse_strength=reuse, refine_strength=refine_s)
+    if link is None:
+        host, device = load_pair(host_ref, device_ref)
+    else:  # the host's model is on the host: load only the device's
+        from relaydiff.core import family
+
+        host, device = None, family.load(device_ref)
+    session = EditSession(device, config, predictors=predictors)
     for text in rounds:
         r = session.preview(text)
         if not args.json:
             message(f"round {r.index + 1}: {'reused at ' + format(r.strength, '.2f') if r.reused else 'from noise'}, "
                     f"{r.device_calls} device UNet evals, {r.device_seconds:.2f} s")
+    refiner: Refiner | None = None
+    if link is not None:
+        from relaydiff.link import DeviceCapabilities
+        from relaydiff.runtime.backends import TorchBackend
+
+        token, tls, link_config = link
+        backend = TorchBackend(model=device)
+        last = session.rounds[-1]
+        speed = min(max(last.device_calls / max(last.device_seconds, 1e-6), 1e-3), 10_000.0)
+        caps = DeviceCapabilities(("torch",), backend.bundle_id, backend.bundle_sha256, speed)
+        refiner = LinkRefiner(args.host_url, auth_token=token, family_id=device.family_id, capabilities=caps,
+                              config=link_config, ssl=tls)
+    elif not args.no_host:
+        assert host is not None
+        refiner = LocalRefiner(host, predictors, device=device)
+    session.refiner = refiner
     final = session.final()
     summary = write_session(session, final, Path(args.out))
+    where = f"the host at {args.host_url}" if args.host_url else "the host model in this process"
     lines = [f"{len(rounds)} rounds previewed on the device; final from the {final.source}"
-             + (f" at strength {final.strength:.2f} ({final.host_calls} host UNet evals)" if final.source == "host" else ""),
+             + (f" ({where}) at strength {final.strength:.2f} ({final.host_calls} host UNet evals)" if final.source == "host" else ""),
              *([final.note] if final.note else []), f"written to {args.out}"]
-    emit(args.json, {**summary, "out": str(args.out)}, lines)
+    emit(args.json, {**summary, "out": str(args.out), "host_url": args.host_url}, lines)
     return 0
 
 
@@ -151,7 +208,9 @@ def register_eval(what: Any) -> None:
     e.add_argument("--split", default="test", choices=("test", "val"), help="split of the sessions' final prompts")
     e.add_argument("--session-seed", type=int, default=0, help="session-drawing seed")
     e.add_argument("--reuse-strength", type=_strength_or_auto, default=0.6, help="device reuse strength, or 'auto'")
-    e.add_argument("--predictors", default=None, help="predictors JSON (adds the predictor policy; default: none)")
+    e.add_argument("--predictors", default="default",
+                   help="predictors JSON (adds the predictor policy), or 'none' (default: the family's "
+                        "preview/predictors.json when it has one)")
     e.add_argument("--out-dir", default="out/eval-preview", help="output folder")
     add_json(e)
     e.set_defaults(func=cmd_eval_preview)
@@ -163,16 +222,14 @@ def cmd_eval_preview(args: argparse.Namespace) -> int:
 
     if args.sessions < 1:
         raise RelaydiffError(f"--sessions {args.sessions!r}; expected a positive integer")
-    predictors = None
-    if args.predictors:
-        from relaydiff.preview.predictor import StrengthPredictors
-
-        predictors = StrengthPredictors.load(Path(args.predictors))
-    elif args.reuse_strength is None:
-        raise RelaydiffError("--reuse-strength auto needs --predictors FILE")
+    host_ref, device_ref = resolve_pair(args)
+    predictors = _predictors(args.predictors, device_ref.root)
+    if args.reuse_strength == "auto" and predictors is None:
+        raise RelaydiffError("--reuse-strength auto needs strength predictors: --predictors FILE")
+    reuse = None if args.reuse_strength == "auto" else args.reuse_strength
     config = PreviewEvalConfig(sessions=args.sessions, split=args.split, seed=args.session_seed,
-                               edit=_config(args, reuse_strength=args.reuse_strength))
-    host, device = load_pair(*resolve_pair(args))
+                               edit=_config(args, reuse_strength=reuse))
+    host, device = load_pair(host_ref, device_ref)
     report = run_preview_eval(host, device, config, predictors, progress=not args.json)
     paths = write_report(report, Path(args.out_dir))
     lines = [f"{report['sessions']} sessions ({args.split} split), N={args.steps}, preview {args.preview_steps} steps"]

@@ -73,6 +73,9 @@ def add_parsers(subparsers: Any) -> None:
                         "(1 = no caching; e.g. 1,0.5; default 1). The chosen budget travels in the relay state (docs/cache.md)")
     p.add_argument("--result-timeout", type=float, default=120.0, help="longest wait for a device's result after a hand-off, s")
     p.add_argument("--workers", type=int, default=1, help="threads running model steps (default 1)")
+    p.add_argument("--refine-predictors", default="default",
+                   help="strength predictors JSON that picks the refine strength of a reverse hand-off sent without "
+                        "one; 'none': such a hand-off is refused (default: the family's preview/predictors.json if any)")
     p.add_argument("--duration", type=float, help="stop after this many seconds (default: run until interrupted)")
     p.add_argument("--json", action="store_true", help="print the final summary as one JSON object")
     _add_settings_args(p)
@@ -86,18 +89,42 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--bundle", help="bundle folder (relaydiff bundle build) to run with --backend onnx or executorch")
     p.add_argument("--precision", default="fp32", help="bundle artifacts to run: fp32 or int8 (default fp32)")
     p.add_argument("--trusted-key", help="Ed25519 public key PEM (relaydiff bundle keygen): run --bundle only if it signed it")
-    p.add_argument("--token-file", help=f"file holding the link token (default ${TOKEN_ENV})")
-    p.add_argument("--token", help="the link token itself (visible in the process list: prefer --token-file)")
-    p.add_argument("--ca", help="PEM CA bundle to verify a wss:// host with (e.g. its self-signed certificate)")
+    add_client_link_args(p)
     p.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="log level on stderr (default warning)")
     p.add_argument("--quality", type=float, default=0.5, help="0 = fastest .. 1 = best quality (default 0.5)")
     p.add_argument("--deadline", type=float, default=60.0, help="seconds to wait for the host before generating alone")
     p.add_argument("--denylist", default=None, metavar="FILE",
                    help="prompt denylist (one word or phrase a line, case-insensitive whole words), added to the bundle's")
-    p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to reach the host (default 5)")
     p.add_argument("--out", default="device.png", help="output PNG path (default device.png)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_settings_args(p)
+
+
+def add_client_link_args(p: argparse.ArgumentParser) -> None:
+    """How a device-side command reaches a host: the link token, TLS trust and connect timeout
+    (``relaydiff device`` and ``relaydiff edit --host-url``); read back with :func:`client_link`."""
+    p.add_argument("--token-file", help=f"file holding the link token (default ${TOKEN_ENV})")
+    p.add_argument("--token", help="the link token itself (visible in the process list: prefer --token-file)")
+    p.add_argument("--ca", help="PEM CA bundle to verify a wss:// host with (e.g. its self-signed certificate)")
+    p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to reach the host (default 5)")
+
+
+def client_link(args: argparse.Namespace, url: str) -> tuple[str, Any, Any]:
+    """(link token, client SSLContext or None, LinkConfig) of :func:`add_client_link_args`' flags, for ``url``.
+
+    Raises:
+        RelaydiffError: no or a bad token, --ca with a ws:// URL or an unreadable CA, a timeout <= 0.
+    """
+    from relaydiff.link.config import LinkConfig
+
+    if not url.startswith(("ws://", "wss://")):
+        raise RelaydiffError(f"host URL {url!r} is not a ws:// or wss:// URL")
+    token = _token(args, required=True)
+    assert token is not None
+    tls = _client_tls(args, url)
+    if not args.connect_timeout > 0:
+        raise RelaydiffError(f"--connect-timeout must be > 0 seconds, got {args.connect_timeout!r}")
+    return token, tls, LinkConfig(open_timeout_s=args.connect_timeout, handshake_timeout_s=args.connect_timeout)
 
 
 def _settings(args: argparse.Namespace, default_sampler: str) -> Any:
@@ -238,14 +265,14 @@ def _server_tls(args: argparse.Namespace) -> Any:
     return context
 
 
-def _client_tls(args: argparse.Namespace) -> Any:
+def _client_tls(args: argparse.Namespace, url: str) -> Any:
     """The client SSLContext trusting --ca for a wss:// host, or None (the system's trust for wss://)."""
     import ssl
 
     if args.ca is None:
         return None
-    if not args.connect.startswith("wss://"):
-        raise RelaydiffError(f"--ca applies to a wss:// host, not {args.connect!r}")
+    if not url.startswith("wss://"):
+        raise RelaydiffError(f"--ca applies to a wss:// host, not {url!r}")
     try:
         return ssl.create_default_context(cafile=args.ca)
     except (OSError, ssl.SSLError) as exc:
@@ -336,6 +363,7 @@ def _serve_host(args: argparse.Namespace, root: Path, config: Any, token: str, g
     server = HostServer.from_family(
         root, auth_token=token, host_variant=args.host_variant, device_variant=args.device_variant,
         policy=policy, config=config, ssl=tls, client_tokens=args.client_token_map,
+        refine_predictors=None if args.refine_predictors == "none" else args.refine_predictors,
     )
 
     async def run() -> float:
@@ -392,20 +420,14 @@ def _backend_options(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 def cmd_device(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from relaydiff.link.config import LinkConfig
     from relaydiff.runtime.backends import create_backend
     from relaydiff.runtime.client import DeviceClient
     from relaydiff.runtime.device import DeviceRuntime
 
-    token = _token(args, required=True)
-    assert token is not None
-    tls = _client_tls(args)
-    if not args.connect_timeout > 0:
-        raise RelaydiffError(f"--connect-timeout must be > 0 seconds, got {args.connect_timeout!r}")
+    token, tls, link = client_link(args, args.connect)
     name, options = _backend_options(args)
     runtime = DeviceRuntime(create_backend(name, **options), denylist=args.denylist)
     settings = _settings(args, _backend_sampler(runtime.backend))
-    link = LinkConfig(open_timeout_s=args.connect_timeout, handshake_timeout_s=args.connect_timeout)
     client = DeviceClient(runtime, args.connect, auth_token=token, settings=settings, quality_preference=args.quality,
                           deadline_s=args.deadline, link_config=link, ssl=tls)
     with _logging(args):

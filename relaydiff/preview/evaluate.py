@@ -15,7 +15,7 @@ prompt accuracy of the final image, with a percentile bootstrap CI over sessions
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,11 +65,11 @@ def run_preview_eval(host: LoadedModel, device: LoadedModel, config: PreviewEval
     """Run every policy on ``config.sessions`` sessions; returns the report (per-policy figures and per-session rows)."""
     from tqdm.auto import tqdm
 
+    from relaydiff.evaluate import eval_noise_seed
     from relaydiff.preview.edits import sessions as make_sessions
     from relaydiff.scorer import score
 
-    c = config.edit
-    g = c.guidance_scale
+    g = config.edit.guidance_scale
     hs, ds = relay_side(host), relay_side(device)
     policies = ["host_every_round", "device_only", "preview_host_noise", *[f"preview_refine_{s}" for s in FIXED]]
     if predictors is not None:
@@ -80,7 +80,9 @@ def run_preview_eval(host: LoadedModel, device: LoadedModel, config: PreviewEval
     for i, rounds in enumerate(tqdm(make_sessions(config.split, config.sessions, seed=config.seed), desc="sessions",
                                     disable=not progress)):
         final_prompt = rounds[-1]
-        row: dict[str, Any] = {"rounds": rounds, "policies": {}}
+        # session i draws its noise as test (val) prompt i of `eval relay` does: seeds no training run uses
+        c = replace(config.edit, seed=eval_noise_seed(config.split, config.seed, i))
+        row: dict[str, Any] = {"rounds": rounds, "policies": {}, "noise_seed": c.seed}
         he = encode_prompt(host, final_prompt)
         kw: dict[str, Any] = {"sampler": c.sampler, "guidance_scale": g, "seed": c.seed}
         # host every round: N host steps per round, the last one is the result
@@ -97,6 +99,9 @@ def run_preview_eval(host: LoadedModel, device: LoadedModel, config: PreviewEval
         device_calls = sum(r.device_calls for r in session.rounds)
         row["policies"]["preview_host_noise"] = (host_img, cfg_calls(c.steps, g), device_calls)
         for s in FIXED:
+            if s == 1.0:  # refining at s = 1 is generating from the same noise, bit for bit (core.refine, tested)
+                row["policies"]["preview_refine_1.0"] = (host_img, cfg_calls(c.steps, g), device_calls)
+                continue
             reply = LocalRefiner(host)(last.latents, final_prompt, s, c)
             row["policies"][f"preview_refine_{s}"] = (reply.image, reply.calls, device_calls)
         if predictors is not None:
@@ -134,13 +139,13 @@ def run_preview_eval(host: LoadedModel, device: LoadedModel, config: PreviewEval
         summary[name]["accuracy_minus_preview_host_noise_ci95"] = bootstrap_ci(diff, config.bootstrap, seed=1)
     preview_calls = float(np.mean([r["preview_calls_per_round"] for r in rows]))
     report = {
-        "split": config.split, "sessions": len(rows), "steps": c.steps, "preview_steps": c.preview_steps,
-        "sampler": c.sampler, "guidance_scale": g, "reuse_strength": c.reuse_strength,
+        "split": config.split, "sessions": len(rows), "steps": config.edit.steps, "preview_steps": config.edit.preview_steps,
+        "sampler": config.edit.sampler, "guidance_scale": g, "reuse_strength": config.edit.reuse_strength,
         "policies": summary,
         "preview_device_evals_per_round": preview_calls,
-        "device_only_evals_per_round": cfg_calls(c.steps, g),
-        "preview_over_device_only": preview_calls / cfg_calls(c.steps, g),
-        "rows": [{"rounds": r["rounds"], "predicted_strength": r.get("predicted_strength"), "policies": r["policies"]}
+        "device_only_evals_per_round": cfg_calls(config.edit.steps, g),
+        "preview_over_device_only": preview_calls / cfg_calls(config.edit.steps, g),
+        "rows": [{"rounds": r["rounds"], "noise_seed": r["noise_seed"], "predicted_strength": r.get("predicted_strength"), "policies": r["policies"]}
                  for r in rows],
     }
     report["_sheet"] = (sheet_images, sheet_labels)

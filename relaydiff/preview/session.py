@@ -37,6 +37,10 @@ class HostUnavailable(RelaydiffError):
     """The host could not refine (unreachable, closed, timed out); the preview stands as the result."""
 
 
+class HostRefused(RelaydiffError):
+    """The host answered the reverse hand-off with a request error (e.g. another family, no strength predictor)."""
+
+
 @dataclass(frozen=True)
 class EditConfig:
     """How a session previews and refines."""
@@ -136,7 +140,7 @@ class LocalRefiner:
                 raise RelaydiffError("no refine strength given and no predictor (with the device model) to choose one")
             from relaydiff.preview.predictor import refine_features
 
-            feats = refine_features(self.host, self.device, latent, prompt, config)
+            feats = refine_features(self.host, self.device, latent, prompt, steps=config.steps, seed=config.seed)
             strength = self.predictors.refine_strength(feats)
             probe_calls = 1
         embeds = encode_prompt(self.host, prompt)
@@ -152,9 +156,11 @@ class LinkRefiner:
     """The host over the link: a reverse hand-off (``RefineHandoff``) per final, its ``RefineResult`` back."""
 
     def __init__(self, url: str, *, auth_token: str, family_id: str, capabilities: Any, config: Any = None,
-                 timeout_s: float = 120.0) -> None:
+                 timeout_s: float = 120.0, ssl: Any = None) -> None:
+        """``strength`` None in a call sends the hand-off without one: the host's predictor chooses it.
+        ``ssl``: a client SSLContext for a ``wss://`` host (None: ``ws://``, or the system's trust)."""
         self.url, self.auth_token, self.family_id = url, auth_token, family_id
-        self.capabilities, self.link_config, self.timeout_s = capabilities, config, timeout_s
+        self.capabilities, self.link_config, self.timeout_s, self.ssl = capabilities, config, timeout_s, ssl
         self._ids = 0
 
     def __call__(self, latent: torch.Tensor, prompt: str, strength: float | None, config: EditConfig) -> RefineReply:
@@ -173,7 +179,8 @@ class LinkRefiner:
                                              guidance_scale=config.guidance_scale, seed=config.seed, strength=strength)
 
         async def ask() -> RefineResult:
-            link = await connect(self.url, auth_token=self.auth_token, capabilities=self.capabilities, config=self.link_config)
+            link = await connect(self.url, auth_token=self.auth_token, capabilities=self.capabilities, config=self.link_config,
+                                 ssl=self.ssl)
             try:
                 await link.send(handoff)
                 while True:
@@ -181,7 +188,7 @@ class LinkRefiner:
                     if isinstance(event, RefineResult) and event.request_id == handoff.request_id:
                         return event
                     if isinstance(event, Error):
-                        raise RelaydiffError(f"the host refused the refinement: {event.code}: {event.message}")
+                        raise HostRefused(f"the host refused the refinement: {event.code}: {event.message}")
             finally:
                 await link.close("done")
 
@@ -257,6 +264,8 @@ class EditSession:
             reply = self.refiner(last.latents, last.prompt, self.config.refine_strength, self.config)
         except HostUnavailable as exc:
             return Final(last.prompt, "preview", None, 0, 0.0, last.image, f"host unreachable ({exc}): the preview is the result")
+        except HostRefused as exc:
+            return Final(last.prompt, "preview", None, 0, 0.0, last.image, f"{exc}: the preview is the result")
         return Final(last.prompt, "host", reply.strength, reply.calls, reply.seconds, reply.image)
 
 

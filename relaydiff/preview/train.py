@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -76,18 +77,36 @@ def measure(host: LoadedModel, device: LoadedModel, previous: str, prompt: str, 
                      seed=config.seed).latents
         r = score(decode(host, lat)[0], prompt)
         refine_scores[s] = (r.attribute_accuracy, r.correct)
-    return Sample(refine_features(host, device, noise_preview, prompt, config), reuse_features(device, previous, prompt),
+    return Sample(refine_features(host, device, noise_preview, prompt, steps=config.steps, seed=config.seed), reuse_features(device, previous, prompt),
                   refine_scores, reuse_scores)
 
 
-def _pairs(split: str, seed: int) -> Any:
-    """(previous, final) prompt pairs of ``split`` sessions, endlessly (every round of the walk stays in the split)."""
+TRAIN_NOISE_SEED = 2**40 + 0x9E_0000  # training pairs' noise seeds (disjoint from the val/test evaluation seeds)
+
+
+def _pairs(split: str, seed: int) -> Iterator[tuple[str, str, int]]:
+    """(previous, final, noise seed) of ``split`` sessions, endlessly, in a shuffled order.
+
+    Every round of the walk stays in the split. Each batch holds final prompts of 1, 2 and 3 objects in
+    equal numbers (``relaydiff.preview.edits.sessions``), shuffled, so any prefix -- what a time budget
+    measures -- mixes object counts. Noise seeds: val pair i uses the evaluation seed of val prompt i
+    (``relaydiff.evaluate.eval_noise_seed``, as ``eval relay --split val``); train pairs count up from
+    ``TRAIN_NOISE_SEED``. The test split is never drawn.
+    """
+    from relaydiff.evaluate import eval_noise_seed
     from relaydiff.preview.edits import sessions
 
-    batch = 0
+    if split not in ("train", "val"):
+        raise ValueError(f"predictor pairs come from 'train' or 'val', not {split!r}")
+    rng = np.random.default_rng([0x9A125, seed, 0 if split == "train" else 1])
+    batch, i = 0, 0
     while True:
-        for sess in sessions(split, 30, seed=seed * 1000 + batch, min_rounds=2, max_rounds=2, keep_split=True):
-            yield sess[0], sess[1]
+        batch_sessions = sessions(split, 30, seed=seed * 1000 + batch, min_rounds=2, max_rounds=2, keep_split=True)
+        for j in rng.permutation(len(batch_sessions)):
+            prev, final = batch_sessions[int(j)]
+            noise = eval_noise_seed("val", seed, i) if split == "val" else TRAIN_NOISE_SEED + seed * 100_000 + i
+            yield prev, final, noise
+            i += 1
         batch += 1
 
 
@@ -107,6 +126,16 @@ def choose_margin(model: LinearStrength, X: list[list[float]], scores: list[dict
     raise AssertionError("unreachable")
 
 
+def _object_counts(prompts: list[str]) -> dict[str, int]:
+    """How many final prompts have 1, 2 and 3 objects (the record of a training run's mix)."""
+    from relaydiff.world.grammar import parse_prompt
+
+    counts = {"1": 0, "2": 0, "3": 0}
+    for p in prompts:
+        counts[str(parse_prompt(p).n_objects)] += 1
+    return counts
+
+
 def train_predictors(host: LoadedModel, device: LoadedModel, *, minutes: float, config: EditConfig, seed: int = 0,
                      val_fraction: float = 0.3, min_samples: int = 4, progress: bool = False) -> StrengthPredictors:
     """Measure train and val pairs until ``minutes`` run out (at least ``min_samples`` of each), fit, choose margins."""
@@ -115,12 +144,16 @@ def train_predictors(host: LoadedModel, device: LoadedModel, *, minutes: float, 
     deadline = time.monotonic() + 60.0 * minutes
     train: list[Sample] = []
     val: list[Sample] = []
+    train_prompts: list[str] = []
+    val_prompts: list[str] = []
     tr, va = _pairs("train", seed), _pairs("val", seed)
     bar = tqdm(desc="preview train samples", disable=not progress)
     while len(train) < min_samples or len(val) < min_samples or time.monotonic() < deadline:
         want_val = len(val) < max(min_samples, val_fraction * (len(train) + len(val)))
-        prev, final = next(va if want_val else tr)
-        (val if want_val else train).append(measure(host, device, prev, final, config))
+        prev, final, noise = next(va if want_val else tr)
+        sample = measure(host, device, prev, final, replace(config, seed=noise))
+        (val if want_val else train).append(sample)
+        (val_prompts if want_val else train_prompts).append(final)
         bar.update(1)
     bar.close()
     refine_model = LinearStrength.fit(REFINE_FEATURES, [s.refine_x for s in train], [Sample.label(s.refine_scores) for s in train],
@@ -132,6 +165,7 @@ def train_predictors(host: LoadedModel, device: LoadedModel, *, minutes: float, 
     training = {"train_samples": len(train), "val_samples": len(val), "minutes": minutes, "seed": seed,
                 "config": {"steps": config.steps, "preview_steps": config.preview_steps, "sampler": config.sampler,
                            "guidance_scale": config.guidance_scale},
+                "train_objects": _object_counts(train_prompts), "val_objects": _object_counts(val_prompts),
                 "refine_val": v_refine, "reuse_val": v_reuse,
                 "refine_label_mean": float(np.mean([Sample.label(s.refine_scores) for s in train])),
                 "reuse_label_mean": float(np.mean([Sample.label(s.reuse_scores) for s in train]))}

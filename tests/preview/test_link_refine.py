@@ -68,3 +68,47 @@ def test_unreachable_host_gives_the_preview(tiny_pair) -> None:
     session.preview("a red circle on the left")
     final = session.final()
     assert final.source == "preview" and "host unreachable" in final.note
+
+
+def _constant(strength: float):  # type: ignore[no-untyped-def]
+    """Predictors that always answer ``strength`` (zero coefficients): the test can tell them from a fixed strength."""
+    from relaydiff.core.strength import REFINE_FEATURES, REUSE_FEATURES, LinearStrength, StrengthPredictors
+
+    def model(names: tuple[str, ...]) -> LinearStrength:
+        n = len(names)
+        return LinearStrength(names, (0.0,) * n, (1.0,) * n, (0.0,) * n, strength, 0.0, 0.2)
+
+    return StrengthPredictors(model(REFINE_FEATURES), model(REUSE_FEATURES), {})
+
+
+def test_host_chooses_the_strength_when_the_handoff_leaves_it(tiny_pair) -> None:
+    host, device = tiny_pair
+    predictors = _constant(0.75)
+    server = HostServer(host, device, auth_token=TOKEN, config=HostConfig(link=LINK), refine_predictors=predictors)
+    bare = HostServer(host, device, auth_token=TOKEN, config=HostConfig(link=LINK))  # no predictors
+    url, loop, thread = serve_in_thread(server)
+    bare_url, bare_loop, bare_thread = serve_in_thread(bare)
+    auto = EditConfig(steps=4, preview_steps=2, reuse_strength=0.5, refine_strength=None)
+    try:
+        remote = EditSession(device, auto, refiner=LinkRefiner(url, auth_token=TOKEN, family_id=host.family_id,
+                                                               capabilities=CAPS, config=LINK))
+        local = EditSession(device, auto, refiner=LocalRefiner(host, predictors, device=device))
+        for s in (remote, local):
+            s.preview("a red circle on the left")
+            s.preview("a red square on the left")
+        a, b = remote.final(), local.final()
+        # s = 0.75 of N = 4: 3 CFG steps (6 UNet evals) and the probe's host call
+        assert a.source == "host" and a.strength == b.strength == 0.75 and a.host_calls == b.host_calls == 2 * 3 + 1
+        assert np.array_equal(a.image, b.image)
+        # a host without predictors refuses a hand-off without a strength; the session keeps its preview
+        refused = EditSession(device, auto, refiner=LinkRefiner(bare_url, auth_token=TOKEN, family_id=host.family_id,
+                                                                capabilities=CAPS, config=LINK))
+        refused.preview("a red circle on the left")
+        final = refused.final()
+        assert final.source == "preview" and "strength is absent and this host has no strength predictor" in final.note
+        assert np.array_equal(final.image, refused.rounds[-1].image)
+    finally:
+        for srv, lp, th in ((server, loop, thread), (bare, bare_loop, bare_thread)):
+            asyncio.run_coroutine_threadsafe(srv.close(), lp).result(30)
+            lp.call_soon_threadsafe(lp.stop)
+            th.join(30)
